@@ -1,0 +1,115 @@
+"""`alignprop-ray` command line. Each subcommand's handler lives in the module named for its concept.
+
+Handlers are imported lazily so `alignprop-ray validate` does not pay for importing torch or Ray.
+Any UserError becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from alignprop_ray.errors import UserError
+
+# subcommand -> "module:function"; the function takes the parsed argparse.Namespace.
+HANDLERS = {
+    "train": "alignprop_ray.train.launch:cmd_train",
+    "sweep": "alignprop_ray.sweep.launch:cmd_sweep",
+    "validate": "alignprop_ray.config:cmd_validate",
+    "sample": "alignprop_ray.engine.commands:cmd_sample",
+    "mix": "alignprop_ray.engine.commands:cmd_mix",
+    "make-tiny-model": "alignprop_ray.engine.commands:cmd_make_tiny_model",
+    "report": "alignprop_ray.report:cmd_report",
+    "demo": "alignprop_ray.sweep.launch:cmd_demo",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own status for usage errors)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field by its dotted name, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="alignprop-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train one experiment on Ray Train")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("--name", help="run name; rerunning with the same name resumes it")
+    _add_overrides(p)
+
+    p = sub.add_parser("sweep", help="run a Ray Tune sweep")
+    p.add_argument("config", help="sweep YAML")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    _add_overrides(p)
+
+    p = sub.add_parser("validate", help="validate an experiment or sweep YAML and exit")
+    p.add_argument("config")
+    _add_overrides(p)
+
+    p = sub.add_parser("sample", help="generate images with DDIM (same output as diffusers)")
+    p.add_argument("--model", required=True, help="'tiny', a hub id, or a diffusers pipeline directory")
+    p.add_argument("--adapter", help="LoRA adapter directory (pytorch_lora_weights.safetensors)")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0, help="image i of prompt j uses seed + j*n + i")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--resolution", type=int, help="pixels (default: the model's native size)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--grid", action="store_true", help="several images: write one grid PNG at --out")
+    p.add_argument("--out", required=True, help="PNG path (one image or --grid) or a folder")
+
+    p = sub.add_parser("mix", help="interpolate two LoRA adapters: alpha*A + (1-alpha)*B")
+    p.add_argument("adapter_a")
+    p.add_argument("adapter_b")
+    p.add_argument("--alpha", type=float, required=True, help="weight of A, in [0, 1]")
+    p.add_argument(
+        "--method", default="update", choices=["update", "factors"],
+        help="update: exact interpolation of B@A (rank r1+r2); factors: average A and B separately (paper code)",
+    )
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("report", help="plots and an HTML page from an MLflow experiment")
+    p.add_argument("--experiment", help="MLflow experiment name (default: the most recent)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("make-tiny-model", help="write the tiny random-init pipeline as a diffusers directory")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="the README demo: a small sweep on the tiny model")
+    p.add_argument("--workdir", default="demo-output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = HANDLERS[args.command].split(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+        return int(handler(args) or 0)
+    except UserError as err:
+        for line in str(err).splitlines() or ["(no message)"]:
+            print(f"alignprop-ray {args.command}: error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
