@@ -31,9 +31,15 @@ class LoraSettings:
     init: str = "gaussian"  # peft init_lora_weights: "gaussian" or "default" (Kaiming A); B starts at 0 either way
 
 
-def attach_lora(unet: torch.nn.Module, settings: LoraSettings) -> list[torch.nn.Parameter]:
-    """Freeze the UNet, add a LoRA adapter, keep LoRA params in fp32; return the trainable parameters."""
+def attach_lora(unet: torch.nn.Module, settings: LoraSettings, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, add a LoRA adapter, keep LoRA params in fp32; return the trainable parameters.
+
+    The random init of A is drawn from `seed` (not the global RNG), so every worker starts from the
+    same adapter and a rerun with the same seed starts from the same point.
+    """
     from peft import LoraConfig
+
+    from alignprop_ray.engine.models import seeded
 
     unet.requires_grad_(False)
     init = True if settings.init == "default" else settings.init
@@ -41,7 +47,8 @@ def attach_lora(unet: torch.nn.Module, settings: LoraSettings) -> list[torch.nn.
         r=settings.rank, lora_alpha=settings.alpha, init_lora_weights=init,
         target_modules=list(settings.target_modules),
     )
-    unet.add_adapter(config)
+    with seeded(seed):
+        unet.add_adapter(config)
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

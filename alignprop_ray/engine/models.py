@@ -121,7 +121,7 @@ def build_tiny_parts(seed: int = 0) -> DiffusionParts:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    with _seeded(seed):
+    with seeded(seed):
         unet = UNet2DConditionModel(**TINY_UNET)
         vae = AutoencoderKL(**TINY_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
@@ -141,7 +141,7 @@ def save_tiny_model(directory: str | os.PathLike, seed: int = 0) -> Path:
     return Path(directory)
 
 
-class _seeded:
+class seeded:
     """Fork the global torch RNG, seed it, and restore it afterwards (model init uses the global RNG)."""
 
     def __init__(self, seed: int):

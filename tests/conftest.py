@@ -1,0 +1,47 @@
+"""Shared fixtures. Everything runs offline on the tiny model; one Ray instance serves the whole session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny preset written as a diffusers pipeline directory (once per session)."""
+    from alignprop_ray.engine.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "pipe")
+
+
+@pytest.fixture
+def tiny_parts():
+    from alignprop_ray.engine.models import load_parts
+
+    return load_parts("tiny")
+
+
+def brightness_reward(images, prompts):
+    """Mean pixel value: the simplest differentiable reward (engine tests must not depend on the library)."""
+    value = images.mean(dim=(1, 2, 3))
+    return types.SimpleNamespace(total=value, terms={"brightness": value})
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for every test that needs it (starting Ray costs 10-20 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
