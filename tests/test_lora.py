@@ -5,7 +5,13 @@ import torch
 from safetensors.torch import load_file
 
 from alignprop_ray.engine.lora import (
-    WEIGHT_NAME, LoraSettings, attach_lora, load_adapter, load_adapter_like_diffusers, mix_adapters, read_adapter,
+    WEIGHT_NAME,
+    LoraSettings,
+    attach_lora,
+    load_adapter,
+    load_adapter_like_diffusers,
+    mix_adapters,
+    read_adapter,
     save_adapter,
 )
 from alignprop_ray.engine.models import load_parts
