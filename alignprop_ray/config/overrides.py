@@ -1,0 +1,165 @@
+"""Reading YAML, and the two ways to change a file's values without editing it: env vars and ``--set``.
+
+Precedence, highest first: ``--set a.b=value`` > environment variable > YAML file > schema default.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from alignprop_ray.config.problems import fields_at, section_model, unknown_field
+from alignprop_ray.config.schema import ExperimentConfig
+from alignprop_ray.errors import ConfigError, UserError
+
+# Cluster-wide settings a user should not have to write into every experiment file.
+ENV_OVERRIDES = {"ALIGNPROP_TRACKING_URI": "tracking.uri", "ALIGNPROP_STORAGE_PATH": "storage.path"}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.2; PyYAML's 1.1 needs `1.0e-3`) and rejects duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML text; a syntax error becomes one UserError line with the position."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"{source}: invalid YAML{where}: {' '.join(str(problem).split())}") from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is {})."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read: {err}") from None
+    data = parse_yaml(text, str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: a YAML scalar or flow collection (`3e-4`, `true`, `[a, b]`, `{kind: full}`)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text  # e.g. `a: b` with a space: keep the raw string
+
+
+def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """A copy of `data` with the ENV_OVERRIDES variables that are set (and non-empty) applied as strings."""
+    out = copy.deepcopy(data)
+    for var, dotted in ENV_OVERRIDES.items():
+        if env.get(var):
+            _set(out, dotted.split("."), env[var])
+    return out
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: Iterable[str], schema: type[BaseModel] | None = ExperimentConfig
+) -> dict[str, Any]:
+    """A copy of `data` with each ``a.b=value`` applied; raises ConfigError naming every bad key.
+
+    Keys must name fields of `schema` (default: the experiment schema); inside free-form fields (`reward`,
+    `truncation`, `scaling.resources_per_worker`) any sub-key is allowed. With schema=None (e.g. for a
+    sweep file, whose own module checks it) any key is set.
+    """
+    out, problems = collect_overrides(data, overrides, schema)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def collect_overrides(
+    data: dict[str, Any], overrides: Iterable[str], schema: type[BaseModel] | None
+) -> tuple[dict[str, Any], list[str]]:
+    """Like apply_overrides, but returns (result, problems) so callers can report them with others."""
+    out, problems = copy.deepcopy(data), []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path):
+            problems.append(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=3e-4")
+            continue
+        problem = _check_key(path, schema, item) if schema is not None else None
+        problem = problem or _set(out, path, parse_value(text))
+        if problem:
+            problems.append(problem)
+    return out, problems
+
+
+def _check_key(path: list[str], schema: type[BaseModel], item: str) -> str | None:
+    model: type[BaseModel] | None = schema
+    for i, part in enumerate(path):
+        if model is None:  # inside a free-form field: anything goes
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            valid = fields_at(schema, tuple(path[:i])) if i else list(schema.model_fields)
+            return unknown_field(".".join(path[: i + 1]), valid, f" (in --set {item})")
+        model = section_model(field.annotation)
+        if model is None and i < len(path) - 1 and not _free_form(field.annotation):
+            return f"{'.'.join(path[: i + 1])}: is a value, not a section (in --set {item})"
+    return None
+
+
+def _free_form(annotation: Any) -> bool:
+    """True for fields that hold arbitrary mappings (`reward`, `truncation`, `resources_per_worker`)."""
+    if annotation is Any or typing.get_origin(annotation) is dict:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_free_form(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _set(data: dict[str, Any], path: list[str], value: Any) -> str | None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            dotted = ".".join(path[: i + 1])
+            return f"{dotted}: holds {child!r}, not a mapping; set it whole, e.g. --set {dotted}=..."
+        node = child
+    node[path[-1]] = value
+    return None

@@ -1,0 +1,502 @@
+"""Experiment config: every shipped YAML loads, bad input is rejected one line per field, overrides and env."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignprop_ray import cli
+from alignprop_ray.config import (
+    ExperimentConfig,
+    apply_overrides,
+    cmd_validate,
+    is_sweep,
+    load_experiment,
+    parse_experiment,
+    read_yaml,
+)
+from alignprop_ray.config.problems import section_model
+from alignprop_ray.errors import ConfigError, UserError
+from alignprop_ray.prompts import builtin_sets, load_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for folder in ("sweeps", "clusters") for p in (ROOT / folder).glob("*.yaml"))
+
+# A small valid experiment; each malformed case below breaks exactly one thing in it.
+BASE = {
+    "model": {"pretrained": "tiny", "resolution": 64},
+    "sampling": {"steps": 10},
+    "truncation": "uniform:0:10",
+    "reward": {"saturation": 1.0},
+    "prompts": {"train": "tiny", "eval": "tiny", "eval_seeds": 2},
+    "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2},
+    "scaling": {"num_workers": 2, "use_gpu": False},
+}
+
+
+def with_change(dotted: str, value) -> dict:
+    """BASE with one dotted key set (or removed, for value=DELETE)."""
+    data = copy.deepcopy(BASE)
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return data
+
+
+DELETE = object()
+
+
+def problems_of(data: dict, base_dir: Path | None = None, overrides=(), env=None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_experiment(data, base_dir, overrides, env={} if env is None else env)
+    return info.value.problems
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run in an empty cwd (relative outputs such as mlflow.db would land here)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# --- shipped files -------------------------------------------------------------------------------------
+
+
+def test_there_are_shipped_experiments():
+    assert {"tiny.yaml", "sd15_aesthetic.yaml"} <= {p.name for p in SHIPPED}
+
+
+@pytest.fixture
+def hub_reachable(monkeypatch):
+    """Validate as a user with network access would: hf:// weight refs count as downloadable.
+
+    Shipped GPU experiments name reward weights on the Hugging Face Hub, fetched when training starts.
+    Validation never touches the network, but with HF_HUB_OFFLINE=1 (as `make test` sets) and an empty
+    cache it rightly flags them; that is the user's machine state, not a defect of the file.
+    """
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub, "is_offline_mode", lambda: False)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_experiment_loads(path, in_tmp, hub_reachable):
+    data = read_yaml(path)  # every shipped YAML at least parses with our loader (anchors, merge keys)
+    if is_sweep(data):
+        pytest.skip("a sweep file: validated by the sweep tests")
+    if "cluster_name" in data or "provider" in data:
+        pytest.skip("a Ray cluster launcher file, not an experiment")
+    cfg = load_experiment(path, env={})
+    assert cfg.to_dict() == load_experiment(path, env={}).to_dict()
+    yaml.safe_load(cfg.to_yaml())  # plain YAML-able
+
+
+def test_base_is_valid(in_tmp):
+    cfg = parse_experiment(BASE, env={})
+    assert cfg.images_per_step == 2 * 2 * 1
+    assert cfg.truncation == "uniform:0:10"
+
+
+def test_defaults_follow_the_paper(in_tmp):
+    cfg = parse_experiment({"reward": {"saturation": 1.0}}, env={})
+    assert (cfg.train.lr, cfg.model.lora.rank, cfg.model.lora.alpha) == (1e-3, 4, 4.0)
+    assert (cfg.sampling.steps, cfg.sampling.guidance_scale, cfg.sampling.eta) == (50, 7.5, 0.0)
+    assert cfg.truncation == "uniform:0:50"  # default resolved against sampling.steps
+    assert cfg.model.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert cfg.tracking.uri == f"sqlite:///{in_tmp / 'mlflow.db'}"
+    assert cfg.storage.path == str(in_tmp / "runs")
+
+
+def test_every_field_is_documented():
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            sub = section_model(field.annotation)
+            if sub is not None:
+                walk(sub, f"{prefix}{name}.")
+
+    walk(ExperimentConfig)
+
+
+# --- malformed configs: one line each, starting with the dotted field ---------------------------------
+
+MALFORMED = [
+    ("unknown key", with_change("train.lrr", 0.1), "train.lrr: unknown field; did you mean train.lr?"),
+    ("unknown section", with_change("trian", {}), "trian: unknown field"),
+    ("wrong type", with_change("train.steps", "ten"), "train.steps: input should be a valid integer"),
+    ("bool for a number", with_change("train.batch_size", True), "train.batch_size: must be a number"),
+    ("negative lr", with_change("train.lr", -0.001), "train.lr: must be > 0 (got -0.001)"),
+    ("K > T", with_change("truncation", "fixed:11"), "truncation: K > T"),
+    ("bad truncation", with_change("truncation", "triangle:3"), "truncation: unknown truncation"),
+    ("empty reward", with_change("reward", {}), "reward: must name at least one reward term"),
+    (
+        "reward not a mapping",
+        with_change("reward", "saturation"),
+        "reward: input should be a valid dictionary",
+    ),
+    ("missing reward", with_change("reward", DELETE), "reward: required"),
+    ("missing prompt file", with_change("prompts.eval", "nope.txt"), "prompts.eval: 'nope.txt' is neither"),
+    (
+        "missing model path",
+        with_change("model.pretrained", "./no-such-model"),
+        "model.pretrained: model directory",
+    ),
+    ("not a hub id", with_change("model.pretrained", "my model"), "model.pretrained: 'my model' is not"),
+    ("num_workers 0", with_change("scaling.num_workers", 0), "scaling.num_workers: must be >= 1 (got 0)"),
+    (
+        "file store uri",
+        with_change("tracking.uri", "mlruns"),
+        "tracking.uri: 'mlruns' is an MLflow file store",
+    ),
+    (
+        "file: uri",
+        with_change("tracking.uri", "file:///tmp/mlruns"),
+        "tracking.uri: 'file:///tmp/mlruns' is an",
+    ),
+    ("uri scheme", with_change("tracking.uri", "ftp://host/x"), "tracking.uri: unsupported scheme 'ftp'"),
+    ("storage scheme", with_change("storage.path", "ftp://host/x"), "storage.path: unsupported scheme 'ftp'"),
+    (
+        "resolution",
+        with_change("model.resolution", 100),
+        "model.resolution: must be a multiple of 8 (got 100)",
+    ),
+    ("dtype", with_change("model.dtype", "fp8"), "model.dtype: must be one of 'float32', 'float16' or"),
+    ("fp16 on CPU", with_change("model.dtype", "float16"), "model.dtype: float16 needs scaling.use_gpu"),
+    (
+        "GPU without use_gpu",
+        with_change("scaling.resources_per_worker", {"GPU": 1}),
+        "scaling.resources_per_worker:",
+    ),
+    ("eval_seeds 1", with_change("prompts.eval_seeds", 1), "prompts.eval_seeds: must be >= 2 (got 1)"),
+    ("eval interval", with_change("train.eval_every", 5), "train.eval_every: 5 is more than train.steps (4)"),
+    ("lora rank", with_change("model.lora.rank", 0), "model.lora.rank: must be >= 1 (got 0)"),
+    (
+        "no targets",
+        with_change("model.lora.target_modules", []),
+        "model.lora.target_modules: list should have",
+    ),
+    ("eta", with_change("sampling.eta", 1.5), "sampling.eta: must be <= 1 (got 1.5)"),
+    ("run name", with_change("name", "my run"), "name: string should match pattern"),
+]
+
+
+@pytest.mark.parametrize("data, expected", [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
+def test_malformed_config_is_rejected_with_one_line(data, expected, in_tmp):
+    problems = problems_of(data)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(expected), problems[0]
+    assert "\n" not in problems[0]
+
+
+def test_empty_prompt_file_is_rejected(in_tmp):
+    (in_tmp / "empty.txt").write_text("# only a comment\n\n   \n")
+    problems = problems_of(with_change("prompts.train", "empty.txt"))
+    assert problems == [
+        f"prompts.train: prompt file {in_tmp / 'empty.txt'} has no prompts "
+        "(blank lines and # comments are ignored)"
+    ]
+
+
+def test_model_dir_without_model_index_is_rejected(in_tmp):
+    (in_tmp / "org" / "model").mkdir(parents=True)  # exists locally, so a path, not a hub id
+    problems = problems_of(with_change("model.pretrained", "org/model"))
+    assert problems == [
+        f"model.pretrained: {in_tmp / 'org' / 'model'} is not a diffusers pipeline directory "
+        "(no model_index.json)"
+    ]
+
+
+def test_all_problems_are_reported_at_once(in_tmp):
+    data = with_change("train.lr", -1.0)
+    data["scaling"]["num_workers"] = 0
+    data["tracking"] = {"uri": "mlruns"}
+    data["sampling"]["steps"] = 5  # K > T with the base truncation uniform:0:10
+    data["bogus"] = 1
+    fields = [p.split(":")[0] for p in problems_of(data)]
+    assert sorted(fields) == sorted(
+        ["bogus", "train.lr", "scaling.num_workers", "tracking.uri", "truncation"]
+    )
+
+
+def test_unknown_reward_is_rejected_when_the_reward_library_exists(in_tmp, capsys):
+    rewards = pytest.importorskip("alignprop_ray.rewards")
+    if not hasattr(rewards, "validate_reward_spec"):
+        pytest.skip("alignprop_ray.rewards has no validate_reward_spec yet")
+    problems = problems_of(with_change("reward", {"no_such_reward": 1.0}))
+    assert len(problems) == 1 and problems[0].startswith("reward.no_such_reward: "), problems
+    path = write_yaml(in_tmp / "bad.yaml", with_change("reward", {"no_such_reward": 1.0}))
+    assert cli.main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("alignprop-ray validate: error: reward.no_such_reward: ")
+
+
+def test_reward_problems_come_from_the_reward_library(in_tmp, monkeypatch):
+    seen = []
+
+    def validate_reward_spec(spec):
+        seen.append(spec)
+        return ["reward.nope: unknown reward (valid: saturation)", "weights sum to zero"]
+
+    fake = types.ModuleType("alignprop_ray.rewards")
+    fake.validate_reward_spec = validate_reward_spec
+    monkeypatch.setitem(sys.modules, "alignprop_ray.rewards", fake)
+    problems = problems_of(with_change("reward", {"nope": 1.0}))
+    assert seen == [{"nope": 1.0}]
+    assert problems == ["reward.nope: unknown reward (valid: saturation)", "reward: weights sum to zero"]
+
+
+# --- the CLI -------------------------------------------------------------------------------------------
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_cli_validate_ok(in_tmp, capsys):
+    path = write_yaml(in_tmp / "exp.yaml", BASE)
+    assert cli.main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out == f"OK: {path} (experiment)\n"
+
+
+@pytest.mark.parametrize(
+    "data, expected", [c[1:] for c in MALFORMED[:12]], ids=[c[0] for c in MALFORMED[:12]]
+)
+def test_cli_validate_rejects_malformed(data, expected, in_tmp, capsys):
+    path = write_yaml(in_tmp / "bad.yaml", data)
+    assert cli.main(["validate", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"alignprop-ray validate: error: {expected}"), lines
+    assert not (in_tmp / "mlflow.db").exists()
+
+
+def test_cli_subprocess_exit_2_without_traceback(in_tmp):
+    path = write_yaml(in_tmp / "bad.yaml", with_change("train.lr", -1e-3))
+    run = subprocess.run(
+        [sys.executable, "-m", "alignprop_ray.cli", "validate", str(path), "--set", "scaling.num_workers=0"],
+        capture_output=True,
+        text=True,
+        cwd=in_tmp,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines() == [
+        "alignprop-ray validate: error: train.lr: must be > 0 (got -0.001)",
+        "alignprop-ray validate: error: scaling.num_workers: must be >= 1 (got 0)",
+    ]
+    assert list(in_tmp.iterdir()) == [path]  # no mlflow.db, no runs/
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model: [unclosed", "invalid YAML at line 1"),
+        ("- a list\n", "the top level must be a mapping"),
+        ("train: {lr: 1}\ntrain: {lr: 2}\n", "duplicate key 'train'"),
+        ("a: &x {lr: 1}\nb: {<<: *x, lr: 2}\nb: 3\n", "duplicate key 'b'"),
+    ],
+)
+def test_cli_bad_yaml_is_one_line(text, expected, in_tmp, capsys):
+    path = in_tmp / "bad.yaml"
+    path.write_text(text)
+    assert cli.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_cli_missing_file(in_tmp, capsys):
+    assert cli.main(["validate", "nope.yaml"]) == 2
+    assert "nope.yaml: no such file" in capsys.readouterr().err
+
+
+def test_sweep_file_without_sweep_support(in_tmp, monkeypatch):
+    monkeypatch.setitem(sys.modules, "alignprop_ray.sweep", None)  # import fails as if not written yet
+    path = write_yaml(in_tmp / "sweep.yaml", {"base": BASE, "tune": {"num_samples": 2}})
+    with pytest.raises(UserError, match="sweep validation is not available"):
+        cmd_validate(types.SimpleNamespace(config=str(path), overrides=[]))
+
+
+def test_sweep_file_is_delegated(in_tmp, monkeypatch, capsys):
+    calls = []
+    sweep_config = types.ModuleType("alignprop_ray.sweep.config")
+    sweep_config.load_sweep = lambda path, overrides: calls.append((Path(path), overrides))
+    monkeypatch.setitem(sys.modules, "alignprop_ray.sweep", types.ModuleType("alignprop_ray.sweep"))
+    monkeypatch.setitem(sys.modules, "alignprop_ray.sweep.config", sweep_config)
+    path = write_yaml(in_tmp / "sweep.yaml", {"base": BASE, "space": {"train.lr": [1e-3, 1e-2]}})
+    assert cmd_validate(types.SimpleNamespace(config=str(path), overrides=["tune.num_samples=1"])) == 0
+    assert calls == [(path, ["tune.num_samples=1"])]
+    assert capsys.readouterr().out == f"OK: {path} (sweep)\n"
+
+
+# --- overrides and environment -------------------------------------------------------------------------
+
+
+def test_set_overrides_parse_yaml_values(in_tmp):
+    cfg = parse_experiment(
+        BASE,
+        overrides=[
+            "train.lr=3e-4",
+            "truncation=fixed:3",
+            "reward.saturation=2.0",
+            "model.lora.target_modules=[to_q, to_v]",
+            "sampling.negative_prompt=blurry, ugly",
+            "model.resolution=",
+            "train.max_grad_norm=null",
+        ],
+        env={},
+    )
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.truncation == "fixed:3"
+    assert cfg.reward == {"saturation": 2.0}
+    assert cfg.model.lora.target_modules == ["to_q", "to_v"]
+    assert cfg.sampling.negative_prompt == "blurry, ugly"
+    assert cfg.model.resolution is None and cfg.train.max_grad_norm is None
+
+
+def test_set_adds_a_reward_term_and_a_mapping_truncation(in_tmp):
+    cfg = parse_experiment(
+        BASE, overrides=["reward.contrast=0.5", "truncation={kind: normal, mean: 5, std: 2}"], env={}
+    )
+    assert cfg.reward == {"saturation": 1.0, "contrast": 0.5}
+    assert cfg.flat_params()["truncation"] == "normal:5:2"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=1", "train.lrr: unknown field (in --set train.lrr=1); did you mean train.lr?"),
+        ("nosuch.x=1", "nosuch: unknown field (in --set nosuch.x=1)"),
+        ("train.lr.x=1", "train.lr: is a value, not a section (in --set train.lr.x=1)"),
+        ("train.lr", "--set train.lr: expected KEY=VALUE"),
+        ("truncation.kind=full", "truncation: holds 'uniform:0:10', not a mapping"),
+    ],
+)
+def test_bad_set_is_an_error_naming_it(override, expected, in_tmp):
+    problems = problems_of(BASE, overrides=[override])
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_apply_overrides_is_pure_and_schema_optional():
+    data = {"tune": {"num_samples": 2}}
+    assert apply_overrides(data, ["tune.num_samples=4", "space.lr=[1, 2]"], schema=None) == {
+        "tune": {"num_samples": 4},
+        "space": {"lr": [1, 2]},
+    }
+    assert data == {"tune": {"num_samples": 2}}
+    with pytest.raises(ConfigError, match="^tune: unknown field"):
+        apply_overrides(data, ["tune.num_samples=4"])
+    assert apply_overrides({}, ["train.lr=0.1"]) == {"train": {"lr": 0.1}}
+
+
+def test_precedence_set_over_env_over_yaml_over_default(in_tmp):
+    env = {"ALIGNPROP_TRACKING_URI": "http://env:5000", "ALIGNPROP_STORAGE_PATH": "s3://bucket/env"}
+    from_yaml = with_change("tracking", {"uri": "http://yaml:5000"})
+    assert parse_experiment(BASE, env={}).tracking.uri == f"sqlite:///{in_tmp / 'mlflow.db'}"
+    assert parse_experiment(from_yaml, env={}).tracking.uri == "http://yaml:5000"
+    assert parse_experiment(from_yaml, env=env).tracking.uri == "http://env:5000"
+    assert (
+        parse_experiment(from_yaml, overrides=["tracking.uri=https://set"], env=env).tracking.uri
+        == "https://set"
+    )
+    assert parse_experiment(BASE, env=env).storage.path == "s3://bucket/env"
+    assert parse_experiment(BASE, env={"ALIGNPROP_STORAGE_PATH": "out"}).storage.path == str(in_tmp / "out")
+
+
+def test_env_value_is_validated(in_tmp):
+    problems = problems_of(BASE, env={"ALIGNPROP_TRACKING_URI": "./mlruns"})
+    assert len(problems) == 1 and problems[0].startswith("tracking.uri: './mlruns' is an MLflow file store")
+
+
+# --- paths ---------------------------------------------------------------------------------------------
+
+
+def test_prompt_files_resolve_against_the_yaml_dir_then_cwd(in_tmp):
+    exp_dir = in_tmp / "exp"
+    exp_dir.mkdir()
+    (exp_dir / "train.txt").write_text("# mine\na fox\n\na hen\n")
+    (in_tmp / "eval.txt").write_text("a cow\n")
+    path = write_yaml(exp_dir / "e.yaml", {**BASE, "prompts": {"train": "train.txt", "eval": "eval.txt"}})
+    cfg = load_experiment(path, env={})
+    assert cfg.prompts.train == str(exp_dir / "train.txt")
+    assert cfg.prompts.eval == str(in_tmp / "eval.txt")
+    assert load_prompts(cfg.prompts.train) == ["a fox", "a hen"]
+
+
+def test_model_directory_and_hub_id(in_tmp):
+    (in_tmp / "sd").mkdir()
+    (in_tmp / "sd" / "model_index.json").write_text("{}")
+    assert parse_experiment(with_change("model.pretrained", "./sd"), env={}).model.pretrained == str(
+        in_tmp / "sd"
+    )
+    hub = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert parse_experiment(with_change("model.pretrained", hub), env={}).model.pretrained == hub
+
+
+def test_resolved_config_round_trips_without_the_files(in_tmp):
+    (in_tmp / "p.txt").write_text("a cat\n")
+    cfg = parse_experiment(with_change("prompts.train", "p.txt"), env={})
+    (in_tmp / "p.txt").unlink()  # as on a remote worker
+    again = parse_experiment(cfg.to_dict(), env={}, check_files=False)
+    assert again == cfg
+    assert ExperimentConfig.model_validate(cfg.to_dict()) == cfg
+
+
+def test_flat_params_are_dotted_strings(in_tmp):
+    params = parse_experiment(BASE, env={}).flat_params()
+    assert all(isinstance(v, str) for v in params.values())
+    assert params["train.lr"] == "0.001" and params["model.lora.rank"] == "4"
+    assert params["truncation"] == "uniform:0:10" and params["reward.saturation"] == "1.0"
+    assert params["model.lora.target_modules"] == '["to_q", "to_k", "to_v", "to_out.0"]'
+
+
+def test_yaml_reads_exponent_floats(in_tmp):
+    path = in_tmp / "e.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "\n")
+    path.write_text(path.read_text().replace("steps: 4", "steps: 4\n  lr: 1e-3\n  weight_decay: 1E-2"))
+    cfg = load_experiment(path, env={})
+    assert (cfg.train.lr, cfg.train.weight_decay) == (1e-3, 1e-2)
+
+
+# --- prompt sets ---------------------------------------------------------------------------------------
+
+
+def test_builtin_prompt_sets():
+    assert {"animals", "eval_animals", "tiny"} <= set(builtin_sets())
+    animals, held_out = load_prompts("animals"), load_prompts("eval_animals")
+    assert len(animals) == len(set(animals)) == 45
+    assert 10 <= len(held_out) == len(set(held_out)) and not set(animals) & set(held_out)
+    assert len(load_prompts("tiny")) == 4
+
+
+def test_prompt_file_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    with pytest.raises(UserError, match="has no prompts"):
+        load_prompts(str(tmp_path / "empty.txt"))
+    with pytest.raises(UserError, match="prompt file not found"):
+        load_prompts(str(tmp_path / "missing.txt"))
+
+
+# --- speed ---------------------------------------------------------------------------------------------
+
+
+def test_config_does_not_import_heavy_frameworks():
+    code = (
+        "import sys; import alignprop_ray.config as c; "
+        "heavy = [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]; "
+        "c.load_experiment('sweeps/tiny.yaml', env={}); "
+        "late = [m for m in ('ray', 'mlflow') if m in sys.modules]; "
+        "print(heavy, late)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[] []"
