@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Start, stop or probe an MLflow tracking server running in the background.
+#
+#   clusters/mlflow_server.sh start STATE_DIR [mlflow server flags...]
+#   clusters/mlflow_server.sh stop  STATE_DIR
+#   clusters/mlflow_server.sh status STATE_DIR
+#
+# STATE_DIR holds only the pid file and the server log; the run database and the artifacts live where
+# the flags say (--backend-store-uri, --artifacts-destination). The head node of clusters/aws.yaml and
+# clusters/local.yaml and clusters/local_loopback.sh all start their server through this script, so
+# `ray up` can be re-run: `start` first stops the server it started before, then waits until the new
+# one answers /health (or prints the log and fails), so a bad flag fails `ray up` instead of failing
+# the first training run an hour later.
+set -euo pipefail
+
+usage() {
+    echo "usage: $0 start|stop|status STATE_DIR [mlflow server flags...]" >&2
+    exit 2
+}
+
+[[ $# -ge 2 ]] || usage
+action=$1
+state_dir=$2
+shift 2
+pid_file=$state_dir/server.pid
+log_file=$state_dir/server.log
+
+# host:port the server answers on, from the flags (mlflow's defaults: 127.0.0.1:5000).
+probe_address() {
+    local host=127.0.0.1 port=5000
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            -h | --host) host=$2; shift ;;
+            -p | --port) port=$2; shift ;;
+        esac
+        shift
+    done
+    # A server bound to every interface also answers on loopback.
+    [[ $host == 0.0.0.0 ]] && host=127.0.0.1
+    echo "$host:$port"
+}
+
+healthy() {
+    python - "$1" 2>/dev/null <<'EOF'
+import sys
+import urllib.request
+
+try:
+    urllib.request.urlopen(f"http://{sys.argv[1]}/health", timeout=2).read()
+except Exception:
+    sys.exit(1)
+EOF
+}
+
+stop() {
+    [[ -f $pid_file ]] || return 0
+    local pgid
+    pgid=$(cat "$pid_file")
+    # The server was started as its own process group (setsid): this ends mlflow and its uvicorn
+    # workers and nothing else.
+    if kill -0 -- "-$pgid" 2>/dev/null; then
+        kill -TERM -- "-$pgid" 2>/dev/null || true
+        for _ in $(seq 50); do
+            kill -0 -- "-$pgid" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill -KILL -- "-$pgid" 2>/dev/null || true
+    fi
+    rm -f "$pid_file"
+}
+
+start() {
+    local address
+    address=$(probe_address "$@")
+    mkdir -p "$state_dir"
+    stop
+    setsid nohup mlflow server "$@" >"$log_file" 2>&1 </dev/null &
+    echo $! >"$pid_file"
+    for _ in $(seq 120); do
+        if healthy "$address"; then
+            echo "mlflow server answering on http://$address (log: $log_file)"
+            return 0
+        fi
+        kill -0 -- "-$(cat "$pid_file")" 2>/dev/null || break
+        sleep 0.5
+    done
+    echo "mlflow server is not answering on http://$address; last lines of $log_file:" >&2
+    tail -n 30 "$log_file" >&2 || true
+    stop
+    return 1
+}
+
+case $action in
+    start) start "$@" ;;
+    stop) stop ;;
+    status)
+        if [[ -f $pid_file ]] && kill -0 -- "-$(cat "$pid_file")" 2>/dev/null; then
+            echo "running (pgid $(cat "$pid_file"))"
+        else
+            echo "not running"
+            exit 1
+        fi
+        ;;
+    *) usage ;;
+esac
