@@ -42,6 +42,6 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -1,0 +1,125 @@
+"""`alignprop-ray train`: validate, open (or find) the MLflow run, run a TorchTrainer on Ray.
+
+The driver owns the MLflow run's life cycle (create or resume by name, then FINISHED/FAILED); rank 0
+of the workers logs metrics and artifacts into it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from alignprop_ray.errors import UserError
+
+IGNORED_ON_RESUME = ("tracking.", "storage.", "failure.", "name")  # may differ between machines/reruns
+
+
+@dataclass
+class TrainOutcome:
+    name: str
+    run_id: str
+    resumed: bool
+    checkpoint: str | None  # the last checkpoint directory (holds adapter/)
+    metrics: dict
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from alignprop_ray.config import load_experiment
+
+    cfg = load_experiment(args.config, args.overrides)
+    print("# resolved config\n" + cfg.to_yaml(), flush=True)
+    outcome = run_training(cfg, name=args.name)
+    print(f"run {outcome.name}: MLflow run {outcome.run_id} in {cfg.tracking.uri}")
+    if outcome.checkpoint:
+        print(f"adapter: {Path(outcome.checkpoint) / 'adapter'} (also logged to MLflow under adapter/)")
+    print(f"compare runs: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    return 0
+
+
+def default_name(cfg) -> str:
+    return cfg.name or f"{cfg.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_training(cfg, name: str | None = None, *, tags: dict | None = None, callbacks: list | None = None,
+                 fail_at_step: int | None = None, fail_marker: str | None = None) -> TrainOutcome:
+    """Train one experiment to completion on Ray (resuming a run of the same name) and return its outcome.
+
+    `tags` are set on a newly created MLflow run (a sweep passes `mlflow.parentRunId`); `callbacks` are
+    Ray Train callbacks (a Tune trial passes `TuneReportCallback()` so its reports reach Tune).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from alignprop_ray import tracking
+    from alignprop_ray.prompts import load_prompts
+    from alignprop_ray.train.loop import LoopInput, train_loop
+
+    name = name or default_name(cfg)
+    loop_input = LoopInput(experiment=cfg.to_dict(), run_id="", train_prompts=load_prompts(cfg.prompts.train),
+                           eval_prompts=load_prompts(cfg.prompts.eval), fail_at_step=fail_at_step,
+                           fail_marker=fail_marker)
+    run_id, resumed = tracking.start_run(cfg.tracking.uri, cfg.tracking.experiment, name, cfg.flat_params(),
+                                         cfg.to_yaml(), tags)
+    if resumed:
+        _check_same_config(cfg, run_id, name)
+    loop_input.run_id = run_id
+    connect_ray()
+    scaling = cfg.scaling
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=asdict(loop_input),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=scaling.resources_per_worker),
+        run_config=RunConfig(name=name, storage_path=cfg.storage.path,
+                             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(cfg.tracking.uri, run_id, "FAILED" if not _interrupted() else "KILLED")
+        raise
+    tracking.end_run(cfg.tracking.uri, run_id)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return TrainOutcome(name, run_id, resumed, checkpoint, dict(result.metrics or {}))
+
+
+def _interrupted() -> bool:
+    import sys
+
+    return isinstance(sys.exc_info()[1], KeyboardInterrupt)
+
+
+def _check_same_config(cfg, run_id: str, name: str) -> None:
+    """Resuming under a name whose run was trained with other settings would mix two experiments."""
+    from alignprop_ray import tracking
+
+    logged = tracking.client(cfg.tracking.uri).get_run(run_id).data.params
+    for key, value in cfg.flat_params().items():
+        if key.startswith(IGNORED_ON_RESUME) or key not in logged:
+            continue
+        if logged[key] != value[: tracking.MAX_PARAM_CHARS]:
+            raise UserError(f"run {name!r} exists with {key}={logged[key]} (now {value}); "
+                            "use another --name to start a new run")
+
+
+def connect_ray() -> None:
+    """Join the running cluster (RAY_ADDRESS, or one started with `ray start`), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+        return
+    try:
+        ray.init(address="auto", **quiet)
+    except ConnectionError:
+        ray.init(**quiet)  # the dashboard stays on: Ray Train's state checks query it

@@ -1,0 +1,162 @@
+"""Ray Train end to end on the tiny model: sync, MLflow record, fault recovery, resume, determinism.
+
+Two training runs share one Ray instance: a clean one and one whose rank-1 worker is killed once.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignprop_ray.cli import main
+from alignprop_ray.config import load_experiment
+from alignprop_ray.errors import UserError
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+def tiny_config(tmp, *extra):
+    return load_experiment(ROOT / "sweeps" / "tiny.yaml", [
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"storage.path={tmp}/runs", f"train.steps={STEPS}",
+        "train.eval_every=3", "train.checkpoint_every=3", "train.lr=0.03", "prompts.train=tiny", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory):
+    """A clean run and a run killed at step 4 (rank 1 exits; Ray restarts from the step-3 checkpoint)."""
+    from alignprop_ray.train.launch import run_training
+
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = tiny_config(tmp)
+    clean = run_training(cfg, name="clean")
+    marker = tmp / "killed-once"
+    faulty = run_training(cfg, name="faulty", fail_at_step=4, fail_marker=str(marker))
+    assert marker.exists(), "the fault hook never fired"
+    return tmp, cfg, clean, faulty
+
+
+def mlflow_client(cfg):
+    from mlflow import MlflowClient
+
+    return MlflowClient(cfg.tracking.uri)
+
+
+def history(client, run_id, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_one_mlflow_run_per_training_run_with_params(runs):
+    _, cfg, clean, faulty = runs
+    client = mlflow_client(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    found = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_id for r in found) == sorted([clean.run_id, faulty.run_id])
+    run = client.get_run(clean.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.03"
+    assert run.data.params["truncation"] == "uniform:0:10"
+    assert run.data.tags["alignprop.name"] == "clean"
+
+
+def test_every_metric_at_its_steps(runs):
+    _, cfg, clean, _ = runs
+    client = mlflow_client(cfg)
+    per_step = ["train/reward", "train/reward/saturation", "train/loss", "train/k", "train/grad_norm", "train/lr",
+                "train/skipped_steps", "perf/step_seconds", "perf/images_per_second", "perf/peak_memory_mb"]
+    for key in per_step:
+        assert [s for s, _ in history(client, clean.run_id, key)] == list(range(1, STEPS + 1)), key
+    for key in ["eval/reward", "eval/reward/saturation", "eval/diversity"]:
+        assert [s for s, _ in history(client, clean.run_id, key)] == [0, 3, 6], key
+
+
+def test_reward_rises_and_workers_stay_in_sync(runs):
+    _, cfg, clean, _ = runs
+    client = mlflow_client(cfg)
+    evals = dict(history(client, clean.run_id, "eval/reward"))
+    # Fixed eval prompts and seeds: no sampling noise between evaluations. Measured: 0.2572 -> 0.2858.
+    assert evals[STEPS] - evals[0] > 0.01
+    digests = client.get_run(clean.run_id).data.tags["alignprop.lora_sha256_by_rank"].split(",")
+    assert len(digests) == 2 and digests[0] == digests[1]  # bit-identical LoRA on both workers
+
+
+def test_artifacts_grid_table_and_a_diffusers_loadable_adapter(runs, tiny_dir, tmp_path):
+    import pyarrow.parquet as pq
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    _, cfg, clean, _ = runs
+    client = mlflow_client(cfg)
+    paths = {a.path for a in client.list_artifacts(clean.run_id)}
+    assert {"adapter", "eval_tables", "config.yaml", "images"} <= paths
+    local = Path(client.download_artifacts(clean.run_id, "eval_tables", str(tmp_path)))
+    table = pq.read_table(local).to_pandas()
+    assert sorted(table["step"].unique()) == [0, 3, 6]
+    assert {"prompt", "seed", "k", "reward", "reward/saturation"} <= set(table.columns)
+    adapter = client.download_artifacts(clean.run_id, "adapter", str(tmp_path))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    pipe.load_lora_weights(adapter)
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+    assert torch.isfinite(next(p for n, p in pipe.unet.named_parameters() if "lora_B" in n)).all()
+
+
+def test_killed_worker_resumes_into_the_same_run_without_duplicates(runs):
+    _, cfg, clean, faulty = runs
+    client = mlflow_client(cfg)
+    assert client.get_run(faulty.run_id).info.status == "FINISHED"
+    for key in ["train/reward", "train/loss", "eval/reward"]:
+        steps = [s for s, _ in history(client, faulty.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at some step"
+    # Same seed and config -> the same curve, with or without the crash and resume in between.
+    assert history(client, faulty.run_id, "train/reward") == history(client, clean.run_id, "train/reward")
+    assert history(client, faulty.run_id, "eval/reward") == history(client, clean.run_id, "eval/reward")
+
+
+def test_rerun_with_the_same_name_resumes_and_refuses_other_settings(runs):
+    from alignprop_ray.train.launch import run_training
+
+    tmp, cfg, clean, _ = runs
+    again = run_training(cfg, name="clean")
+    assert again.resumed and again.run_id == clean.run_id
+    client = mlflow_client(cfg)
+    assert len(history(client, clean.run_id, "train/loss")) == STEPS  # nothing retrained, nothing relogged
+    with pytest.raises(UserError, match="train.lr"):
+        run_training(tiny_config(tmp, "train.lr=0.5"), name="clean")
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.lr=-1", "truncation=fixed:99", "reward={nope: 1}", "scaling.num_workers=0", "tracking.uri=ftp://x",
+     "model.pretrained=./missing-model", "bogus.key=1"],
+)
+def test_bad_config_through_train_exits_2_without_a_run(tmp_path, override):
+    proc = subprocess.run([sys.executable, "-m", "alignprop_ray.cli", "train", str(ROOT / "sweeps" / "tiny.yaml"),
+                           "--set", override], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_nonfinite_steps_fail_after_the_configured_run_length():
+    from alignprop_ray.engine.step import StepResult
+    from alignprop_ray.train.checkpoint import Progress
+    from alignprop_ray.train.loop import NonFiniteError, _count_nonfinite
+
+    bad = StepResult(float("nan"), {}, float("nan"), 1, float("nan"), False, True, 2)
+    good = StepResult(0.5, {}, -0.5, 1, 1.0, True, False, 2)
+    progress = Progress(step=0, run_id="r")
+    for result in (bad, bad, good, bad, bad):
+        _count_nonfinite(progress, result, limit=3)
+    assert progress.skipped_steps == 4 and progress.nonfinite_in_row == 2
+    with pytest.raises(NonFiniteError, match="max_nonfinite_in_row"):
+        _count_nonfinite(progress, bad, limit=3)
+
+
+def test_main_returns_2_for_config_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(ROOT / "sweeps" / "tiny.yaml"), "--set", "train.lr=-1"]) == 2
+    assert "train.lr" in capsys.readouterr().err
