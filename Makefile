@@ -24,6 +24,9 @@ test: setup
 demo: setup
 	$(VENV)/bin/alignprop-ray demo
 
+bench: setup
+	bash bench/run.sh
+
 lint: setup
 	$(VENV)/bin/ruff check alignprop_ray tests
 	$(VENV)/bin/ruff format --check alignprop_ray tests

@@ -21,7 +21,8 @@ STEPS = 6
 def tiny_config(tmp, *extra):
     return load_experiment(ROOT / "sweeps" / "tiny.yaml", [
         f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"storage.path={tmp}/runs", f"train.steps={STEPS}",
-        "train.eval_every=3", "train.checkpoint_every=3", "train.lr=0.03", "prompts.train=tiny", *extra,
+        "train.eval_every=3", "train.checkpoint_every=3", "train.lr=0.03", "truncation=fixed:10", "prompts.train=tiny",
+        *extra,
     ])
 
 
@@ -58,7 +59,7 @@ def test_one_mlflow_run_per_training_run_with_params(runs):
     run = client.get_run(clean.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.03"
-    assert run.data.params["truncation"] == "uniform:0:10"
+    assert run.data.params["truncation"] == "fixed:10"
     assert run.data.tags["alignprop.name"] == "clean"
 
 
@@ -77,8 +78,9 @@ def test_reward_rises_and_workers_stay_in_sync(runs):
     _, cfg, clean, _ = runs
     client = mlflow_client(cfg)
     evals = dict(history(client, clean.run_id, "eval/reward"))
-    # Fixed eval prompts and seeds: no sampling noise between evaluations. Measured: 0.2572 -> 0.2858.
-    assert evals[STEPS] - evals[0] > 0.01
+    # Fixed eval prompts and seeds: no sampling noise between evaluations (the run is deterministic).
+    # The same schedule in one process (batch 4, fixed:10, lr 0.03) measured 0.248 -> 0.415 after 6 steps.
+    assert evals[STEPS] - evals[0] > 0.05, evals
     digests = client.get_run(clean.run_id).data.tags["alignprop.lora_sha256_by_rank"].split(",")
     assert len(digests) == 2 and digests[0] == digests[1]  # bit-identical LoRA on both workers
 
