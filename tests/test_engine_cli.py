@@ -85,11 +85,13 @@ def bad_inputs(tmp_path):
         "mix alpha": (["mix", str(corrupt), str(corrupt), "--alpha", "2", "--out", str(tmp_path / "m")], "--alpha"),
         "bad resolution": (sample + ["--resolution", "30"], "multiple of 8"),
         "non-integer steps": (sample + ["--steps", "many"], "invalid int value"),
+        "uncached hub id offline": (["sample", "--model", "nobody-here/no-such-model", "--prompt", "x", "--out",
+                                     str(tmp_path / "x.png")], "nobody-here/no-such-model: weights not found"),
     }
 
 
 @pytest.mark.parametrize("case", ["negative steps", "missing model path", "corrupt adapter", "mix alpha",
-                                  "bad resolution", "non-integer steps"])
+                                  "bad resolution", "non-integer steps", "uncached hub id offline"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     argv, message = bad_inputs(tmp_path)[case]
     proc = subprocess.run([sys.executable, "-m", "alignprop_ray.cli", *argv], capture_output=True, text=True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,12 +33,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_experiment(args.config, args.overrides)
     print("# resolved config\n" + cfg.to_yaml(), flush=True)
-    outcome = run_training(cfg, name=args.name)
+    t = cfg.train
+    print(f"{cfg.scaling.num_workers} workers x {t.batch_size} images x {t.grad_accum} accumulation = "
+          f"{cfg.images_per_step} images per optimizer step", flush=True)
+    try:
+        outcome = run_training(cfg, name=args.name)
+    except Exception as err:  # a worker error: Ray has printed the traceback; end with its cause in one line
+        from ray.train import TrainingFailedError
+
+        if not isinstance(err, TrainingFailedError):
+            raise
+        print(f"alignprop-ray train: training failed: {_root_cause(err)}", file=sys.stderr)
+        return 1
     print(f"run {outcome.name}: MLflow run {outcome.run_id} in {cfg.tracking.uri}")
     if outcome.checkpoint:
         print(f"adapter: {Path(outcome.checkpoint) / 'adapter'} (also logged to MLflow under adapter/)")
     print(f"compare runs: mlflow ui --backend-store-uri {cfg.tracking.uri}")
     return 0
+
+
+def _root_cause(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def default_name(cfg) -> str:
@@ -90,8 +107,6 @@ def run_training(cfg, name: str | None = None, *, tags: dict | None = None, call
 
 
 def _interrupted() -> bool:
-    import sys
-
     return isinstance(sys.exc_info()[1], KeyboardInterrupt)
 
 
