@@ -1,0 +1,106 @@
+"""A weighted mixture of rewards: the objective AlignProp maximizes, with every term reported separately."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from alignprop_ray.errors import UserError
+from alignprop_ray.rewards.base import Reward
+from alignprop_ray.rewards.registry import get_entry
+from alignprop_ray.rewards.spec import TermSpec, parse_reward_spec
+from alignprop_ray.rewards.weights import WeightsError
+
+
+class RewardOutput(NamedTuple):
+    total: Tensor  # (B,) weighted objective to MAXIMIZE (the training loss is -total.mean())
+    terms: dict[str, Tensor]  # raw per-term reward values (B,), before weighting and objective
+
+
+class RewardMixture(nn.Module):
+    """Sum over terms of ``weight * r`` (maximize) or ``-weight * |target - r|`` (target); always frozen.
+
+    Call it with images in [0, 1] (B, 3, H, W) and one prompt per image. Non-differentiable terms run
+    without autograd; the total is differentiable w.r.t. the images when every weighted term is.
+    """
+
+    def __init__(self, specs: Sequence[TermSpec], rewards: dict[str, Reward]):
+        super().__init__()
+        self.specs = list(specs)
+        self.rewards = nn.ModuleDict(rewards)
+        self.requires_grad_(False)
+        self.train(False)
+
+    @property
+    def term_names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def differentiable(self) -> bool:
+        return all(self.rewards[s.name].differentiable for s in self.specs if s.weight != 0)
+
+    def train(self, mode: bool = True) -> RewardMixture:
+        """Reward models stay in eval mode (dropout off) whatever the caller's mode."""
+        return super().train(False)
+
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> RewardOutput:
+        if images.ndim != 4 or images.shape[1] != 3 or len(prompts) != images.shape[0]:
+            raise ValueError(
+                f"expected images (B, 3, H, W) and B prompts, got {tuple(images.shape)}, {len(prompts)}"
+            )
+        total = torch.zeros(images.shape[0], device=images.device, dtype=torch.float32)
+        terms: dict[str, Tensor] = {}
+        for spec in self.specs:
+            value = self._term(spec.name, images, prompts).to(images.device)
+            terms[spec.name] = value
+            total = total + spec.weight * objective(spec, value)
+        return RewardOutput(total, terms)
+
+    def _term(self, name: str, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        reward = self.rewards[name]
+        if reward.differentiable:
+            return reward(images, prompts)
+        with torch.no_grad():
+            return reward(images.detach(), prompts)
+
+    @torch.no_grad()
+    def image_features(self, images: Tensor) -> Tensor | None:
+        """Unit-norm CLIP image embeddings (B, D) from the first term that has a CLIP model, else None."""
+        for reward in self.rewards.values():
+            features = reward.image_features(images)
+            if features is not None:
+                return features
+        return None
+
+
+def objective(spec: TermSpec, value: Tensor) -> Tensor:
+    """The quantity a term maximizes: ``r``, or ``-|target - r|`` (the paper's aesthetic objective)."""
+    if spec.objective == "target":
+        assert spec.target is not None
+        return -(spec.target - value).abs()
+    return value
+
+
+def build_reward(
+    spec: Any, *, device: torch.device | str, dtype: torch.dtype, for_training: bool = True
+) -> RewardMixture:
+    """Validate ``spec`` and construct every term once, frozen, on ``device``/``dtype``.
+
+    Raises UserError with one line (all problems joined by '; ') for a bad spec or unusable weights.
+    """
+    terms, problems = parse_reward_spec(spec, for_training=for_training)
+    if problems:
+        raise UserError("; ".join(problems))
+    device = torch.device(device)
+    rewards: dict[str, Reward] = {}
+    for term in terms:
+        entry = get_entry(term.name)
+        assert entry is not None
+        try:
+            rewards[term.name] = entry.factory(term.options, device=device, dtype=dtype)
+        except WeightsError as err:
+            raise UserError(f"reward.{term.name}.{err.option}: {err.message}") from err
+    return RewardMixture(terms, rewards).to(device)
