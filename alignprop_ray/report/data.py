@@ -1,0 +1,275 @@
+"""Read an MLflow experiment into two tidy tables: one row per training run, one row per logged value.
+
+Sweep parent runs (runs that other runs name in `mlflow.parentRunId`) carry no training metrics: they
+are not rows of the runs table, but their name fills the `sweep` column of their trials.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from alignprop_ray.errors import UserError
+from alignprop_ray.tracking import NAME_TAG, PARENT_TAG
+
+URI_ENV = "ALIGNPROP_TRACKING_URI"
+DEFAULT_URI = "sqlite:///mlflow.db"
+STOP_TAG = "alignprop.stop_reason"  # set by the sweep's stoppers (collapse, NaN)
+MAX_LISTED = 20  # experiment names an error message lists
+UNSET = "(unset)"  # the truncation of a run that logged no `truncation` param
+
+# Per run, the value at the last logged step of these metrics becomes a `final_*` column.
+FINAL_KEYS = {
+    "final_eval_reward": "eval/reward",
+    "final_eval_diversity": "eval/diversity",
+    "final_eval_diversity_across_prompts": "eval/diversity_across_prompts",
+    "final_train_reward": "train/reward",
+}
+TERM_PREFIXES = ("train/reward/", "eval/reward/")
+# The first request to a tracking server fails fast: MLflow's default retries take minutes to give up.
+PROBE_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+HISTORY_COLUMNS = ["run_id", "name", "truncation", "key", "step", "value", "timestamp"]
+
+
+def resolve_uri(tracking_uri: str | None) -> str:
+    """The explicit URI, else $ALIGNPROP_TRACKING_URI, else `sqlite:///mlflow.db` (as training uses)."""
+    return tracking_uri or os.environ.get(URI_ENV) or DEFAULT_URI
+
+
+def open_store(tracking_uri: str | None):
+    """An MlflowClient on a store that exists and answers; UserError otherwise.
+
+    A missing SQLite file is an error rather than a new empty store (MLflow would create one silently).
+    """
+    from mlflow import MlflowClient
+
+    uri = resolve_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(
+            f"no MLflow store at {uri.removeprefix('sqlite:///')} (pass --tracking-uri or set {URI_ENV})"
+        )
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        with env_defaults(**PROBE_ENV):
+            client.search_experiments(max_results=1)
+    except Exception as err:  # any backend failure: bad file, server down, wrong scheme
+        raise UserError(f"cannot read the MLflow store {uri}: {_first_line(err)}") from err
+    return client
+
+
+@contextmanager
+def env_defaults(**values: str) -> Iterator[None]:
+    """Set environment variables the user has not set, for the duration of the block."""
+    added = {key: value for key, value in values.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def find_experiment(client, name: str | None):
+    """The named active experiment, or (name None) the most recently created one that has runs."""
+    if name is not None:
+        found = client.get_experiment_by_name(name)
+        if found is not None and found.lifecycle_stage == "active":
+            return found
+        names = [e.name for e in client.search_experiments(order_by=["creation_time DESC"])]
+        raise UserError(f"no experiment {name!r} in {client.tracking_uri}; available: {_listing(names)}")
+    for experiment in client.search_experiments(order_by=["creation_time DESC"]):
+        if client.search_runs([experiment.experiment_id], max_results=1):
+            return experiment
+    raise UserError(f"no experiment with runs in {client.tracking_uri}")
+
+
+def _listing(names: list[str]) -> str:
+    more = f" (and {len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more if names else "none"
+
+
+def resolve_experiment(tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    """The name of the experiment `load_runs` would read (for `mlflow.search_runs(experiment_names=...)`)."""
+    return find_experiment(open_store(tracking_uri), experiment).name
+
+
+def load_runs(
+    tracking_uri: str | None = None, experiment: str | None = None, *, keys: Sequence[str] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, history) of an experiment's training runs.
+
+    runs: one row per run: run_id, name, sweep, status, stop_reason, truncation, lr, reward, last_step,
+    terms (reward term names), base_eval_reward (step 0), final_eval_reward, final_eval_diversity, ...,
+    and every MLflow param as `params.<dotted key>`. history: one row per (run, metric, step) with the
+    columns in HISTORY_COLUMNS. `keys` keeps only metrics whose name starts with one of them.
+    `runs.attrs` holds `experiment` and `tracking_uri`.
+    """
+    client = open_store(tracking_uri)
+    found = find_experiment(client, experiment)
+    runs, history = load_experiment(client, found.experiment_id, keys)
+    if runs.empty:
+        raise UserError(f"experiment {found.name!r} has no training runs yet")
+    runs.attrs.update(experiment=found.name, tracking_uri=client.tracking_uri)
+    return runs, history
+
+
+def load_experiment(
+    client, experiment_id: str, keys: Sequence[str] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """load_runs on an open client; the runs table may be empty."""
+    all_runs = _search_all(client, experiment_id)
+    parent_ids = {r.data.tags.get(PARENT_TAG) for r in all_runs} - {None}
+    names = {r.info.run_id: _run_name(r) for r in all_runs}
+    trained = [r for r in all_runs if r.info.run_id not in parent_ids]
+    runs = pd.DataFrame([_run_row(r, names) for r in trained], columns=None if trained else ["run_id"])
+    history = _history(client, trained, runs, keys)
+    return _add_finals(runs, history), history
+
+
+def _search_all(client, experiment_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], max_results=1000, page_token=token, order_by=["attributes.start_time ASC"]
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _run_name(run) -> str:
+    return run.data.tags.get(NAME_TAG) or run.info.run_name or run.info.run_id[:8]
+
+
+def _run_row(run, names: dict[str, str]) -> dict[str, Any]:
+    params, tags = run.data.params, run.data.tags
+    parent = tags.get(PARENT_TAG)
+    return {
+        "run_id": run.info.run_id,
+        "name": names[run.info.run_id],
+        "sweep": names.get(parent, parent),
+        "status": run.info.status,
+        "stop_reason": tags.get(STOP_TAG),
+        "truncation": params.get("truncation", UNSET),
+        "lr": _to_float(params.get("train.lr")),
+        "reward": reward_label(params),
+        "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
+        **{f"params.{key}": value for key, value in sorted(params.items())},
+    }
+
+
+def reward_label(params: dict[str, str]) -> str:
+    """`aesthetic=0.3 + hpsv2=0.7` from `reward.<name>` (shorthand weight) or `reward.<name>.weight` params."""
+    weights: dict[str, str] = {}
+    for key, value in sorted(params.items()):  # `<name>.objective` sorts before `<name>.weight`
+        if not key.startswith("reward."):
+            continue
+        name, _, field = key.removeprefix("reward.").partition(".")
+        if field in ("", "weight"):
+            weights[name] = value
+        else:
+            weights.setdefault(name, "1.0")  # a term given only by its settings weighs 1 (the default)
+    return " + ".join(f"{name}={weight}" for name, weight in sorted(weights.items()))
+
+
+def _history(client, runs: list, table: pd.DataFrame, keys: Sequence[str] | None) -> pd.DataFrame:
+    records = []
+    truncation = dict(zip(table.get("run_id", []), table.get("truncation", []), strict=True))
+    for run in runs:
+        run_id, name = run.info.run_id, _run_name(run)
+        for key in sorted(_wanted(run.data.metrics, keys)):
+            for m in client.get_metric_history(run_id, key):
+                records.append((run_id, name, truncation[run_id], key, m.step, m.value, m.timestamp))
+    history = pd.DataFrame.from_records(records, columns=HISTORY_COLUMNS)
+    history = history.astype({"step": "int64", "value": "float64", "timestamp": "int64"})
+    history = history.sort_values(["run_id", "key", "step", "timestamp"], kind="stable")
+    # A resumed run may log a step twice: the later value is the one that counts.
+    return history.drop_duplicates(["run_id", "key", "step"], keep="last").reset_index(drop=True)
+
+
+def _wanted(metric_keys: Iterable[str], prefixes: Sequence[str] | None) -> list[str]:
+    return [k for k in metric_keys if prefixes is None or k.startswith(tuple(prefixes))]
+
+
+def _add_finals(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """Columns from the histories: final_* values, base_eval_reward, last_step and reward terms."""
+    # the value at the last step, NaN included (GroupBy.last would skip back to an earlier finite value)
+    last = history.groupby(["run_id", "key"]).tail(1).set_index(["run_id", "key"])["value"]
+    for column, key in FINAL_KEYS.items():
+        runs[column] = [last.get((run_id, key), math.nan) for run_id in runs["run_id"]]
+    base = history[(history["key"] == "eval/reward") & (history["step"] == 0)].set_index("run_id")["value"]
+    runs["base_eval_reward"] = [base.get(run_id, math.nan) for run_id in runs["run_id"]]
+    train = history[history["key"].str.startswith("train/")].groupby("run_id")["step"].max()
+    runs["last_step"] = [int(train[r]) if r in train else None for r in runs["run_id"]]
+    runs["last_step"] = runs["last_step"].astype("Int64")
+    terms = history.groupby("run_id")["key"].unique()
+    runs["terms"] = [reward_terms(terms.get(run_id, [])) for run_id in runs["run_id"]]
+    return runs
+
+
+def reward_terms(keys: Iterable[str]) -> list[str]:
+    """The reward term names among metric keys (`train/reward/<term>`, `eval/reward/<term>`)."""
+    return sorted({k.split("/", 2)[2] for k in keys if k.startswith(TERM_PREFIXES)})
+
+
+def metric(history: pd.DataFrame, key: str, run_id: str | None = None) -> pd.DataFrame:
+    """Rows of one metric (of one run), ordered by step."""
+    rows = history[history["key"] == key]
+    if run_id is not None:
+        rows = rows[rows["run_id"] == run_id]
+    return rows.sort_values("step")
+
+
+SUMMARY_SKIP = ("name", "tracking.", "storage.", "failure.", "truncation", "train.lr", "reward.")
+
+
+def varying_params(runs: pd.DataFrame) -> list[str]:
+    """Dotted param keys whose value differs between runs (what a sweep varied), except those shown anyway."""
+    columns = [c for c in runs.columns if c.startswith("params.")]
+    keys = [c for c in columns if runs[c].astype(str).nunique(dropna=False) > 1]
+    return [c.removeprefix("params.") for c in keys if not c.removeprefix("params.").startswith(SUMMARY_SKIP)]
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One display row per run, best final eval reward first: what the report's table shows."""
+    varying = varying_params(runs)
+    table = pd.DataFrame(
+        {
+            "run": runs["name"],
+            "truncation": runs["truncation"],
+            "lr": runs["lr"],
+            "reward": runs["reward"],
+            **{key: runs[f"params.{key}"] for key in varying},
+            "last step": runs["last_step"],
+            "base eval/reward": runs["base_eval_reward"],
+            "final eval/reward": runs["final_eval_reward"],
+            "final eval/diversity": runs["final_eval_diversity"],
+            "status": runs["status"],
+            "stop reason": runs["stop_reason"],
+        }
+    )
+    order = runs["final_eval_reward"].fillna(-math.inf).sort_values(ascending=False, kind="stable").index
+    return table.loc[order].reset_index(drop=True)
+
+
+def _to_float(text: str | None) -> float:
+    try:
+        return float(text) if text is not None else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

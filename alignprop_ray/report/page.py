@@ -1,0 +1,247 @@
+"""`alignprop-ray report`: the comparison plots as PNGs and an index.html that shows them with a run table."""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from alignprop_ray.errors import UserError
+from alignprop_ray.report.data import env_defaults, load_runs, open_store, summary_table
+from alignprop_ray.report.plots import (
+    plot_k_histograms,
+    plot_reward_curves,
+    plot_reward_terms,
+    plot_reward_vs_diversity,
+)
+
+# (file, plot, title, caption); a plot without data (e.g. no mixtures) is left out of the page.
+PLOTS: list[tuple[str, Callable, str, str]] = [
+    (
+        "reward_vs_step.png",
+        plot_reward_curves,
+        "Reward and diversity vs step",
+        "One line per run, colored by truncation distribution (runs sharing one differ by line style). "
+        "Train reward is smoothed; eval points use fixed prompts and seeds; step 0 is the base model. "
+        "X marks the last point of a run a stopper ended.",
+    ),
+    (
+        "reward_vs_diversity.png",
+        plot_reward_vs_diversity,
+        "Final reward vs diversity",
+        "Each run's path from the base model (hollow circle) to its last evaluation: up is more reward, "
+        "left is less within-prompt diversity (mode collapse).",
+    ),
+    (
+        "reward_terms.png",
+        plot_reward_terms,
+        "Reward terms of mixtures",
+        "One panel per reward term, for runs whose reward has more than one term.",
+    ),
+    (
+        "k_histogram.png",
+        plot_k_histograms,
+        "Truncation K drawn per training step",
+        "How many final denoising steps carried gradient at each training step.",
+    ),
+]
+GRIDS_DIR = "eval_grids"
+# mlflow.log_image(key="eval/images", step=N) files: images/eval~images+step+N+timestamp+T+UUID.png
+# (MLflow before 3.x wrote `#` for `/` and `%` for `+`).
+GRID_FILE = re.compile(r"^eval[~#]images[+%]step[+%](?P<step>\d+)[+%]timestamp[+%]\d+[+%][\w-]+\.png$")
+DPI = 110
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    out = _check_out(Path(args.out))
+    runs, history = load_runs(args.tracking_uri, args.experiment)
+    paths = write_report_files(runs, history, out)
+    print(format_summary(summary_table(runs)).to_string(index=False))
+    print(f"wrote {len(paths)} files; open {out / 'index.html'}")
+    return 0
+
+
+def write_report(tracking_uri: str | None, experiment: str | None, out_dir: str | Path) -> list[Path]:
+    """Write the plots, the first and last eval grids, runs.csv and index.html into out_dir; their paths.
+
+    `experiment` None reads the most recently created experiment that has runs; `tracking_uri` None
+    reads $ALIGNPROP_TRACKING_URI or sqlite:///mlflow.db. Raises UserError on bad input.
+    """
+    out = _check_out(Path(out_dir))
+    return write_report_files(*load_runs(tracking_uri, experiment), out)
+
+
+def write_report_files(runs: pd.DataFrame, history: pd.DataFrame, out: Path) -> list[Path]:
+    """write_report on tables already loaded by `load_runs` (PNGs first, index.html last)."""
+    _remove_stale(out)
+    written = write_plots(runs, history, out)
+    grids = fetch_eval_grids(open_store(runs.attrs["tracking_uri"]), runs, out)
+    table = summary_table(runs)
+    table.to_csv(out / "runs.csv", index=False)
+    page = out / "index.html"
+    page.write_text(render_html(runs, table, [p.name for p in written], grids), encoding="utf-8")
+    return [*written, *(path for pairs in grids.values() for _, path in pairs), out / "runs.csv", page]
+
+
+def _check_out(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _remove_stale(out: Path) -> None:
+    """A plot left out this time (no data) must not linger from an earlier report."""
+    for name, *_ in PLOTS:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / GRIDS_DIR, ignore_errors=True)
+
+
+def write_plots(runs: pd.DataFrame, history: pd.DataFrame, out: Path) -> list[Path]:
+    """Save every plot that has data as a PNG in `out`."""
+    written = []
+    for name, plot, *_ in PLOTS:
+        figure = plot(runs, history)
+        if figure is not None:
+            figure.savefig(out / name, dpi=DPI)
+            written.append(out / name)
+    return written
+
+
+def fetch_eval_grids(client, runs: pd.DataFrame, out: Path) -> dict[str, list[tuple[int, Path]]]:
+    """run_id -> [(step, PNG)] for the first (base model) and last eval image grid of each run.
+
+    Artifacts that cannot be read are skipped with a warning: the plots do not depend on them.
+    """
+    grids = {}
+    for run in runs.itertuples():
+        try:
+            with env_defaults(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # one bar per file
+                grids[run.run_id] = _fetch_run_grids(
+                    client, run.run_id, _slug(run.name, run.run_id), out / GRIDS_DIR
+                )
+        except Exception as err:  # e.g. an object store this machine has no credentials for
+            print(f"warning: eval grids of run {run.name}: {err}", file=sys.stderr)
+    return {run_id: pairs for run_id, pairs in grids.items() if pairs}
+
+
+def _fetch_run_grids(client, run_id: str, slug: str, folder: Path) -> list[tuple[int, Path]]:
+    found = {}
+    for artifact in client.list_artifacts(run_id, "images"):
+        match = GRID_FILE.match(Path(artifact.path).name)
+        if match:
+            found.setdefault(int(match["step"]), artifact.path)
+    steps = sorted(found)
+    chosen = sorted({steps[0], steps[-1]}) if steps else []
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for step in chosen:
+            local = client.download_artifacts(run_id, found[step], tmp)
+            target = folder / f"{slug}_step{step}.png"
+            shutil.copyfile(local, target)
+            pairs.append((step, target))
+    return pairs
+
+
+def _slug(name: str, run_id: str) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)[:60]}_{run_id[:8]}"
+
+
+def format_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """The summary table as text cells: lr as %g, rewards to 4 decimals, blanks for missing values."""
+    shown = table.astype(object).copy()
+    for column in table.columns:
+        if column == "lr":
+            shown[column] = [_number(v, "g") for v in table[column]]
+        elif table[column].dtype.kind == "f":
+            shown[column] = [_number(v, ".4f") for v in table[column]]
+        else:
+            shown[column] = [
+                "" if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else str(v)
+                for v in table[column]
+            ]
+    return shown
+
+
+def _number(value: float, spec: str) -> str:
+    return "–" if value is None or math.isnan(value) else format(value, spec)
+
+
+def render_html(
+    runs: pd.DataFrame, table: pd.DataFrame, plots: list[str], grids: dict[str, list[tuple[int, Path]]]
+) -> str:
+    """The report page: header, run table, each plot with its caption, base vs final eval grids."""
+    experiment = html.escape(str(runs.attrs.get("experiment", "")))
+    sweeps = sorted({s for s in runs["sweep"] if isinstance(s, str)})
+    meta = (
+        f"{len(runs)} training runs · store <code>{html.escape(str(runs.attrs.get('tracking_uri', '')))}</code>"
+        + (f" · sweep {html.escape(', '.join(sweeps))}" if sweeps else "")
+        + f" · generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
+    parts = [
+        f"<h1>AlignProp report: {experiment}</h1>",
+        f"<p class='meta'>{meta}</p>",
+        "<h2>Runs</h2>",
+        "<p>Best final eval reward first. Step 0 of eval is the base model.</p>",
+        format_summary(table).to_html(index=False, escape=True, border=0, classes="runs"),
+    ]
+    for name, _, title, caption in PLOTS:
+        if name in plots:
+            parts += [
+                f"<h2>{html.escape(title)}</h2>",
+                f"<p>{html.escape(caption)}</p>",
+                f"<img src='{name}' alt='{html.escape(title)}'>",
+            ]
+    parts += _grid_section(runs, grids)
+    return PAGE.format(title=f"AlignProp report: {experiment}", body="\n".join(parts))
+
+
+def _grid_section(runs: pd.DataFrame, grids: dict[str, list[tuple[int, Path]]]) -> list[str]:
+    if not grids:
+        return []
+    rows = []
+    for run in runs.sort_values("name").itertuples():
+        cells = "".join(
+            f"<figure><img src='{GRIDS_DIR}/{html.escape(path.name)}'><figcaption>step {step}"
+            f"</figcaption></figure>"
+            for step, path in grids.get(run.run_id, [])
+        )
+        if cells:
+            rows.append(
+                f"<tr><th>{html.escape(run.name)}<br><small>{html.escape(run.truncation)}</small></th>"
+                f"<td>{cells}</td></tr>"
+            )
+    return [
+        "<h2>Eval images: base model and last evaluation</h2>",
+        "<p>In each grid a row is one eval prompt and its columns are the eval seeds: "
+        "near-identical images along a row mean the model collapsed onto one image per prompt.</p>",
+        f"<table class='grids'>{''.join(rows)}</table>",
+    ]
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1500px; color: #222; }}
+.meta {{ color: #666; }}
+table.runs {{ border-collapse: collapse; font-size: 0.9em; }}
+table.runs th, table.runs td {{ padding: 0.25em 0.7em; border-bottom: 1px solid #ddd; text-align: left; }}
+img {{ max-width: 100%; }}
+figure {{ display: inline-block; margin: 0 1em 0 0; }}
+table.grids th {{ text-align: left; vertical-align: top; padding-right: 1em; }}
+table.grids img {{ max-height: 260px; image-rendering: pixelated; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""

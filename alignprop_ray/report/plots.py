@@ -1,0 +1,235 @@
+"""Comparison plots from the tables of `alignprop_ray.report.data`; each returns a Figure, or None without data.
+
+Figures are built with `matplotlib.figure.Figure`, not pyplot: no backend is selected and no global
+figure list grows, so the same functions serve the CLI (saved as PNG) and notebooks (`display(fig)`).
+Runs are colored by truncation distribution (the paper's central ablation); runs that share one are
+told apart by line style.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import matplotlib
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from alignprop_ray.report.data import metric
+
+LINESTYLES = ("-", "--", ":", "-.")
+MAX_RUN_LEGEND = 16  # above this many runs the legend names truncation groups instead of runs
+STOPPED_MARKER = "X"
+MAX_K_BINS = 60  # one bin per K value up to this many values
+
+
+def truncation_order(spec: str) -> tuple:
+    """Sort key: fixed:K by K, then uniform/normal ranges, then full, then anything else."""
+    numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", spec)]
+    kind = spec.split(":", 1)[0]
+    rank = {"fixed": 0, "uniform": 1, "normal": 2, "full": 3}.get(kind, 4)
+    return (rank, numbers, spec)
+
+
+def truncation_colors(runs: pd.DataFrame) -> dict[str, tuple]:
+    groups = sorted(runs["truncation"].unique(), key=truncation_order)
+    cmap = matplotlib.colormaps["tab10"]
+    return {group: cmap(i % 10) for i, group in enumerate(groups)}
+
+
+def run_styles(runs: pd.DataFrame) -> dict[str, dict]:
+    """run_id -> line kwargs: the truncation's color, a line style per run within the group."""
+    colors, styles, seen = truncation_colors(runs), {}, {}
+    for run in runs.sort_values("name").itertuples():
+        index = seen[run.truncation] = seen.get(run.truncation, -1) + 1
+        styles[run.run_id] = {
+            "color": colors[run.truncation],
+            "linestyle": LINESTYLES[index % len(LINESTYLES)],
+        }
+    return styles
+
+
+def run_label(run) -> str:
+    stopped = " [stopped]" if isinstance(run.stop_reason, str) else ""  # the reason is in the run table
+    return f"{run.name} ({run.truncation}){stopped}"
+
+
+def smooth(values: pd.Series) -> pd.Series:
+    """Debiased exponential moving average over about a tenth of the curve (TensorBoard-like)."""
+    return values.ewm(span=max(2.0, len(values) / 10), adjust=True).mean()
+
+
+def plot_reward_curves(runs: pd.DataFrame, history: pd.DataFrame) -> Figure | None:
+    """train/reward (smoothed), eval/reward and eval/diversity against step, one line per run."""
+    panels = [
+        ("train/reward", "train/reward (smoothed; raw faint)"),
+        ("eval/reward", "eval/reward"),
+        ("eval/diversity", "eval/diversity (falls on collapse)"),
+    ]
+    if not history["key"].isin([key for key, _ in panels[:2]]).any():
+        return None
+    fig = Figure(figsize=(15, 4.4), layout="constrained")
+    axes = fig.subplots(1, len(panels))
+    styles = run_styles(runs)
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for run in runs.itertuples():
+            draw_metric(ax, history, key, run, styles[run.run_id], smoothed=key.startswith("train/"))
+        _finish_axes(ax, title, key)
+    _legend(fig, runs, styles)
+    return fig
+
+
+def draw_metric(ax: Axes, history: pd.DataFrame, key: str, run, style: dict, smoothed: bool) -> None:
+    """One run's curve of `key` (smoothed line, or points); an X on the last point of a run a stopper ended."""
+    rows = metric(history, key, run.run_id)
+    rows = rows[rows["value"].map(math.isfinite)]
+    if rows.empty:
+        return
+    if smoothed:
+        ax.plot(rows["step"], rows["value"], color=style["color"], alpha=0.2, linewidth=0.8)
+        ax.plot(rows["step"], smooth(rows["value"]), **style, linewidth=1.8)
+    else:
+        ax.plot(rows["step"], rows["value"], **style, marker="o", markersize=4, linewidth=1.2)
+    if isinstance(run.stop_reason, str):
+        ax.plot(
+            rows["step"].iloc[-1],
+            rows["value"].iloc[-1],
+            STOPPED_MARKER,
+            color=style["color"],
+            markersize=10,
+            markeredgecolor="black",
+        )
+
+
+def _finish_axes(ax: Axes, title: str, key: str) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    if not ax.lines:
+        ax.text(0.5, 0.5, f"no {key} logged", transform=ax.transAxes, ha="center", color="gray")
+
+
+def _legend(fig: Figure, runs: pd.DataFrame, styles: dict[str, dict]) -> None:
+    if len(runs) <= MAX_RUN_LEGEND:
+        ordered = runs.sort_values("name")
+        handles = [Line2D([], [], **styles[r.run_id]) for r in ordered.itertuples()]
+        labels = [run_label(r) for r in ordered.itertuples()]
+    else:  # colors as in styles, which may span more runs than these
+        colors = {run.truncation: styles[run.run_id]["color"] for run in runs.itertuples()}
+        labels = sorted(colors, key=truncation_order)
+        handles = [Line2D([], [], color=colors[label]) for label in labels]
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, title="run (truncation)")
+
+
+def plot_reward_vs_diversity(runs: pd.DataFrame, history: pd.DataFrame) -> Figure | None:
+    """Final eval/reward against final eval/diversity per run: the reward/collapse trade-off.
+
+    A faint path shows each run's evaluations from the base model (hollow circle, step 0) to its
+    last one (filled; an X when a stopper ended the run).
+    """
+    done = runs[
+        runs["final_eval_reward"].map(math.isfinite) & runs["final_eval_diversity"].map(math.isfinite)
+    ]
+    if done.empty:
+        return None
+    fig = Figure(figsize=(8.5, 6), layout="constrained")
+    ax = fig.subplots()
+    colors = truncation_colors(runs)
+    for run in done.itertuples():
+        _draw_trajectory(ax, history, run, colors[run.truncation])
+    ax.set_xlabel("final eval/diversity (within prompt; low = mode collapse)")
+    ax.set_ylabel("final eval/reward")
+    ax.set_title("reward vs diversity: the collapse trade-off", fontsize=10)
+    ax.grid(alpha=0.3)
+    _tradeoff_legend(ax, {group: colors[group] for group in colors if group in set(done["truncation"])})
+    return fig
+
+
+def _tradeoff_legend(ax: Axes, colors: dict[str, tuple]) -> None:
+    handles = [Line2D([], [], color=c, marker="o", linestyle="") for c in colors.values()]
+    handles += [
+        Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle=""),
+        Line2D([], [], color="gray", marker=STOPPED_MARKER, linestyle=""),
+    ]
+    labels = [*colors, "base model (step 0)", "stopped by a stopper"]
+    ax.legend(handles, labels, fontsize=8, title="truncation", loc="best")
+
+
+def _draw_trajectory(ax: Axes, history: pd.DataFrame, run, color: tuple) -> None:
+    reward = metric(history, "eval/reward", run.run_id)[["step", "value"]]
+    diversity = metric(history, "eval/diversity", run.run_id)[["step", "value"]]
+    path = reward.merge(diversity, on="step", suffixes=("_reward", "_diversity")).dropna()
+    if len(path) > 1:
+        ax.plot(path["value_diversity"], path["value_reward"], color=color, alpha=0.35, linewidth=1)
+        start = path.iloc[0]
+        ax.plot(start["value_diversity"], start["value_reward"], "o", color=color, markerfacecolor="none")
+    stopped = isinstance(run.stop_reason, str)
+    ax.plot(
+        run.final_eval_diversity,
+        run.final_eval_reward,
+        STOPPED_MARKER if stopped else "o",
+        color=color,
+        markersize=10 if stopped else 8,
+        markeredgecolor="black",
+    )
+    ax.annotate(
+        run.name,
+        (run.final_eval_diversity, run.final_eval_reward),
+        textcoords="offset points",
+        xytext=(6, 4),
+        fontsize=8,
+    )
+
+
+def plot_reward_terms(runs: pd.DataFrame, history: pd.DataFrame) -> Figure | None:
+    """One panel per reward term of the runs with more than one term (mixtures): train (smoothed) and eval."""
+    mixtures = runs[runs["terms"].map(len) > 1]
+    if mixtures.empty:
+        return None
+    terms = sorted({term for terms in mixtures["terms"] for term in terms})
+    ncols = min(3, len(terms))
+    nrows = math.ceil(len(terms) / ncols)
+    fig = Figure(figsize=(5 * ncols + 3, 4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    styles = run_styles(runs)  # colors as in the other plots
+    for ax, term in zip(axes, terms, strict=False):
+        for run in mixtures.itertuples():
+            draw_metric(ax, history, f"train/reward/{term}", run, styles[run.run_id], smoothed=True)
+            points = {**styles[run.run_id], "linestyle": "none"}  # apart from the train line on top of them
+            draw_metric(ax, history, f"eval/reward/{term}", run, points, smoothed=False)
+        _finish_axes(ax, f"reward term {term}: train (line), eval (dots)", f"reward/{term}")
+    for ax in axes[len(terms) :]:
+        ax.set_visible(False)
+    _legend(fig, mixtures, styles)
+    return fig
+
+
+def plot_k_histograms(runs: pd.DataFrame, history: pd.DataFrame, ncols: int = 4) -> Figure | None:
+    """Histogram of the truncation K drawn at each training step, one panel per run."""
+    with_k = [
+        r for r in runs.sort_values("name").itertuples() if not metric(history, "train/k", r.run_id).empty
+    ]
+    if not with_k:
+        return None
+    ncols = min(ncols, len(with_k))
+    nrows = math.ceil(len(with_k) / ncols)
+    fig = Figure(figsize=(3.6 * ncols, 2.8 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    colors = truncation_colors(runs)
+    for ax, run in zip(axes, with_k, strict=False):
+        ks = metric(history, "train/k", run.run_id)["value"]
+        # integer-centred bins (K is a mean over micro-batches when grad_accum > 1, so may be fractional)
+        bins = [k - 0.5 for k in range(math.floor(ks.min()), math.ceil(ks.max()) + 2)]
+        bins = bins if len(bins) <= MAX_K_BINS + 1 else MAX_K_BINS
+        ax.hist(ks, bins=bins, color=colors[run.truncation], edgecolor="black", linewidth=0.5)
+        ax.set_title(f"{run.name}\n{run.truncation}", fontsize=9)
+        ax.set_xlabel("K (steps with gradient)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_ylabel("training steps")
+    for ax in axes[len(with_k) :]:
+        ax.set_visible(False)
+    return fig
