@@ -25,6 +25,7 @@ OLDER = "older-study"
 EMPTY = "empty-study"
 SPARSE = "sparse-study"
 SWEEP = "sweep-trunc"
+SWEEP_TAGS = {"alignprop.kind": "sweep"}  # as alignprop_ray.sweep.tracking tags a parent run
 STOP_REASON = "collapse: eval/diversity 0.03 < 0.05 after step 12"
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "compare_runs.ipynb"
 PLOT_FILES = ["reward_vs_step.png", "reward_vs_diversity.png", "reward_terms.png", "k_histogram.png"]
@@ -167,6 +168,7 @@ def log_sparse_runs(uri: str) -> None:
     run_id, _ = tracking.start_run(uri, SPARSE, "one-eval <b>", {"truncation": "fixed:2"}, "")
     tracking.RunLogger(uri, run_id).log_metrics({"eval/reward": 0.4, "eval/diversity": math.nan}, 0)
     tracking.end_run(uri, run_id, "KILLED")
+    tracking.start_run(uri, SPARSE, "sweep-no-trials-yet", {"tune.num_samples": "2"}, "", SWEEP_TAGS)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +178,9 @@ def store(tmp_path_factory) -> dict:
     log_trial(uri, Trial("solo", "uniform:0:10", 1e-3, {"saturation": 1.0}), None, OLDER)
     log_sparse_runs(uri)
     time.sleep(0.01)  # creation times order the experiments: the sweep is the most recent with runs
-    parent_id, _ = tracking.start_run(uri, EXPERIMENT, SWEEP, {"tune.num_samples": "4"}, "sweep: x\n")
+    parent_id, _ = tracking.start_run(
+        uri, EXPERIMENT, SWEEP, {"tune.num_samples": "4"}, "sweep: x\n", SWEEP_TAGS
+    )
     logged = trials()
     for trial in logged:
         log_trial(uri, trial, parent_id)
@@ -265,6 +269,7 @@ def test_report_tolerates_sparse_runs(store, tmp_path):
     from alignprop_ray.report import load_runs, write_report
 
     runs, _ = load_runs(store["uri"], SPARSE)
+    assert sorted(runs["name"]) == ["crashed-at-start", "one-eval <b>"]  # not the childless sweep parent
     assert runs.set_index("name").loc["crashed-at-start", "truncation"] == "(unset)"
     written = write_report(store["uri"], SPARSE, tmp_path)
     assert [p.name for p in written] == ["reward_vs_step.png", "runs.csv", "index.html"]

@@ -1,7 +1,7 @@
 """Read an MLflow experiment into two tidy tables: one row per training run, one row per logged value.
 
-Sweep parent runs (runs that other runs name in `mlflow.parentRunId`) carry no training metrics: they
-are not rows of the runs table, but their name fills the `sweep` column of their trials.
+Sweep parent runs (tagged `alignprop.kind=sweep`, or named by other runs' `mlflow.parentRunId`) are not
+training runs: they are not rows of the runs table, but their name fills the `sweep` column of their trials.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from alignprop_ray.tracking import NAME_TAG, PARENT_TAG
 URI_ENV = "ALIGNPROP_TRACKING_URI"
 DEFAULT_URI = "sqlite:///mlflow.db"
 STOP_TAG = "alignprop.stop_reason"  # set by the sweep's stoppers (collapse, NaN)
+KIND_TAG = "alignprop.kind"  # "sweep" on a sweep's parent run (alignprop_ray.sweep.tracking)
 MAX_LISTED = 20  # experiment names an error message lists
 UNSET = "(unset)"  # the truncation of a run that logged no `truncation` param
 
@@ -129,6 +130,9 @@ def load_experiment(
     """load_runs on an open client; the runs table may be empty."""
     all_runs = _search_all(client, experiment_id)
     parent_ids = {r.data.tags.get(PARENT_TAG) for r in all_runs} - {None}
+    parent_ids |= {
+        r.info.run_id for r in all_runs if r.data.tags.get(KIND_TAG) == "sweep"
+    }  # before any trial
     names = {r.info.run_id: _run_name(r) for r in all_runs}
     trained = [r for r in all_runs if r.info.run_id not in parent_ids]
     runs = pd.DataFrame([_run_row(r, names) for r in trained], columns=None if trained else ["run_id"])

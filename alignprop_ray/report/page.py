@@ -212,8 +212,8 @@ def _grid_section(runs: pd.DataFrame, grids: dict[str, list[tuple[int, Path]]]) 
     rows = []
     for run in runs.sort_values("name").itertuples():
         cells = "".join(
-            f"<figure><img src='{GRIDS_DIR}/{html.escape(path.name)}'><figcaption>step {step}"
-            f"</figcaption></figure>"
+            f"<figure><a href='{GRIDS_DIR}/{html.escape(path.name)}'><img src='{GRIDS_DIR}/{html.escape(path.name)}'>"
+            f"</a><figcaption>step {step} (click for full size)</figcaption></figure>"
             for step, path in grids.get(run.run_id, [])
         )
         if cells:
@@ -239,7 +239,7 @@ table.runs th, table.runs td {{ padding: 0.25em 0.7em; border-bottom: 1px solid 
 img {{ max-width: 100%; }}
 figure {{ display: inline-block; margin: 0 1em 0 0; }}
 table.grids th {{ text-align: left; vertical-align: top; padding-right: 1em; }}
-table.grids img {{ max-height: 260px; image-rendering: pixelated; }}
+table.grids img {{ max-height: 480px; image-rendering: pixelated; }}
 </style></head>
 <body>
 {body}
