@@ -28,8 +28,8 @@ bench: setup
 	bash bench/run.sh
 
 lint: setup
-	$(VENV)/bin/ruff check alignprop_ray tests
-	$(VENV)/bin/ruff format --check alignprop_ray tests
+	$(VENV)/bin/ruff check alignprop_ray tests notebooks
+	$(VENV)/bin/ruff format --check alignprop_ray tests notebooks
 
 format: setup
 	$(VENV)/bin/ruff format alignprop_ray tests
