@@ -1,0 +1,72 @@
+"""One Tune trial = one Ray Train run (Ray 2.60's Train-inside-Tune pattern).
+
+`run_trial` is the Tune function trainable. It turns the sampled point into an experiment, then calls
+`run_training`, whose TorchTrainer reports reach Tune through `EvalReportCallback`. The Train run and
+its MLflow child run are named after the trial id, so a restarted or resumed trial continues both (Train
+restores its last checkpoint from storage; MLflow finds the run by name) instead of starting over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+
+from alignprop_ray.sweep.tracking import child_name, child_tags
+
+
+@dataclass
+class TrialContext:
+    """What every trial needs besides its point (handed over with `tune.with_parameters`)."""
+
+    sweep: Any  # alignprop_ray.sweep.config.Sweep
+    parent_run_id: str
+    tracking_uri: str  # the store, or a local MLflow server in front of it (mlflow_server.py)
+    train_storage: str  # where each trial's Ray Train run keeps its checkpoints
+
+    def experiment_for(self, point: dict[str, Any]):
+        decoded = {d.field: d.decode(point[d.field]) for d in self.sweep.domains if d.field in point}
+        overrides = [f"tracking.uri={self.tracking_uri}", f"storage.path={self.train_storage}"]
+        return self.sweep.experiment(decoded, overrides)
+
+
+def run_trial(point: dict[str, Any], context: TrialContext) -> None:
+    """Tune trainable: train the experiment for `point` to completion (or until Tune stops it)."""
+    import ray.tune
+
+    from alignprop_ray.train.launch import run_training
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = context.experiment_for(point)
+    name = child_name(context.sweep.name, trial_id)
+    run_training(
+        cfg,
+        name,
+        tags=child_tags(context.sweep.name, trial_id, context.parent_run_id),
+        callbacks=[EvalReportCallback()],
+    )
+
+
+class EvalReportCallback(TuneReportCallback):
+    """Forward Train reports to Tune from the first evaluation on, with the latest eval metrics carried.
+
+    Workers report every step but evaluate every `train.eval_every` steps, and Tune requires its metric in
+    every result: so each forwarded result holds the newest value of every metric seen so far (eval/*
+    from the last evaluation, `checkpoint_path` of the last checkpoint), and `eval/step` says when that
+    evaluation ran. Steps before the first evaluation are not forwarded.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._latest: dict[str, Any] = {}
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        report = dict(metrics[0])
+        if any(key.startswith("eval/") for key in report):
+            report["eval/step"] = report.get("step")
+        self._latest.update(report)
+        if checkpoint:
+            self._latest[CHECKPOINT_PATH_KEY] = checkpoint.path
+        if "eval/step" in self._latest:
+            super().after_report(run_context, [dict(self._latest)], None)

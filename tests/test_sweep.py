@@ -1,0 +1,533 @@
+"""Sweeps: the sweep file and its validation, the stoppers, the summary, and (marked ray) real sweeps.
+
+The Ray tests share the session's Ray instance: a collapse sweep runs in this process; the smoke sweep
+runs as `alignprop-ray sweep` in a subprocess joined to the same instance (RAY_ADDRESS), is killed
+mid-sweep and continued with `--resume`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignprop_ray import cli
+from alignprop_ray.config import is_sweep, read_yaml
+from alignprop_ray.errors import ConfigError
+from alignprop_ray.sweep.config import load_sweep, parse_sweep
+from alignprop_ray.sweep.space import Domain, apply_point, check_field
+from alignprop_ray.sweep.stoppers import STOP_REASON, CollapseRule, TrialStopper, nan_reason
+from alignprop_ray.sweep.summary import best_row, format_table, pareto_front
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted(p for p in (ROOT / "sweeps").glob("*.yaml") if is_sweep(read_yaml(p)))
+
+# A small valid sweep; each malformed case below breaks exactly one thing in it.
+SWEEP = {
+    "base": {
+        "model": {"pretrained": "tiny", "resolution": 64},
+        "sampling": {"steps": 4},
+        "truncation": "full",
+        "reward": {"saturation": 1.0},
+        "prompts": {"train": "tiny", "eval": "tiny", "eval_seeds": 2},
+        "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2},
+        "scaling": {"num_workers": 1, "use_gpu": False},
+    },
+    "space": {"train.lr": {"grid": [1e-3, 1e-2]}},
+    "tune": {"algorithm": "grid"},
+}
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def hub_reachable(monkeypatch):
+    """As in test_config.py: hf:// weight refs count as downloadable (validation never downloads)."""
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub, "is_offline_mode", lambda: False)
+
+
+def changed(dotted: str, value) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(SWEEP))
+    *parents, last = dotted.split("/")  # "/" separates levels: space keys contain dots
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return data
+
+
+# --- shipped files -------------------------------------------------------------------------------------
+
+
+def test_the_shipped_sweeps_are_there():
+    assert {"smoke.yaml", "truncation.yaml", "lr.yaml", "reward_mix.yaml"} <= {p.name for p in SWEEPS}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_validates(path, in_tmp, hub_reachable, capsys):
+    sweep = load_sweep(path, env={})
+    assert sweep.domains and sweep.reference is not None
+    assert cli.main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == f"OK: {path} (sweep)"
+
+
+def test_the_truncation_ablation_is_the_papers(in_tmp, hub_reachable):
+    sweep = load_sweep(ROOT / "sweeps" / "truncation.yaml", env={})
+    assert sweep.domains[0].values == ("fixed:1", "fixed:10", "uniform:0:50", "full")
+    ref = sweep.reference
+    assert (ref.train.lr, ref.model.lora.rank, ref.sampling.steps, ref.sampling.guidance_scale) == (
+        1e-3,
+        4,
+        50,
+        7.5,
+    )
+    assert sweep.trial_count() == 4
+
+
+def test_reward_mix_is_multi_objective(in_tmp, hub_reachable):
+    tune = load_sweep(ROOT / "sweeps" / "reward_mix.yaml", env={}).config.tune
+    assert tune.algorithm == "optuna"
+    assert tune.metrics == ["eval/reward/aesthetic", "eval/reward/hpsv2"]
+
+
+# --- malformed sweeps: exit 2, one line each, nothing created -------------------------------------------
+
+MALFORMED = [
+    (
+        "unknown field in the space",
+        changed("space/train.lrr", {"choice": [1e-3]}),
+        "space.train.lrr: unknown field; did you mean space.train.lr?",
+    ),
+    ("empty choice", changed("space/train.lr", {"choice": []}), "space.train.lr: choice is empty"),
+    (
+        "grid with optuna",
+        changed("tune/algorithm", "optuna"),
+        "space.train.lr: grid is not supported by algorithm optuna",
+    ),
+    ("bad metric name", changed("tune/metric", "eval/rewrd"), "tune.metric: unknown metric 'eval/rewrd'"),
+    (
+        "unknown reward term metric",
+        changed("tune/metric", "eval/reward/aesthetic"),
+        "tune.metric: unknown metric 'eval/reward/aesthetic'",
+    ),
+    (
+        "bad value for the base",
+        changed("space/train.lr", {"grid": [1e-3, -1.0]}),
+        "space.train.lr: value -1.0: train.lr: must be > 0",
+    ),
+    (
+        "range upside down",
+        changed("space/train.lr", {"loguniform": [1e-2, 1e-3]}),
+        "space.train.lr: loguniform needs lo < hi",
+    ),
+    ("not a domain", changed("space/train.lr", 0.01), "space.train.lr: expected one of {choice: [...]}"),
+    (
+        "set by the sweep",
+        changed("space/tracking.uri", {"grid": ["sqlite:///a.db"]}),
+        "space.tracking.uri: set by the sweep",
+    ),
+    (
+        "unknown tune key",
+        changed("tune/algoritm", "grid"),
+        "tune.algoritm: unknown field; did you mean tune.algorithm?",
+    ),
+    (
+        "collapse without a threshold",
+        changed("stop/collapse", {"metric": "eval/diversity"}),
+        "stop.collapse: give min_absolute or min_relative_to_first",
+    ),
+    (
+        "objectives need optuna",
+        changed("tune/objectives", [{"metric": "eval/reward"}, {"metric": "eval/diversity"}]),
+        "tune.objectives: multi-objective search needs algorithm optuna",
+    ),
+    ("bad base", changed("base/train", {"steps": 0}), "base.train.steps: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("data, expected", [case[1:] for case in MALFORMED], ids=[c[0] for c in MALFORMED])
+def test_malformed_sweep_one_line(data, expected, in_tmp):
+    with pytest.raises(ConfigError) as info:
+        parse_sweep(data, in_tmp, env={})
+    assert len(info.value.problems) == 1, info.value.problems
+    assert info.value.problems[0].startswith(expected), info.value.problems
+
+
+@pytest.mark.parametrize("command", ["validate", "sweep"])
+@pytest.mark.parametrize("case", MALFORMED[:4], ids=[c[0] for c in MALFORMED[:4]])
+def test_malformed_sweep_exits_2_without_a_run(case, command, in_tmp, capsys):
+    _, data, expected = case
+    path = in_tmp / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main([command, str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not (in_tmp / "mlflow.db").exists() and not (in_tmp / "runs").exists()
+
+
+def test_every_problem_at_once(in_tmp):
+    data = changed("space/train.lrr", {"choice": []})
+    data["tune"] = {"algorithm": "optuna", "metric": "nope"}
+    data["base"]["train"]["steps"] = 0
+    with pytest.raises(ConfigError) as info:
+        parse_sweep(data, in_tmp, env={})
+    fields = sorted(p.split(":")[0] for p in info.value.problems)
+    assert fields == ["base.train.steps", "space.train.lr", "space.train.lrr", "tune.metric"], (
+        info.value.problems
+    )
+
+
+def test_sweep_subprocess_exit_2(in_tmp):
+    path = in_tmp / "bad.yaml"
+    path.write_text(yaml.safe_dump(MALFORMED[0][1]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignprop_ray.cli", "sweep", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=in_tmp,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_set_edits_sweep_and_base(in_tmp):
+    sweep = parse_sweep(
+        SWEEP,
+        in_tmp,
+        [
+            "tune.num_samples=3",
+            "train.steps=2",
+            "train.eval_every=1",
+            "base.train.checkpoint_every=1",
+            "space.train.seed={grid: [0, 1]}",
+        ],
+        env={},
+    )
+    assert sweep.config.tune.num_samples == 3
+    assert (sweep.reference.train.steps, sweep.reference.train.checkpoint_every) == (2, 1)
+    assert [d.field for d in sweep.domains] == ["train.lr", "train.seed"]
+    assert sweep.trial_count() == 3 * 2 * 2
+
+
+# --- the space ------------------------------------------------------------------------------------------
+
+
+def test_points_set_nested_fields_and_reward_options():
+    base = {"train": {"lr": 1.0}, "reward": {"aesthetic": 1.0, "saturation": {"weight": 2.0}}}
+    data, problems = apply_point(
+        base,
+        {
+            "train.lr": 0.1,
+            "reward.aesthetic.target": 10.0,
+            "reward.saturation.weight": 0.5,
+            "model.lora.rank": 8,
+        },
+    )
+    assert not problems
+    assert data["reward"] == {"aesthetic": {"weight": 1.0, "target": 10.0}, "saturation": {"weight": 0.5}}
+    assert data["train"]["lr"] == 0.1 and data["model"]["lora"]["rank"] == 8
+    assert base["reward"]["aesthetic"] == 1.0  # the base is not modified
+    _, problems = apply_point({"truncation": "full"}, {"truncation.k": 3})
+    assert problems and problems[0].startswith("space.truncation.k: truncation is 'full'")
+
+
+def test_mapping_choices_survive_tune_encoding():
+    domain = Domain("truncation", "choice", ({"kind": "fixed", "k": 1}, "full"))
+    encoded = domain.tune_values()
+    assert all(isinstance(v, str) for v in encoded)
+    assert [domain.decode(v) for v in encoded] == [{"kind": "fixed", "k": 1}, "full"]
+    assert Domain("train.seed", "randint", (0, 10)).candidates() == [0, 9]
+    assert Domain("train.lr", "loguniform", (1e-4, 1e-2)).describe() == "loguniform(0.0001, 0.01)"
+
+
+def test_field_checks():
+    assert check_field("train.lr") is None
+    assert check_field("reward.anything.goes") is None  # free-form: checked with the experiment
+    assert check_field("train.lr.x").endswith("is a value, not a section")
+    assert check_field("storage.path").startswith("space.storage.path: set by the sweep")
+
+
+# --- stoppers -------------------------------------------------------------------------------------------
+
+
+def test_collapse_rule():
+    relative = CollapseRule(min_relative_to_first=0.5)
+    assert relative.reason(0.06, first=0.14).startswith("collapse: eval/diversity 0.06 < 0.5 x first")
+    assert relative.reason(0.08, first=0.14) is None
+    assert relative.reason(float("nan"), first=0.14) is None  # the NaN rule's business
+    absolute = CollapseRule(min_absolute=0.05)
+    assert absolute.reason(0.04, first=None) == "collapse: eval/diversity 0.04 < 0.05"
+    assert absolute.reason(0.06, first=None) is None
+
+
+def test_nan_reason():
+    assert nan_reason({"train/loss": float("nan"), "eval/reward": 1.0}, ["eval/reward", "train/loss"]) == (
+        "nan: train/loss is nan"
+    )
+    assert nan_reason({"eval/reward": math.inf}, ["eval/reward"]) == "nan: eval/reward is inf"
+    assert nan_reason({"eval/reward": 1.0}, ["eval/reward", "train/loss"]) is None
+
+
+def test_stopper_compares_each_trial_with_its_own_first_evaluation():
+    stopper = TrialStopper(CollapseRule(min_relative_to_first=0.5), ["train/loss"])
+    assert not stopper("a", {"eval/diversity": 0.14, "train/loss": 0.1})
+    assert not stopper("b", {"eval/diversity": 0.05, "train/loss": 0.1})  # b starts low: its own reference
+    assert not stopper("a", {"eval/diversity": 0.08})
+    result = {"eval/diversity": 0.06}
+    assert stopper("a", result) and result[STOP_REASON].startswith("collapse:")
+    nan = {"eval/diversity": 0.05, "train/loss": float("nan")}
+    assert stopper("b", nan) and nan[STOP_REASON] == "nan: train/loss is nan"
+    restored = TrialStopper(CollapseRule(min_relative_to_first=0.5))
+    restored.set_state(stopper.get_state())  # what Tune does on Tuner.restore
+    assert restored("a", {"eval/diversity": 0.06})
+
+
+# --- summary --------------------------------------------------------------------------------------------
+
+
+def test_best_and_pareto_ignore_unfinished_trials():
+    rows = [
+        {"trial": "a", "completed": True, "x": 1.0, "y": 1.0},
+        {"trial": "b", "completed": True, "x": 2.0, "y": 0.5},
+        {"trial": "c", "completed": True, "x": 0.5, "y": 0.5},  # dominated by a
+        {"trial": "d", "completed": False, "x": 9.0, "y": 9.0},  # collapsed: excluded
+        {"trial": "e", "completed": True, "x": None, "y": 3.0},
+    ]
+    assert best_row(rows, "x", "max")["trial"] == "b"
+    assert best_row(rows, "x", "min")["trial"] == "c"
+    assert [r["trial"] for r in pareto_front(rows, ["x", "y"], ["max", "max"])] == ["a", "b"]
+
+
+def test_table_shows_only_varying_fields(in_tmp):
+    sweep = parse_sweep(changed("space/train.seed", {"grid": [0]}), in_tmp, env={})
+    rows = [
+        {
+            "trial": "t1",
+            "train.lr": 0.001,
+            "train.seed": 0,
+            "eval/reward": 0.25,
+            "eval/diversity": 0.1,
+            "step": 4,
+            "status": "completed",
+        },
+        {
+            "trial": "t2",
+            "train.lr": 0.01,
+            "train.seed": 0,
+            "eval/reward": None,
+            "eval/diversity": 0.01,
+            "step": 2,
+            "status": "collapse: ...",
+        },
+    ]
+    header, first, second = format_table(rows, sweep).splitlines()
+    assert header.split() == ["trial", "train.lr", "eval/reward", "eval/diversity", "step", "status"]
+    assert first.split()[:3] == ["t1", "0.001", "0.25"] and second.split()[2] == "-"
+
+
+# --- the local MLflow server in front of SQLite ---------------------------------------------------------
+
+
+def test_local_mlflow_server_serves_the_sqlite_store(tmp_path):
+    from mlflow import MlflowClient
+
+    from alignprop_ray import tracking
+    from alignprop_ray.sweep.mlflow_server import local_server
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.ensure_experiment(store, "x")
+    with local_server(store, tmp_path) as uri:
+        assert uri.startswith("http://127.0.0.1:")
+        run = MlflowClient(uri).create_run(experiment)
+        MlflowClient(uri).log_metric(run.info.run_id, "m", 1.0)
+        pids = [int(pid) for pid in _server_pids(store)]
+        assert pids
+    assert MlflowClient(store).get_run(run.info.run_id).data.metrics == {"m": 1.0}
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _server_pids(store: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", f"backend-store-uri {store}"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def _alive(pid: int) -> bool:
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+# --- real sweeps on Ray ---------------------------------------------------------------------------------
+
+# A trial that collapses and one that does not: `sharpness: -1` rewards flat, featureless images. At
+# lr 0.3 the tiny model's within-prompt diversity falls from 0.14 to ~0.03 within 3 steps (measured);
+# at lr 1e-4 it stays at 0.14.
+COLLAPSE = {
+    "name": "collapse",
+    "base": {
+        "model": {"pretrained": "tiny", "resolution": 64},
+        "sampling": {"steps": 4},
+        "truncation": "full",
+        "reward": {"sharpness": -1.0},
+        "prompts": {"train": "tiny", "eval": "tiny", "eval_seeds": 2},
+        "train": {"steps": 5, "batch_size": 2, "eval_every": 1, "checkpoint_every": 5, "seed": 0},
+        "scaling": {"num_workers": 1, "use_gpu": False, "resources_per_worker": {"CPU": 1}},
+        "tracking": {"experiment": "collapse"},
+        "failure": {"max_failures": 0},
+    },
+    "space": {"train.lr": {"grid": [1e-4, 0.3]}},
+    "tune": {"algorithm": "grid"},
+    "stop": {"collapse": {"min_relative_to_first": 0.5}},
+}
+
+
+def mlflow_runs(uri: str, experiment: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([found.experiment_id], max_results=1000)
+
+
+def steps_of(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.ray
+def test_collapse_stopper_stops_the_collapsing_trial_only(ray_session, tmp_path):
+    from alignprop_ray.sweep.launch import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = parse_sweep(
+        COLLAPSE, tmp_path, [f"tracking.uri={uri}", f"storage.path={tmp_path / 'runs'}"], env={}
+    )
+    outcome = run_sweep(sweep)
+    by_lr = {row["train.lr"]: row for row in outcome.rows}
+    assert by_lr[0.3]["status"].startswith("collapse: eval/diversity"), by_lr
+    assert by_lr[0.3]["step"] < 5
+    assert by_lr[1e-4]["status"] == "completed" and by_lr[1e-4]["step"] == 5
+    assert outcome.best["train.lr"] == 1e-4  # a collapsed trial is never the best
+    client, runs = mlflow_runs(uri, "collapse")
+    children = {r.data.tags["alignprop.trial_id"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(runs) == 3 and len(children) == 2
+    collapsed = children[by_lr[0.3]["trial"]]
+    assert collapsed.data.tags["alignprop.stop_reason"].startswith("collapse:")
+    assert collapsed.info.status == "KILLED"
+    healthy = children[by_lr[1e-4]["trial"]]
+    assert healthy.data.tags["alignprop.stop_reason"] == "completed" and healthy.info.status == "FINISHED"
+
+
+SMOKE_SET = ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2", "sampling.steps=4"]
+
+
+def sweep_command(*extra: str) -> list[str]:
+    sets = [arg for item in SMOKE_SET for arg in ("--set", item)]
+    return [
+        sys.executable,
+        "-m",
+        "alignprop_ray.cli",
+        "sweep",
+        str(ROOT / "sweeps" / "smoke.yaml"),
+        *sets,
+        *extra,
+    ]
+
+
+def trial_statuses(path: Path) -> dict[str, str]:
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(str(path)).trials}
+    except Exception:  # no state written yet
+        return {}
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(ray_session, tmp_path_factory):
+    """The smoke sweep: killed (SIGKILL) once a trial has finished, then continued with --resume."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    path = tmp / "runs" / "smoke"
+    with open(tmp / "first.log", "w") as log:
+        first = subprocess.Popen(sweep_command(), cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline, statuses = time.monotonic() + 400, {}
+    while time.monotonic() < deadline and first.poll() is None:
+        statuses = trial_statuses(path)
+        if "TERMINATED" in statuses.values():
+            break
+        time.sleep(1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    finished = sorted(t for t, s in statuses.items() if s == "TERMINATED")
+    assert finished and len(finished) < 4, (statuses, (tmp / "first.log").read_text()[-3000:])
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client, runs = mlflow_runs(uri, "smoke")
+    before = {
+        r.data.tags["alignprop.trial_id"]: (r.info.end_time, steps_of(client, r.info.run_id, "train/loss"))
+        for r in runs
+        if r.data.tags.get("alignprop.trial_id") in finished
+    }
+    resumed = subprocess.run(
+        sweep_command("--resume"), cwd=tmp, env=env, capture_output=True, text=True, timeout=480
+    )
+    return tmp, uri, finished, before, resumed
+
+
+@pytest.mark.ray
+def test_resumed_sweep_completes_without_rerunning_or_duplicates(killed_and_resumed):
+    tmp, uri, finished, before, resumed = killed_and_resumed
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    client, runs = mlflow_runs(uri, "smoke")
+    parents = [r for r in runs if r.data.tags.get("alignprop.kind") == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert len({c.info.run_name for c in children}) == 4
+    for child in children:
+        assert child.info.status == "FINISHED", child.data.tags
+        for key in ("train/loss", "eval/reward", "eval/diversity"):
+            steps = steps_of(client, child.info.run_id, key)
+            assert steps and len(steps) == len(set(steps)), (key, steps)
+        assert set(child.data.params) >= {"train.lr", "truncation", "model.lora.rank"}
+    for trial_id in finished:  # finished before the kill: not run again
+        child = next(c for c in children if c.data.tags["alignprop.trial_id"] == trial_id)
+        assert (child.info.end_time, steps_of(client, child.info.run_id, "train/loss")) == before[trial_id]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags.get("alignprop.best_trial")
+    assert {"trials.csv", "smoke.yaml", "space.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
+
+
+@pytest.mark.ray
+def test_resumed_sweep_prints_the_table_and_the_best_adapter(killed_and_resumed, tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    tmp, *_, resumed = killed_and_resumed
+    out = resumed.stdout
+    table = out[out.index("\ntrial ") :].splitlines()
+    assert table[1].split()[:3] == ["trial", "truncation", "train.lr"]
+    assert sum(line.rstrip().endswith("completed") for line in table) == 4
+    adapter = next(line for line in out.splitlines() if line.startswith("best adapter: ")).split(": ", 1)[1]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+    pipe.load_lora_weights(adapter)
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+    # the servers are gone, the killed driver's too (its watcher saw the driver die)
+    assert not any(_alive(int(pid)) for pid in _server_pids(f"sqlite:///{tmp / 'mlflow.db'}"))
