@@ -64,8 +64,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sweep = load_sweep(smoke_file(), [f"tracking.uri={uri}", f"storage.path={workdir / 'runs'}"])
     outcome = run_sweep(sweep, resume=can_resume(sweep))
     print_outcome(outcome, sweep, resume_command=f"alignprop-ray demo --workdir {args.workdir}")
-    print(f"\nMLflow store: {workdir / 'mlflow.db'} (artifacts in {workdir / 'mlartifacts'})")
-    print(f"browse it:    mlflow ui --backend-store-uri {uri}")
+    print(f"MLflow store: {workdir / 'mlflow.db'} (artifacts: {workdir / 'mlartifacts'})")
     return outcome.exit_code
 
 
@@ -124,11 +123,30 @@ def _check_state(sweep, path: str, uri: str, experiment: str, resume: bool) -> N
             f"sweep {sweep.name!r} already exists in {sweep.storage_path}: continue it with "
             f"--resume, or start another with --set name={sweep.name}-2"
         )
+    if resume:
+        _check_same_search(sweep, uri, experiment)
     if not resume and find_parent(uri, experiment, sweep.name):
         raise UserError(
             f"MLflow experiment {experiment!r} already has a run named {sweep.name!r} ({uri}): "
             f"start the sweep under another name, e.g. --set name={sweep.name}-2"
         )
+
+
+def _check_same_search(sweep, uri: str, experiment: str) -> None:
+    """Tune resumes the search it pickled: a changed space or Tune setting would silently not apply."""
+    from alignprop_ray import tracking
+    from alignprop_ray.sweep.tracking import find_parent, parent_params
+
+    run_id = find_parent(uri, experiment, sweep.name)
+    if run_id is None:
+        return
+    logged = tracking.client(uri).get_run(run_id).data.params
+    for key, value in parent_params(sweep).items():
+        if key in logged and logged[key] != value[: tracking.MAX_PARAM_CHARS]:
+            raise UserError(
+                f"{key} was {logged[key]} when sweep {sweep.name!r} started (now {value}); "
+                "resume it with the same search, or start another with --set name=..."
+            )
 
 
 def _capacity(sweep, say: Callable[[str], None]) -> int:
@@ -232,10 +250,11 @@ def _tune_config(sweep, concurrency: int):
     return tune.TuneConfig(
         metric=metric,
         mode=mode,
-        search_alg=_searcher(sweep),
+        search_alg=_searcher(sweep, concurrency),
         scheduler=_scheduler(sweep),
         num_samples=settings.num_samples,
-        max_concurrent_trials=concurrency,
+        # Tune applies this to Searchers (Optuna); the variant generator takes its own max_concurrent.
+        max_concurrent_trials=concurrency if settings.algorithm == "optuna" else None,
         reuse_actors=False,
         trial_name_creator=trial_name,
         trial_dirname_creator=trial_name,
@@ -246,7 +265,7 @@ def trial_name(trial) -> str:
     return trial.trial_id
 
 
-def _searcher(sweep):
+def _searcher(sweep, concurrency: int):
     settings = sweep.config.tune
     if settings.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -256,7 +275,7 @@ def _searcher(sweep):
         return OptunaSearch(seed=settings.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=settings.seed)
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=settings.seed)
 
 
 def _scheduler(sweep):

@@ -36,8 +36,8 @@ def find_parent(uri: str, experiment: str, sweep: str) -> str | None:
     return tracking.find_run(uri, experiment, sweep)
 
 
-def start_parent(uri: str, experiment: str, sweep, sweep_yaml: str) -> tuple[str, bool]:
-    """(run id, resumed): the sweep's parent run, with the space and Tune settings as params."""
+def parent_params(sweep) -> dict[str, str]:
+    """The search as MLflow params of the parent run: each space entry and the Tune settings."""
     params = {f"space.{d.field}": d.describe() for d in sweep.domains}
     tune = sweep.config.tune
     params.update(
@@ -49,8 +49,18 @@ def start_parent(uri: str, experiment: str, sweep, sweep_yaml: str) -> tuple[str
             "tune.mode": ",".join(tune.modes),
         }
     )
+    return params
+
+
+def start_parent(uri: str, experiment: str, sweep, sweep_yaml: str) -> tuple[str, bool]:
+    """(run id, resumed): the sweep's parent run, with the space and Tune settings as params."""
     run_id, resumed = tracking.start_run(
-        uri, experiment, sweep.name, params, sweep_yaml, {KIND_TAG: "sweep", SWEEP_TAG: sweep.name}
+        uri,
+        experiment,
+        sweep.name,
+        parent_params(sweep),
+        sweep_yaml,
+        {KIND_TAG: "sweep", SWEEP_TAG: sweep.name},
     )
     if not resumed:
         client = tracking.client(uri)
@@ -92,7 +102,8 @@ def _csv(rows: list[dict]) -> str:
 
 
 class ChildRunCloser(Callback):
-    """Marks each trial's MLflow run when Tune ends the trial: the reason as a tag; KILLED/FAILED status.
+    """Marks the MLflow run of a trial that Tune stopped early (KILLED) or that failed (FAILED), with the
+    reason as the `alignprop.stop_reason` tag; a run without that tag ran to completion.
 
     Runs in the sweep driver and talks to the tracking store directly (its URI never changes, unlike a
     per-run local server's), so it still works after `Tuner.restore` unpickles it.
@@ -107,19 +118,19 @@ class ChildRunCloser(Callback):
         steps = int((trial.config or {}).get("train.steps", self.steps))
         if reason is None and "step" in result and int(result["step"]) < steps:
             reason = f"scheduler: stopped early at step {int(result['step'])} of {steps}"
-        self._mark(trial.trial_id, reason or "completed", "KILLED" if reason else None)
+        if reason:  # a trial that ran to completion has ended its run itself, and has no stop reason
+            self._mark(trial.trial_id, reason, "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self._mark(trial.trial_id, f"error: {_first_error_line(trial)}", "FAILED")
 
-    def _mark(self, trial_id: str, reason: str, status: str | None) -> None:
+    def _mark(self, trial_id: str, reason: str, status: str) -> None:
         run_id = tracking.find_run(self.uri, self.experiment, child_name(self.sweep, trial_id))
         if run_id is None:  # the trial died before creating its run
             return
         client = tracking.client(self.uri)
         client.set_tag(run_id, STOP_TAG, reason)
-        if status:
-            client.set_terminated(run_id, status=status)
+        client.set_terminated(run_id, status=status)
 
 
 def _first_error_line(trial) -> str:
