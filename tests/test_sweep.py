@@ -290,6 +290,8 @@ def test_stopper_compares_each_trial_with_its_own_first_evaluation():
     assert stopper("a", result) and result[STOP_REASON].startswith("collapse:")
     nan = {"eval/diversity": 0.05, "train/loss": float("nan")}
     assert stopper("b", nan) and nan[STOP_REASON] == "nan: train/loss is nan"
+    last = {"eval/diversity": 0.01, "step": 10, "total_steps": 10}
+    assert not stopper("b", last) and last[STOP_REASON].startswith("collapse:")  # recorded, not cut short
     restored = TrialStopper(CollapseRule(min_relative_to_first=0.5))
     restored.set_state(stopper.get_state())  # what Tune does on Tuner.restore
     assert restored("a", {"eval/diversity": 0.06})

@@ -286,12 +286,19 @@ def _scheduler(sweep):
 
     train = sweep.reference.train
     grace = settings.asha.grace_period or min(2 * train.eval_every, train.steps)
+    # ASHA stops any trial that reaches max_t; one past the last step lets a finished trial save its adapter.
     return ASHAScheduler(
         time_attr="step",
-        max_t=train.steps,
+        max_t=max_steps(sweep) + 1,
         grace_period=grace,
         reduction_factor=settings.asha.reduction_factor,
     )
+
+
+def max_steps(sweep) -> int:
+    """The most optimizer steps any trial runs (train.steps may be searched)."""
+    searched = [int(v) for d in sweep.domains if d.field == "train.steps" for v in d.candidates()]
+    return max([sweep.reference.train.steps, *searched])
 
 
 def _run_config(sweep):

@@ -2,7 +2,8 @@
 
 The rules are plain functions of the reported values (unit-tested without Ray). `TrialStopper` applies them
 as a Tune stopper and writes its reason into the result it stops on (`stop_reason`): Tune keeps that dict
-as the trial's last result, so the reason reaches the summary, the MLflow tag and a resumed sweep.
+as the trial's last result, so the reason reaches the summary, the MLflow tag and a resumed sweep. At a
+trial's last step it records the reason without stopping, so the trial still saves its adapter.
 It is also a Tune callback, only so that Tune saves and restores the first evaluation of each trial with
 the experiment state (a resumed sweep compares against the same reference).
 """
@@ -17,6 +18,12 @@ from typing import Any
 from ray.tune import Callback, Stopper
 
 STOP_REASON = "stop_reason"  # result key (and, as alignprop.stop_reason, the MLflow tag)
+TOTAL_STEPS = "total_steps"  # result key: the trial's train.steps (added by trial.EvalReportCallback)
+
+
+def is_final(result: Mapping[str, Any]) -> bool:
+    """The result of the trial's last step: stopping it then would only cut its final save short."""
+    return result.get("step", 0) >= result.get(TOTAL_STEPS, math.inf)
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,12 @@ def nan_reason(result: Mapping[str, Any], metrics: Iterable[str]) -> str | None:
     return None
 
 
+def early_stop_reason(result: Mapping[str, Any], default_steps: int) -> str:
+    """Why a trial without a stopper's reason ended before its last step: a scheduler (ASHA) cut it."""
+    total = int(result.get(TOTAL_STEPS, default_steps))
+    return f"scheduler: stopped early at step {int(result.get('step', 0))} of {total}"
+
+
 class TrialStopper(Stopper, Callback):
     """Stop a trial on NaN/inf in `nan_metrics` or on collapse; record why in the result."""
 
@@ -60,10 +73,11 @@ class TrialStopper(Stopper, Callback):
         self.first: dict[str, float] = {}  # trial id -> first evaluation of the collapse metric
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        """Stop on a reason, except at the last step, where the reason is only recorded."""
         reason = self.reason(trial_id, result)
         if reason:
             result[STOP_REASON] = reason
-        return reason is not None
+        return reason is not None and not is_final(result)
 
     def reason(self, trial_id: str, result: Mapping[str, Any]) -> str | None:
         reason = nan_reason(result, self.nan_metrics)

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from alignprop_ray.sweep.stoppers import STOP_REASON
+from alignprop_ray.sweep.stoppers import STOP_REASON, TOTAL_STEPS, early_stop_reason, is_final
 
 CHECKPOINT_PATH = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY
 DIVERSITY = "eval/diversity"
@@ -46,15 +46,15 @@ def _row(trial, sweep, run_id: str | None) -> dict[str, Any]:
 
 
 def _status(trial, result: dict, steps: int) -> str:
-    """completed | error | the stopper's reason | stopped early (a scheduler) | pending/running (interrupted)."""
+    """completed | error | the stopper's reason | a scheduler's early stop | pending/running (interrupted)."""
     if trial.status == "ERROR":
         return "error"
     if result.get(STOP_REASON):
         return str(result[STOP_REASON])
     if trial.status != "TERMINATED":
         return trial.status.lower()
-    if int(result.get("step", steps)) < steps:
-        return f"stopped early (scheduler) at step {int(result['step'])}"
+    if not is_final({TOTAL_STEPS: steps, **result}):
+        return early_stop_reason(result, steps)
     return "completed"
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from alignprop_ray import tracking
-from alignprop_ray.sweep.stoppers import STOP_REASON
+from alignprop_ray.sweep.stoppers import STOP_REASON, TOTAL_STEPS, early_stop_reason, is_final
 
 KIND_TAG = "alignprop.kind"  # "sweep" on parent runs
 SWEEP_TAG = "alignprop.sweep"
@@ -102,8 +102,8 @@ def _csv(rows: list[dict]) -> str:
 
 
 class ChildRunCloser(Callback):
-    """Marks the MLflow run of a trial that Tune stopped early (KILLED) or that failed (FAILED), with the
-    reason as the `alignprop.stop_reason` tag; a run without that tag ran to completion.
+    """Marks the MLflow run of a trial that Tune stopped early (KILLED), that failed (FAILED) or that a
+    stopper flagged at its last step (left FINISHED) with the reason as the `alignprop.stop_reason` tag.
 
     Runs in the sweep driver and talks to the tracking store directly (its URI never changes, unlike a
     per-run local server's), so it still works after `Tuner.restore` unpickles it.
@@ -115,22 +115,23 @@ class ChildRunCloser(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         result = trial.last_result or {}
         reason = result.get(STOP_REASON)
-        steps = int((trial.config or {}).get("train.steps", self.steps))
-        if reason is None and "step" in result and int(result["step"]) < steps:
-            reason = f"scheduler: stopped early at step {int(result['step'])} of {steps}"
-        if reason:  # a trial that ran to completion has ended its run itself, and has no stop reason
-            self._mark(trial.trial_id, reason, "KILLED")
+        early = not is_final({TOTAL_STEPS: self.steps, **result}) if "step" in result else False
+        if reason is None and early:
+            reason = early_stop_reason(result, self.steps)
+        if reason:  # a trial that ran to its last step has ended its run itself
+            self._mark(trial.trial_id, reason, "KILLED" if early else None)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self._mark(trial.trial_id, f"error: {_first_error_line(trial)}", "FAILED")
 
-    def _mark(self, trial_id: str, reason: str, status: str) -> None:
+    def _mark(self, trial_id: str, reason: str, status: str | None) -> None:
         run_id = tracking.find_run(self.uri, self.experiment, child_name(self.sweep, trial_id))
         if run_id is None:  # the trial died before creating its run
             return
         client = tracking.client(self.uri)
         client.set_tag(run_id, STOP_TAG, reason)
-        client.set_terminated(run_id, status=status)
+        if status:
+            client.set_terminated(run_id, status=status)
 
 
 def _first_error_line(trial) -> str:

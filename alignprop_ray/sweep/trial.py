@@ -13,6 +13,7 @@ from typing import Any
 
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
+from alignprop_ray.sweep.stoppers import TOTAL_STEPS
 from alignprop_ray.sweep.tracking import child_name, child_tags
 
 
@@ -44,7 +45,7 @@ def run_trial(point: dict[str, Any], context: TrialContext) -> None:
         cfg,
         name,
         tags=child_tags(context.sweep.name, trial_id, context.parent_run_id),
-        callbacks=[EvalReportCallback()],
+        callbacks=[EvalReportCallback(cfg.train.steps)],
     )
 
 
@@ -54,12 +55,13 @@ class EvalReportCallback(TuneReportCallback):
     Workers report every step but evaluate every `train.eval_every` steps, and Tune requires its metric in
     every result: so each forwarded result holds the newest value of every metric seen so far (eval/*
     from the last evaluation, `checkpoint_path` of the last checkpoint), and `eval/step` says when that
-    evaluation ran. Steps before the first evaluation are not forwarded.
+    evaluation ran, `total_steps` how many steps the trial has. Steps before the first evaluation are not
+    forwarded.
     """
 
-    def __init__(self):
+    def __init__(self, total_steps: int):
         super().__init__()
-        self._latest: dict[str, Any] = {}
+        self._latest: dict[str, Any] = {TOTAL_STEPS: total_steps}
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         report = dict(metrics[0])
