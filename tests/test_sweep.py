@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -338,6 +339,28 @@ def test_table_shows_only_varying_fields(in_tmp):
     header, first, second = format_table(rows, sweep).splitlines()
     assert header.split() == ["trial", "train.lr", "eval/reward", "eval/diversity", "step", "status"]
     assert first.split()[:3] == ["t1", "0.001", "0.25"] and second.split()[2] == "-"
+    rows[1].update(status="error", error="ValueError: boom")
+    assert format_table(rows, sweep).splitlines()[-1] == "t2 failed: ValueError: boom"
+
+
+def test_every_sweep_field_is_documented():
+    from pydantic import BaseModel
+
+    from alignprop_ray.sweep.config import SweepConfig
+
+    def models(annotation):  # the pydantic models inside an annotation (Optional, list[...], unions)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield annotation
+        for arg in typing.get_args(annotation):
+            yield from models(arg)
+
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            for sub in models(field.annotation):
+                walk(sub, f"{prefix}{name}.")
+
+    walk(SweepConfig)
 
 
 # --- the local MLflow server in front of SQLite ---------------------------------------------------------

@@ -31,6 +31,7 @@ def _row(trial, sweep, run_id: str | None) -> dict[str, Any]:
         if domain.field in (trial.config or {}):
             row[domain.field] = domain.decode(trial.config[domain.field])
     row["status"] = _status(trial, result, int(row.get("train.steps", sweep.reference.train.steps)))
+    row["error"] = error_line(trial) if trial.status == "ERROR" else None
     for metric in dict.fromkeys([*sweep.config.tune.metrics, "eval/reward", DIVERSITY]):
         row[metric] = _number(result.get(metric))
     row["step"] = result.get("step")
@@ -56,6 +57,16 @@ def _status(trial, result: dict, steps: int) -> str:
     if not is_final({TOTAL_STEPS: steps, **result}):
         return early_stop_reason(result, steps)
     return "completed"
+
+
+def error_line(trial) -> str:
+    """The last line of a failed trial's error (the exception), for the table and the MLflow tag."""
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:
+        text = ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:500]
 
 
 def _number(value: Any) -> float | None:
@@ -104,6 +115,7 @@ def format_table(rows: list[dict], sweep) -> str:
     ]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in cells]
+    lines += [f"{row['trial']} failed: {row['error']}" for row in rows if row.get("error")]
     return "\n".join(line.rstrip() for line in lines)
 
 

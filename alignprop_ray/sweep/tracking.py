@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
 from alignprop_ray import tracking
 from alignprop_ray.sweep.stoppers import STOP_REASON, TOTAL_STEPS, early_stop_reason, is_final
+from alignprop_ray.sweep.summary import error_line
 
 KIND_TAG = "alignprop.kind"  # "sweep" on parent runs
 SWEEP_TAG = "alignprop.sweep"
@@ -122,7 +122,7 @@ class ChildRunCloser(Callback):
             self._mark(trial.trial_id, reason, "KILLED" if early else None)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self._mark(trial.trial_id, f"error: {_first_error_line(trial)}", "FAILED")
+        self._mark(trial.trial_id, f"error: {error_line(trial)}", "FAILED")
 
     def _mark(self, trial_id: str, reason: str, status: str | None) -> None:
         run_id = tracking.find_run(self.uri, self.experiment, child_name(self.sweep, trial_id))
@@ -132,12 +132,3 @@ class ChildRunCloser(Callback):
         client.set_tag(run_id, STOP_TAG, reason)
         if status:
             client.set_terminated(run_id, status=status)
-
-
-def _first_error_line(trial) -> str:
-    try:
-        text = Path(trial.error_file).read_text() if trial.error_file else ""
-    except OSError:
-        text = ""
-    lines = [line for line in text.splitlines() if line.strip()]
-    return (lines[-1] if lines else "unknown error")[:500]
