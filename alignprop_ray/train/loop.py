@@ -67,6 +67,7 @@ def train_loop(loop_input: dict) -> None:
         baseline = evaluate(learner, cfg, data.eval_prompts, 0, None, logger)
         if logger:
             logger.log_metrics(baseline, 0)
+        ray.train.report({**baseline, "step": 0})  # a stopper's "relative to the first evaluation" baseline
     for step in range(progress.step, cfg.train.steps):
         _maybe_fail(data, step, rank, world_size)
         batches, ks = plan_step(data.train_prompts, truncation, cfg.sampling.steps, step=step, seed=cfg.train.seed,
