@@ -1,0 +1,521 @@
+"""Render bench/results.json as BENCHMARKS.md: verdicts first, then one table per benchmark, machine, commands.
+
+python bench/report.py [bench/results.json] [BENCHMARKS.md]     # re-render without re-measuring
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ANALYSIS = HERE / "analysis.md"  # hand-written notes on the last full run (where time goes, missed targets)
+T, K = 20, 10
+FLOOR_FACTOR = 1 + 3 * K / T  # checkpointed recompute + backward ~ 3 forwards per gradient step
+
+
+def med(values) -> float:
+    return statistics.median(values)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def s(seconds: float) -> str:
+    return f"{seconds:.3f} s"
+
+
+def spread(values, fmt=s) -> str:
+    return f"{fmt(min(values))} – {fmt(max(values))}"
+
+
+def mib(value) -> str:
+    return "n/a" if value is None else f"{value:,.0f} MiB"
+
+
+def verdict(ok: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not run"}[ok]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- numbers
+
+
+def floor_numbers(floor: dict) -> dict:
+    ratios = [r["step_s"]["median"] / (r["floor_gen_s"]["median"] * FLOOR_FACTOR) for r in floor["runs"]]
+    return {"ratio": med(ratios), "ratios": ratios}
+
+
+def trl_numbers(trl: dict) -> dict:
+    ours = [r["step_s"]["median"] for r in trl["ours"]]
+    theirs = [r["step_s"]["median"] for r in trl["trl"]]
+    paired = [a / b for a, b in zip(ours, theirs, strict=True)]
+    mem = {side: med([r["peak_rss_steps_mib"] for r in trl[side]]) for side in ("ours", "trl")}
+    life = {side: med([r["peak_rss_lifetime_mib"] for r in trl[side]]) for side in ("ours", "trl")}
+    return {
+        "ours": ours,
+        "trl": theirs,
+        "ratio": med(ours) / med(theirs),
+        "paired": paired,
+        "mem": mem,
+        "life": life,
+    }
+
+
+def memory_numbers(memory: dict, allocator: str) -> dict:
+    runs = [r for r in memory["runs"] if r.get("allocator", "default") == allocator]
+    by = {(r["config"]["k"], not r["config"]["no_checkpoint"]): r for r in runs}
+    ks = sorted({k for k, _ in by})
+
+    def delta(r) -> float:
+        return r["peak_rss_steps_mib"] - r["rss_after_setup_mib"]
+
+    def growth(checkpoint: bool, fn) -> float:
+        return fn(by[(ks[-1], checkpoint)]) / fn(by[(ks[0], checkpoint)])
+
+    peak = lambda r: r["peak_rss_steps_mib"]  # noqa: E731
+    return {
+        "by": by,
+        "ks": ks,
+        "delta": delta,
+        "growth_on": growth(True, peak),
+        "growth_off": growth(False, peak),
+        "delta_growth": {c: growth(c, delta) for c in (True, False)},
+    }
+
+
+ALLOCATORS = {
+    "default": "glibc malloc, default settings",
+    "mmap128k": "glibc malloc with MALLOC_MMAP_THRESHOLD_=131072 (freed large blocks return to the OS)",
+}
+
+
+def ray_numbers(ray: dict) -> dict:
+    inproc = [r["step_s"]["median"] for r in ray["inprocess"]]
+    per_workers: dict[int, list[dict]] = {}
+    for run in ray["ray"]:
+        for r in run["runs"]:
+            per_workers.setdefault(r["workers"], []).append(r)
+    ips = {
+        w: med([r["images_per_step"] / r["interval_s"]["median"] for r in rs])
+        for w, rs in per_workers.items()
+    }
+    one = per_workers.get(1, [])
+    overhead = med([r["interval_s"]["median"] for r in one]) / med(inproc) - 1 if one else None
+    return {
+        "inproc": inproc,
+        "per_workers": per_workers,
+        "ips": ips,
+        "overhead": overhead,
+        "speedup": ips[2] / ips[1] if 1 in ips and 2 in ips else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+def summary(res: dict) -> str:
+    rows = []
+    if "floor" in res:
+        f = floor_numbers(res["floor"])
+        rows.append(
+            [
+                "1. step vs compute floor (tiny, T=20, K=10, batch 2)",
+                "<= 1.05x",
+                f"{f['ratio']:.2f}x",
+                verdict(f["ratio"] <= 1.05),
+            ]
+        )
+    if "trl" in res:
+        t = trl_numbers(res["trl"])
+        rows.append(
+            [
+                "2a. time per step, ours / TRL 0.23.1",
+                "<= 0.85x",
+                f"{t['ratio']:.2f}x",
+                verdict(t["ratio"] <= 0.85),
+            ]
+        )
+        rows.append(
+            [
+                "2b. peak RSS during steps, ours vs TRL",
+                "no more",
+                f"{mib(t['mem']['ours'])} vs {mib(t['mem']['trl'])}",
+                verdict(t["mem"]["ours"] <= t["mem"]["trl"]),
+            ]
+        )
+    if "memory" in res:
+        for allocator, label in (("default", "glibc default"), ("mmap128k", "mmap threshold 128 KiB")):
+            if not any(r.get("allocator", "default") == allocator for r in res["memory"]["runs"]):
+                continue
+            m = memory_numbers(res["memory"], allocator)
+            rows.append(
+                [
+                    f"3a. peak RSS K={m['ks'][-1]} / K={m['ks'][0]}, checkpointing on ({label})",
+                    "<= 1.15x",
+                    f"{m['growth_on']:.2f}x",
+                    verdict(m["growth_on"] <= 1.15),
+                ]
+            )
+            rows.append(
+                [
+                    f"3b. the same, checkpointing off ({label})",
+                    "grows",
+                    f"{m['growth_off']:.2f}x",
+                    verdict(m["growth_off"] > m["growth_on"]),
+                ]
+            )
+    if "ray" in res:
+        r = ray_numbers(res["ray"])
+        if r["speedup"] is not None:
+            rows.append(
+                [
+                    "4a. images/s, 2 Ray workers / 1",
+                    ">= 1.8x",
+                    f"{r['speedup']:.2f}x",
+                    verdict(r["speedup"] >= 1.8),
+                ]
+            )
+        if r["overhead"] is not None:
+            rows.append(
+                [
+                    "4b. Ray Train + MLflow per-step overhead vs in-process",
+                    "<= 5%",
+                    f"{r['overhead'] * 100:+.1f}%",
+                    verdict(r["overhead"] <= 0.05),
+                ]
+            )
+    gpu = res.get("gpu", {})
+    rows.append(
+        [
+            "5. GPU: SD 1.5 arch, 512 px, T=50, ours vs TRL",
+            "measured",
+            gpu.get("skipped", gpu.get("device", "not run")),
+            verdict(None if "runs" not in gpu else True),
+        ]
+    )
+    return "## Verdicts\n\n" + table(["benchmark", "target", "measured", "verdict"], rows)
+
+
+def floor_section(floor: dict) -> str:
+    f = floor_numbers(floor)
+    rows = [
+        [
+            i + 1,
+            s(r["step_s"]["median"]),
+            s(r["floor_gen_s"]["median"]),
+            s(r["floor_gen_s"]["median"] * FLOOR_FACTOR),
+            f"{ratio:.3f}x",
+            r["unet_calls_per_step"][-1],
+        ]
+        for i, (r, ratio) in enumerate(zip(floor["runs"], f["ratios"], strict=True))
+    ]
+    out = [
+        "## 1. Ours vs the compute floor",
+        "",
+        f"Tiny model from `make-tiny-model`, T={T}, K={K} (fixed), batch 2, CFG 7.5, fp32, CPU. Floor = median "
+        f"time of a no-grad generation of the same batch x (1 + 3K/T) = x{FLOOR_FACTOR:g}. Each run is a fresh "
+        "process that alternates a floor generation and an optimizer step; medians over its timed steps.",
+        "",
+        table(
+            ["run", "s / optimizer step", "no-grad generation", "floor", "step / floor", "UNet calls / step"],
+            rows,
+        ),
+        "",
+        f"Median ratio **{f['ratio']:.3f}x** (spread {min(f['ratios']):.3f} – {max(f['ratios']):.3f}). "
+        f"UNet calls per step = T + K = {T + K} (self-check: T forwards + K checkpoint recomputes).",
+    ]
+    phases = floor["phases"].get("phases_s")
+    if phases:
+        total = phases["total"]
+        rows = [
+            [name, ms(sec), f"{sec / total * 100:.1f}%"] for name, sec in phases.items() if name != "total"
+        ]
+        rows.append(["**total** (one step, timed with hooks)", ms(total), "100%"])
+        out += [
+            "",
+            "### Where time goes in one step",
+            "",
+            "Measured with forward hooks and wrappers around the learner (engine untouched), averaged over "
+            "the timed steps of one run; checkpoint early-stop is off in this run so each recompute runs "
+            "whole and can be timed. MLflow/Ray logging cost is in section 4.",
+            "",
+            table(["phase", "time", "share"], rows),
+        ]
+    ops = floor["phases"].get("profile_top_ops")
+    if ops:
+        rows = [[f"`{o['op']}`", o["calls"], ms(o["self_s"]), f"{o['share'] * 100:.1f}%"] for o in ops]
+        out += [
+            "",
+            "Top operators by self CPU time in one step (torch.profiler):",
+            "",
+            table(["operator", "calls", "self time", "share"], rows),
+        ]
+    return "\n".join(out)
+
+
+def trl_section(trl: dict) -> str:
+    t = trl_numbers(trl)
+    rows = []
+    for side, label in (("ours", "alignprop-ray"), ("trl", f"TRL {trl['trl'][0].get('trl_version', '')}")):
+        runs = trl[side]
+        medians = [r["step_s"]["median"] for r in runs]
+        every = [v for r in runs for v in r["step_s"]["values"]]
+        rows.append(
+            [
+                label,
+                s(med(medians)),
+                spread(medians),
+                spread(every),
+                mib(med([r["peak_rss_steps_mib"] for r in runs])),
+                mib(med([r["peak_rss_lifetime_mib"] for r in runs])),
+                mib(med([r["rss_after_setup_mib"] for r in runs])),
+                runs[0]["unet_calls_per_step"][-1],
+            ]
+        )
+    return "\n".join(
+        [
+            "## 2. Ours vs TRL's AlignPropTrainer",
+            "",
+            f"Same pipeline directory, T={T}, fixed K={K}, batch 2, CFG 7.5, eta 0, fp32, CPU, LoRA r=4 on the "
+            "attention projections, saturation reward, AdamW lr 1e-3 / wd 1e-4, clip 1.0. TRL: "
+            f'`truncated_backprop_rand=False, truncated_backprop_timestep={T - K}`, `mixed_precision="no"`, no '
+            "trackers, no progress bars, timing `trainer.step()` only. Runs alternate ours, TRL, ours, TRL ...; "
+            "each run is a fresh process (model load and warm-up steps excluded).",
+            "",
+            table(
+                [
+                    "side",
+                    "median s/step",
+                    "spread of run medians",
+                    "all timed steps",
+                    "peak RSS (steps)",
+                    "peak RSS (process)",
+                    "RSS after load",
+                    "UNet calls / step",
+                ],
+                rows,
+            ),
+            "",
+            f"Ratio ours / TRL: **{t['ratio']:.3f}x** (paired per rep: "
+            f"{', '.join(f'{p:.3f}' for p in t['paired'])}). Peak RSS (steps) is the high-water mark after the "
+            "model is loaded (VmHWM reset with /proc/self/clear_refs); peak RSS (process) includes imports and "
+            "loading.",
+        ]
+    )
+
+
+def memory_section(memory: dict) -> str:
+    out = [
+        "## 3. Memory vs K",
+        "",
+        "Tiny model at resolution 128 ({n}x{n} latents), T={T}, batch 2, CFG, fp32, CPU; one fresh process per "
+        "cell, one warm-up step + one step; peak RSS from the load onwards, and that peak minus the RSS right "
+        "after loading (what the steps themselves add). Every cell is measured under two allocator settings.",
+    ]
+    latent = None
+    for allocator, label in ALLOCATORS.items():
+        if not any(r.get("allocator", "default") == allocator for r in memory["runs"]):
+            continue
+        m = memory_numbers(memory, allocator)
+        rows = []
+        for k in m["ks"]:
+            on, off = m["by"][(k, True)], m["by"][(k, False)]
+            latent = on["latent_size"]
+            rows.append(
+                [
+                    k,
+                    mib(on["peak_rss_steps_mib"]),
+                    mib(m["delta"](on)),
+                    s(on["step_s"]["median"]),
+                    mib(off["peak_rss_steps_mib"]),
+                    mib(m["delta"](off)),
+                    s(off["step_s"]["median"]),
+                ]
+            )
+        out += [
+            "",
+            f"**{label}**",
+            "",
+            table(
+                [
+                    "K",
+                    "checkpointing: peak RSS",
+                    "added by steps",
+                    "s/step",
+                    "no checkpointing: peak RSS",
+                    "added by steps",
+                    "s/step",
+                ],
+                rows,
+            ),
+            "",
+            f"K={m['ks'][-1]} / K={m['ks'][0]}: with checkpointing **{m['growth_on']:.2f}x** peak RSS "
+            f"({m['delta_growth'][True]:.2f}x of what the steps add); without **{m['growth_off']:.2f}x** "
+            f"({m['delta_growth'][False]:.2f}x).",
+        ]
+    out[2] = out[2].format(n=latent, T=T)
+    return "\n".join(out)
+
+
+def ray_section(ray: dict) -> str:
+    r = ray_numbers(ray)
+    rows = [
+        [
+            "in-process (engine only, 1 thread)",
+            1,
+            ray["inprocess"][0]["images_per_step"],
+            s(med(r["inproc"])),
+            spread(r["inproc"]),
+            f"{ray['inprocess'][0]['images_per_step'] / med(r['inproc']):.2f}",
+            "–",
+        ]
+    ]
+    for workers, runs in sorted(r["per_workers"].items()):
+        intervals = [x["interval_s"]["median"] for x in runs]
+        rows.append(
+            [
+                f"Ray Train + MLflow, {workers} worker(s)",
+                workers,
+                runs[0]["images_per_step"],
+                s(med(intervals)),
+                spread(intervals),
+                f"{r['ips'][workers]:.2f}",
+                s(med([x["train_step_s"]["median"] for x in runs])),
+            ]
+        )
+    cfg = ray["inprocess"][0]["config"]
+    lines = [
+        "## 4. Ray: scaling and overhead",
+        "",
+        f"`sweeps/tiny.yaml` (T=10, 64 px, batch 2 per worker) with K fixed at {cfg['k']}, {cfg['steps']} steps, "
+        "1 CPU / 1 thread per worker, a local Ray instance with 2 CPUs, MLflow on SQLite. A Ray step is the "
+        "gap between rank 0's MLflow timestamps of consecutive steps (everything a step costs: generation, "
+        "backward, gradient all-reduce, metrics, MLflow logging, Ray report); steps 1-2 and the last "
+        "(evaluation, checkpoint) are left out. In-process: the same learner and batches, `train_step` only.",
+        "",
+        table(
+            [
+                "mode",
+                "workers",
+                "images / step",
+                "median s/step",
+                "spread of run medians",
+                "images/s",
+                "in-worker train_step",
+            ],
+            rows,
+        ),
+    ]
+    if r["speedup"] is not None:
+        lines += ["", f"2 workers / 1 worker: **{r['speedup']:.2f}x** images/s."]
+    if r["overhead"] is not None:
+        lines += [f"Ray Train + MLflow vs in-process, 1 worker: **{r['overhead'] * 100:+.1f}%** per step."]
+    return "\n".join(lines)
+
+
+def gpu_section(gpu: dict) -> str:
+    head = "## 5. GPU: SD 1.5 architecture, 512 px, T=50, K ~ U{1..50}"
+    if "runs" not in gpu:
+        return f"{head}\n\n{gpu.get('skipped', 'not run')}. Run `bash bench/run.sh` on a CUDA machine to fill it."
+    rows = []
+    for r in gpu["runs"]:
+        if r.get("oom"):
+            rows.append([r["side"], r["batch"], "OOM", "", "", ""])
+            continue
+        step = r["step_s"]["median"]
+        rows.append(
+            [
+                r["side"],
+                r["batch"],
+                s(step),
+                f"{r['batch'] / step:.2f}",
+                mib(r.get("peak_gpu_allocated_mib")),
+                mib(r.get("peak_gpu_reserved_mib")),
+            ]
+        )
+    return "\n".join(
+        [
+            head,
+            "",
+            f"{gpu['device']}; random weights, fp16 base + fp32 LoRA on both sides; largest batch with K=50 (by "
+            f"doubling): {gpu['largest_batch']}. Alternating fresh processes; 1 warm-up + 3 timed steps each.",
+            "",
+            table(["side", "batch", "median s/step", "images/s", "peak allocated", "peak reserved"], rows),
+        ]
+    )
+
+
+def machine_section(res: dict) -> str:
+    m, v = res["machine"], res["versions"]
+    return "\n".join(
+        [
+            "## Machine, versions, date",
+            "",
+            f"- Date: {res['started']}; {res.get('minutes', 0):.0f} min in all"
+            + (" (**--quick**: a smoke run, not a measurement)" if res.get("quick") else ""),
+            f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gib']:.1f} GiB; Linux {m['kernel']}; "
+            f"Python {m['python']}",
+            f"- Load average (1/5/15 min) at start: {res['load_start']}; at end: {res.get('load_end', '?')}",
+            f"- torch threads (sections 1-3): {res['threads']}; {res['reps']} alternating runs per side, "
+            f"{res['warmup']} warm-up + {res['iters']} timed steps per run",
+            "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        ]
+    )
+
+
+COMMANDS = """## Reproduce
+
+```bash
+make bench                        # = bash bench/run.sh: venv + trl 0.23.1, tiny pipeline, every section
+bash bench/run.sh --quick         # 1 run, 2 steps each: checks the scripts, numbers are meaningless
+bash bench/run.sh --only trl      # one section (floor, trl, memory, ray, gpu); others keep their last numbers
+BENCH_REPS=7 BENCH_ITERS=10 bash bench/run.sh
+# single measurements (each prints JSON):
+.venv/bin/python bench/step_ours.py --pipeline /tmp/alignprop-bench/tiny --steps 20 --k 10 --batch 2 --floor
+.venv/bin/python bench/step_trl.py  --pipeline /tmp/alignprop-bench/tiny --steps 20 --k 10 --batch 2
+.venv/bin/python bench/step_ours.py --pipeline /tmp/alignprop-bench/tiny --resolution 128 --k 20 --no-checkpoint
+.venv/bin/python bench/ray_train.py ray --workers 1 2
+.venv/bin/python bench/gpu.py --workdir /tmp/alignprop-bench/gpu        # CUDA only
+python bench/report.py            # re-render this file from bench/results.json
+```
+
+Raw numbers of this run: `bench/results.json`. Measure on a quiet machine: other processes on the same
+cores move every number here."""
+
+
+def render(res: dict) -> str:
+    parts = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`bench/run.sh`); every number below comes from the run described under "
+        "*Machine*. Targets are from issue 7.",
+        "",
+        summary(res),
+    ]
+    if ANALYSIS.is_file():
+        parts += ["", ANALYSIS.read_text().strip()]
+    for name, fn in (
+        ("floor", floor_section),
+        ("trl", trl_section),
+        ("memory", memory_section),
+        ("ray", ray_section),
+    ):
+        if name in res:
+            parts += ["", fn(res[name])]
+    parts += ["", gpu_section(res.get("gpu", {})), "", machine_section(res), "", COMMANDS, ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    results = Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "results.json")
+    out = Path(sys.argv[2] if len(sys.argv) > 2 else HERE.parent / "BENCHMARKS.md")
+    out.write_text(render(json.loads(results.read_text())))

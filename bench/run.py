@@ -1,0 +1,237 @@
+"""Run every benchmark, each measurement in a fresh process, and write BENCHMARKS.md and bench/results.json.
+
+    python bench/run.py --pipeline DIR [--trl-python PY] [--quick]
+
+Environment: BENCH_REPS (alternating runs per side, default 5), BENCH_ITERS (timed steps per run,
+default 8), BENCH_THREADS (torch threads for the single-process benchmarks, default: all cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import report
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SECTIONS = ("floor", "trl", "memory", "ray", "gpu")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--pipeline", required=True, help="the tiny pipeline directory (alignprop-ray make-tiny-model)"
+    )
+    p.add_argument("--trl-python", default=sys.executable, help="interpreter with trl 0.23.1 installed")
+    p.add_argument("--workdir", default="/tmp/alignprop-bench", help="scratch space (GPU model, raw JSON)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--quick", action="store_true", help="1 rep, 2 steps: checks that everything runs")
+    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--results", default=str(HERE / "results.json"))
+    return p.parse_args()
+
+
+def run_json(cmd: list[str], timeout: float = 1800, env: dict | None = None) -> dict:
+    """Run one measurement process; its stdout ends with one JSON object."""
+    shown = " ".join(Path(c).name if c.endswith((".py", "python", "python3")) else c for c in cmd)
+    print("  $", ("MALLOC_MMAP_THRESHOLD_=131072 " if env else "") + shown, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout[proc.stdout.index("{") :])
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        quick = args.quick
+        self.reps = 1 if quick else int(os.environ.get("BENCH_REPS", 5))
+        self.iters = 2 if quick else int(os.environ.get("BENCH_ITERS", 8))
+        self.warmup = 1 if quick else 2
+        self.threads = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
+        self.py = sys.executable
+
+    def step_cmd(self, side: str, *extra: str) -> list[str]:
+        python = self.py if side == "ours" else self.args.trl_python
+        script = HERE / f"step_{side}.py"
+        return [
+            python,
+            str(script),
+            "--pipeline",
+            self.args.pipeline,
+            "--steps",
+            "20",
+            "--k",
+            "10",
+            "--batch",
+            "2",
+            "--threads",
+            str(self.threads),
+            "--warmup",
+            str(self.warmup),
+            "--iters",
+            str(self.iters),
+            *extra,
+        ]
+
+    def floor(self) -> dict:
+        """Ours vs the compute floor; then one step broken into phases, and a profile."""
+        runs = [run_json(self.step_cmd("ours", "--floor")) for _ in range(1 if self.args.quick else 3)]
+        phases = run_json(self.step_cmd("ours", "--phases"))
+        profile = run_json(self.step_cmd("ours", "--profile"))
+        phases["profile_top_ops"] = profile["profile_top_ops"]
+        return {"runs": runs, "phases": phases}
+
+    def trl(self) -> dict:
+        """Ours and TRL alternating, each run a fresh process."""
+        ours, trl = [], []
+        for _ in range(self.reps):
+            ours.append(run_json(self.step_cmd("ours")))
+            trl.append(run_json(self.step_cmd("trl")))
+        return {"ours": ours, "trl": trl}
+
+    def memory(self) -> dict:
+        """Peak RSS per (K, checkpointing, allocator) at resolution 128 (64x64 latents), one fresh process each.
+
+        Each cell runs twice: with glibc malloc as configured by default, and with its mmap threshold fixed
+        at 128 KiB (MALLOC_MMAP_THRESHOLD_), so that freed large blocks go back to the OS and RSS follows the
+        memory actually in use instead of what the allocator keeps after frees.
+        """
+        runs = []
+        for k in (1, 5, 10, 20):
+            for checkpoint in (True, False):
+                for allocator in ("default", "mmap128k"):
+                    cmd = [
+                        self.py,
+                        str(HERE / "step_ours.py"),
+                        "--pipeline",
+                        self.args.pipeline,
+                        "--steps",
+                        "20",
+                        "--k",
+                        str(k),
+                        "--batch",
+                        "2",
+                        "--resolution",
+                        "128",
+                        "--threads",
+                        str(self.threads),
+                        "--warmup",
+                        "1",
+                        "--iters",
+                        "1",
+                    ] + ([] if checkpoint else ["--no-checkpoint"])
+                    env = (
+                        {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+                        if allocator == "mmap128k"
+                        else None
+                    )
+                    runs.append({"allocator": allocator, **run_json(cmd, env=env)})
+        return {"runs": runs}
+
+    def ray(self) -> dict:
+        """In-process and Ray (1 and 2 workers) alternating; the worker-count order flips each rep."""
+        steps = "6" if self.args.quick else "16"
+        inprocess, ray_runs = [], []
+        for rep in range(1 if self.args.quick else 2):
+            inprocess.append(run_json([self.py, str(HERE / "ray_train.py"), "inprocess", "--steps", steps]))
+            order = ["1", "2"] if rep % 2 == 0 else ["2", "1"]
+            ray_runs.append(
+                run_json([self.py, str(HERE / "ray_train.py"), "ray", "--steps", steps, "--workers", *order])
+            )
+        return {"inprocess": inprocess, "ray": ray_runs}
+
+    def gpu(self) -> dict:
+        return run_json(
+            [
+                self.py,
+                str(HERE / "gpu.py"),
+                "--workdir",
+                str(Path(self.args.workdir) / "gpu"),
+                "--trl-python",
+                self.args.trl_python,
+            ],
+            timeout=3 * 3600,
+        )
+
+
+def machine() -> dict:
+    info = {
+        "cpu": "unknown",
+        "cores": os.cpu_count(),
+        "ram_gib": None,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+    for line in open("/proc/cpuinfo", encoding="ascii", errors="replace"):
+        if line.startswith("model name"):
+            info["cpu"] = line.split(":", 1)[1].strip()
+            break
+    for line in open("/proc/meminfo", encoding="ascii"):
+        if line.startswith("MemTotal"):
+            info["ram_gib"] = int(line.split()[1]) / 2**20
+    return info
+
+
+def versions(trl_python: str) -> dict:
+    import importlib.metadata as md
+
+    names = ["torch", "diffusers", "transformers", "peft", "accelerate", "ray", "mlflow"]
+    out = {n: md.version(n) for n in names}
+    code = "import importlib.metadata as m; print(m.version('trl'))"
+    out["trl"] = (
+        subprocess.run([trl_python, "-c", code], capture_output=True, text=True).stdout.strip() or "missing"
+    )
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    out["alignprop-ray"] = commit.stdout.strip() or "unknown"
+    return out
+
+
+def loadavg() -> str:
+    return " ".join(open("/proc/loadavg", encoding="ascii").read().split()[:3])
+
+
+def main() -> None:
+    args = parse_args()
+    bench = Bench(args)
+    results = {
+        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_start": loadavg(),
+        "machine": machine(),
+        "versions": versions(args.trl_python),
+        "threads": bench.threads,
+        "reps": bench.reps,
+        "iters": bench.iters,
+        "warmup": bench.warmup,
+        "quick": args.quick,
+    }
+    previous = json.loads(Path(args.results).read_text()) if Path(args.results).is_file() else {}
+    t0 = time.perf_counter()
+    for section in SECTIONS:
+        if section in args.only:
+            print(f"[bench] {section} (load {loadavg()})", flush=True)
+            started = time.perf_counter()
+            results[section] = getattr(bench, section)()
+            results[section]["seconds"] = time.perf_counter() - started
+        elif section in previous:  # keep the last full measurement of sections not rerun
+            results[section] = previous[section]
+    results["load_end"] = loadavg()
+    results["minutes"] = (time.perf_counter() - t0) / 60
+    Path(args.results).write_text(json.dumps(results, indent=1))
+    Path(args.markdown).write_text(report.render(results))
+    print(
+        f"[bench] wrote {args.markdown} and {args.results} in {results['minutes']:.1f} min; "
+        f"load {results['load_start']} -> {results['load_end']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
