@@ -319,13 +319,6 @@ def test_cli_missing_file(in_tmp, capsys):
     assert "nope.yaml: no such file" in capsys.readouterr().err
 
 
-def test_sweep_file_without_sweep_support(in_tmp, monkeypatch):
-    monkeypatch.setitem(sys.modules, "alignprop_ray.sweep", None)  # import fails as if not written yet
-    path = write_yaml(in_tmp / "sweep.yaml", {"base": BASE, "tune": {"num_samples": 2}})
-    with pytest.raises(UserError, match="sweep validation is not available"):
-        cmd_validate(types.SimpleNamespace(config=str(path), overrides=[]))
-
-
 def test_sweep_file_is_delegated(in_tmp, monkeypatch, capsys):
     calls = []
     sweep_config = types.ModuleType("alignprop_ray.sweep.config")

@@ -34,7 +34,6 @@ from alignprop_ray.config.schema import (
     TrackingConfig,
     TrainConfig,
 )
-from alignprop_ray.errors import UserError
 
 SWEEP_KEYS = ("tune", "space")  # a top-level key that marks a sweep file, not an experiment
 
@@ -81,13 +80,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _validate_sweep(path: Path, overrides: list[str]) -> None:
-    try:
-        from alignprop_ray.sweep.config import load_sweep
-    except ImportError as err:
-        if not (err.name or "").startswith("alignprop_ray.sweep") and "load_sweep" not in str(err):
-            raise
-        raise UserError(
-            f"{path}: this is a sweep file (top-level {' or '.join(SWEEP_KEYS)}), and sweep validation is not "
-            "available in this version"
-        ) from None
+    from alignprop_ray.sweep.config import load_sweep  # lazily: the sweep layer imports this package
+
     load_sweep(path, overrides)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from alignprop_ray.config.problems import fields_at, section_model, unknown_field
+from alignprop_ray.config.problems import section_model, unknown_field
 from alignprop_ray.config.schema import ExperimentConfig
 from alignprop_ray.errors import ConfigError, UserError
 
@@ -128,26 +128,34 @@ def collect_overrides(
 
 
 def _check_key(path: list[str], schema: type[BaseModel], item: str) -> str | None:
+    return check_field_path(path, schema, suffix=f" (in --set {item})")
+
+
+def check_field_path(path: list[str], schema: type[BaseModel], *, prefix: str = "", suffix: str = "") -> str | None:
+    """A one-line problem if the dotted `path` is not a field of `schema` (free-form mappings accept anything).
+
+    `prefix` is prepended to the dotted name (e.g. `space.`), `suffix` appended to the message.
+    """
     model: type[BaseModel] | None = schema
     for i, part in enumerate(path):
         if model is None:  # inside a free-form field: anything goes
             return None
+        dotted = prefix + ".".join(path[: i + 1])
         field = model.model_fields.get(part)
         if field is None:
-            valid = fields_at(schema, tuple(path[:i])) if i else list(schema.model_fields)
-            return unknown_field(".".join(path[: i + 1]), valid, f" (in --set {item})")
+            return unknown_field(dotted, list(model.model_fields), suffix)
         model = section_model(field.annotation)
-        if model is None and i < len(path) - 1 and not _free_form(field.annotation):
-            return f"{'.'.join(path[: i + 1])}: is a value, not a section (in --set {item})"
+        if model is None and i < len(path) - 1 and not free_form(field.annotation):
+            return f"{dotted}: is a value, not a section{suffix}"
     return None
 
 
-def _free_form(annotation: Any) -> bool:
+def free_form(annotation: Any) -> bool:
     """True for fields that hold arbitrary mappings (`reward`, `truncation`, `resources_per_worker`)."""
     if annotation is Any or typing.get_origin(annotation) is dict:
         return True
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_free_form(arg) for arg in typing.get_args(annotation))
+        return any(free_form(arg) for arg in typing.get_args(annotation))
     return False
 
 

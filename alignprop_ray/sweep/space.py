@@ -17,13 +17,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 from alignprop_ray.config import ExperimentConfig
-from alignprop_ray.config.problems import section_model, unknown_field
+from alignprop_ray.config.overrides import check_field_path
+from alignprop_ray.config.problems import section_model
 
 LISTS = ("choice", "grid")  # a list of values
 RANGES = ("loguniform", "uniform", "randint")  # [lo, hi)
@@ -114,26 +113,7 @@ def check_field(key: str) -> str | None:
         return f"space.{key}: not a dotted field name"
     if path[0] in SET_BY_SWEEP:
         return f"space.{key}: set by the sweep for every trial; it cannot be searched"
-    model: Any = ExperimentConfig
-    for i, part in enumerate(path):
-        if model is None:
-            return None  # inside a free-form field: checked when the experiment is validated
-        field = model.model_fields.get(part)
-        if field is None:
-            return unknown_field(f"space.{'.'.join(path[: i + 1])}", list(model.model_fields))
-        model = section_model(field.annotation)
-        if model is None and i < len(path) - 1 and not _free_form(field.annotation):
-            return f"space.{'.'.join(path[: i + 1])}: is a value, not a section"
-    return None
-
-
-def _free_form(annotation: Any) -> bool:
-    """Fields that hold arbitrary mappings: `reward`, `truncation`, `scaling.resources_per_worker`."""
-    if annotation is Any or typing.get_origin(annotation) is dict:
-        return True
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_free_form(arg) for arg in typing.get_args(annotation))
-    return False
+    return check_field_path(path, ExperimentConfig, prefix="space.")
 
 
 def _check_spec(name: str, spec: Any) -> str | None:
