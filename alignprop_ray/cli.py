@@ -33,7 +33,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config field by its dotted name, e.g. --set train.lr=3e-4 (repeatable)",
     )
 
@@ -77,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter_b")
     p.add_argument("--alpha", type=float, required=True, help="weight of A, in [0, 1]")
     p.add_argument(
-        "--method", default="update", choices=["update", "factors"],
+        "--method",
+        default="update",
+        choices=["update", "factors"],
         help="update: exact interpolation of B@A (rank r1+r2); factors: average A and B separately (paper code)",
     )
     p.add_argument("--out", required=True)

@@ -50,21 +50,29 @@ def find_run(uri: str, experiment: str, name: str) -> str | None:
     found = mlflow_client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    runs = mlflow_client.search_runs([found.experiment_id], filter_string=f"tags.`{NAME_TAG}` = '{name}'",
-                                     max_results=1)
+    runs = mlflow_client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{NAME_TAG}` = '{name}'", max_results=1
+    )
     return runs[0].info.run_id if runs else None
 
 
-def start_run(uri: str, experiment: str, name: str, params: Mapping[str, str], config_yaml: str,
-              tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
+def start_run(
+    uri: str,
+    experiment: str,
+    name: str,
+    params: Mapping[str, str],
+    config_yaml: str,
+    tags: Mapping[str, str] | None = None,
+) -> tuple[str, bool]:
     """(run id, resumed): the existing run called `name`, or a new one with params and the config."""
     existing = find_run(uri, experiment, name)
     if existing is not None:
         client(uri).update_run(existing, status="RUNNING")
         return existing, True
     mlflow_client = client(uri)
-    run = mlflow_client.create_run(ensure_experiment(uri, experiment), run_name=name,
-                                   tags={NAME_TAG: name, **(tags or {})})
+    run = mlflow_client.create_run(
+        ensure_experiment(uri, experiment), run_name=name, tags={NAME_TAG: name, **(tags or {})}
+    )
     log_params(uri, run.info.run_id, params)
     mlflow_client.log_text(run.info.run_id, config_yaml, "config.yaml")
     return run.info.run_id, False

@@ -26,12 +26,19 @@ SCRIPT = ROOT / "clusters" / "local_loopback.sh"
 def cluster():
     # Short: Ray's unix socket paths under this folder must stay below 108 bytes.
     state = Path(tempfile.mkdtemp(prefix="apl-", dir="/tmp"))
-    env = {**os.environ, "LOOPBACK_DIR": str(state), "HEAD_CPUS": "1", "WORKER_CPUS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "LOOPBACK_DIR": str(state),
+        "HEAD_CPUS": "1",
+        "WORKER_CPUS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     env.pop("RAY_ADDRESS", None)
     subprocess.run(["bash", str(SCRIPT), "start"], env=env, check=True, timeout=240)
     try:
-        exported = subprocess.run(["bash", str(SCRIPT), "env"], env=env, check=True, capture_output=True, text=True)
+        exported = subprocess.run(
+            ["bash", str(SCRIPT), "env"], env=env, check=True, capture_output=True, text=True
+        )
         for line in exported.stdout.splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             env[key] = value
@@ -53,10 +60,28 @@ def test_smoke_sweep_submitted_as_a_job_on_two_nodes(cluster):
     experiment = f"loopback-{uuid.uuid4().hex[:6]}"
     # Two trials (the truncation extremes), one Train worker each: one on each node at the same time.
     job = subprocess.run(
-        ["ray", "job", "submit", "--working-dir", str(ROOT), "--",
-         "alignprop-ray", "sweep", "sweeps/smoke.yaml", "--set", f"name={experiment}",
-         "--set", f"base.tracking.experiment={experiment}", "--set", "space.train.lr={grid: [0.01]}"],
-        env=cluster, capture_output=True, text=True, timeout=900, cwd=ROOT,
+        [
+            "ray",
+            "job",
+            "submit",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "alignprop-ray",
+            "sweep",
+            "sweeps/smoke.yaml",
+            "--set",
+            f"name={experiment}",
+            "--set",
+            f"base.tracking.experiment={experiment}",
+            "--set",
+            "space.train.lr={grid: [0.01]}",
+        ],
+        env=cluster,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
     )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     found = mlflow_api(cluster, f"experiments/get-by-name?experiment_name={experiment}")

@@ -22,8 +22,12 @@ def diffusers_pil(model_dir, prompt, seed, steps, guidance, adapter=None):
     pipe.set_progress_bar_config(disable=True)
     if adapter:
         pipe.load_lora_weights(adapter)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-                generator=torch.Generator().manual_seed(seed)).images[0]
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
 
 
 def test_make_tiny_model_is_a_diffusers_pipeline_and_deterministic(tmp_path):
@@ -40,8 +44,23 @@ def test_make_tiny_model_is_a_diffusers_pipeline_and_deterministic(tmp_path):
 
 @pytest.mark.parametrize("with_adapter", [False, True])
 def test_sample_png_equals_diffusers_png(tiny_dir, tmp_path, with_adapter):
-    args = ["sample", "--model", str(tiny_dir), "--prompt", "a watercolor fox", "--seed", "5",
-            "--steps", "6", "--guidance", "7.5", "--eta", "0", "--out", str(tmp_path / "ours.png")]
+    args = [
+        "sample",
+        "--model",
+        str(tiny_dir),
+        "--prompt",
+        "a watercolor fox",
+        "--seed",
+        "5",
+        "--steps",
+        "6",
+        "--guidance",
+        "7.5",
+        "--eta",
+        "0",
+        "--out",
+        str(tmp_path / "ours.png"),
+    ]
     adapter = None
     if with_adapter:
         parts = load_parts(str(tiny_dir))
@@ -68,7 +87,12 @@ def test_mix_cli_writes_an_adapter(tmp_path):
         parts = load_parts("tiny")
         perturb(attach_lora(parts.unet, LoraSettings()), seed=seed)
         save_adapter(parts.unet, tmp_path / name)
-    assert main(["mix", str(tmp_path / "a"), str(tmp_path / "b"), "--alpha", "0.3", "--out", str(tmp_path / "m")]) == 0
+    assert (
+        main(
+            ["mix", str(tmp_path / "a"), str(tmp_path / "b"), "--alpha", "0.3", "--out", str(tmp_path / "m")]
+        )
+        == 0
+    )
     assert (tmp_path / "m" / WEIGHT_NAME).is_file()
 
 
@@ -79,23 +103,52 @@ def bad_inputs(tmp_path):
     sample = ["sample", "--model", "tiny", "--prompt", "x", "--out", str(tmp_path / "x.png")]
     return {
         "negative steps": (sample + ["--steps", "-3"], "--steps must be positive"),
-        "missing model path": (["sample", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", "x.png"],
-                               "no such directory"),
-        "corrupt adapter": (sample + ["--steps", "1", "--adapter", str(corrupt)], "not a readable safetensors"),
-        "mix alpha": (["mix", str(corrupt), str(corrupt), "--alpha", "2", "--out", str(tmp_path / "m")], "--alpha"),
+        "missing model path": (
+            ["sample", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", "x.png"],
+            "no such directory",
+        ),
+        "corrupt adapter": (
+            sample + ["--steps", "1", "--adapter", str(corrupt)],
+            "not a readable safetensors",
+        ),
+        "mix alpha": (
+            ["mix", str(corrupt), str(corrupt), "--alpha", "2", "--out", str(tmp_path / "m")],
+            "--alpha",
+        ),
         "bad resolution": (sample + ["--resolution", "30"], "multiple of 8"),
         "non-integer steps": (sample + ["--steps", "many"], "invalid int value"),
-        "uncached hub id offline": (["sample", "--model", "nobody-here/no-such-model", "--prompt", "x", "--out",
-                                     str(tmp_path / "x.png")], "nobody-here/no-such-model: weights not found"),
+        "uncached hub id offline": (
+            [
+                "sample",
+                "--model",
+                "nobody-here/no-such-model",
+                "--prompt",
+                "x",
+                "--out",
+                str(tmp_path / "x.png"),
+            ],
+            "nobody-here/no-such-model: weights not found",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["negative steps", "missing model path", "corrupt adapter", "mix alpha",
-                                  "bad resolution", "non-integer steps", "uncached hub id offline"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "negative steps",
+        "missing model path",
+        "corrupt adapter",
+        "mix alpha",
+        "bad resolution",
+        "non-integer steps",
+        "uncached hub id offline",
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     argv, message = bad_inputs(tmp_path)[case]
-    proc = subprocess.run([sys.executable, "-m", "alignprop_ray.cli", *argv], capture_output=True, text=True,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignprop_ray.cli", *argv], capture_output=True, text=True, cwd=tmp_path
+    )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

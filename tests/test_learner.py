@@ -25,15 +25,27 @@ def make_learner(reward=brightness_reward, lr=1e-2):
 def run(learner, steps, truncation="uniform:1:6", grad_accum=1):
     rewards = []
     for step in range(steps):
-        batches, ks = plan_step(PROMPTS, parse_truncation(truncation), SAMPLER.steps, step=step, seed=0,
-                                batch_size=2, grad_accum=grad_accum)
+        batches, ks = plan_step(
+            PROMPTS,
+            parse_truncation(truncation),
+            SAMPLER.steps,
+            step=step,
+            seed=0,
+            batch_size=2,
+            grad_accum=grad_accum,
+        )
         rewards.append(learner.train_step(batches, ks))
     return rewards
 
 
 def frozen_state(parts):
     modules = {"unet": parts.unet, "vae": parts.vae, "text": parts.text_encoder}
-    return {f"{m}.{k}": v.clone() for m, mod in modules.items() for k, v in mod.state_dict().items() if "lora_" not in k}
+    return {
+        f"{m}.{k}": v.clone()
+        for m, mod in modules.items()
+        for k, v in mod.state_dict().items()
+        if "lora_" not in k
+    }
 
 
 def test_training_raises_the_reward_and_changes_only_lora():
@@ -80,8 +92,12 @@ def test_nonfinite_loss_skips_the_update():
 
 def test_plan_shards_prompts_and_shares_k_across_workers():
     truncation = parse_truncation("uniform:0:6")
-    plans = [plan_step(PROMPTS * 2, truncation, 6, step=4, seed=1, batch_size=3, grad_accum=2, rank=r, world_size=2)
-             for r in range(2)]
+    plans = [
+        plan_step(
+            PROMPTS * 2, truncation, 6, step=4, seed=1, batch_size=3, grad_accum=2, rank=r, world_size=2
+        )
+        for r in range(2)
+    ]
     (b0, k0), (b1, k1) = plans
     assert k0 == k1  # the same K on every worker
     assert {p for b in b0 for p in b.prompts} <= set((PROMPTS * 2)[0::2])

@@ -19,9 +19,15 @@ def diffusers_images(tiny_dir, settings, adapter=None):
     if adapter is not None:
         pipe.load_lora_weights(adapter)
     generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    return pipe(PROMPTS, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
-                negative_prompt=[settings.negative_prompt] * 2 if settings.negative_prompt else None,
-                generator=generators, output_type="pt").images
+    return pipe(
+        PROMPTS,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        eta=settings.eta,
+        negative_prompt=[settings.negative_prompt] * 2 if settings.negative_prompt else None,
+        generator=generators,
+        output_type="pt",
+    ).images
 
 
 def perturb(params, scale=0.05, seed=0):
@@ -40,8 +46,12 @@ PIXEL_TOL = 1e-4
 
 @pytest.mark.parametrize(
     "settings",
-    [SamplerSettings(steps=8, guidance_scale=7.5), SamplerSettings(steps=6, guidance_scale=3.0, eta=1.0),
-     SamplerSettings(steps=5, guidance_scale=1.0), SamplerSettings(steps=5, negative_prompt="blurry")],
+    [
+        SamplerSettings(steps=8, guidance_scale=7.5),
+        SamplerSettings(steps=6, guidance_scale=3.0, eta=1.0),
+        SamplerSettings(steps=5, guidance_scale=1.0),
+        SamplerSettings(steps=5, negative_prompt="blurry"),
+    ],
     ids=["cfg", "eta1", "no-cfg", "negative"],
 )
 def test_matches_diffusers_pipeline(tiny_dir, settings):
@@ -110,7 +120,9 @@ def test_exactly_the_last_k_steps_receive_gradient(tiny_parts, k):
         return
     images.mean().backward()
     assert sorted(received) == sorted(timesteps[len(timesteps) - k :])  # a contiguous tail, each once
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params if "lora_B" in _name(tiny_parts, p))
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in params if "lora_B" in _name(tiny_parts, p)
+    )
 
 
 def _name(parts, param):

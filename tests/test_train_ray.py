@@ -19,11 +19,20 @@ STEPS = 6
 
 
 def tiny_config(tmp, *extra):
-    return load_experiment(ROOT / "sweeps" / "tiny.yaml", [
-        f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"storage.path={tmp}/runs", f"train.steps={STEPS}",
-        "train.eval_every=3", "train.checkpoint_every=3", "train.lr=0.01", "truncation=fixed:10", "prompts.train=tiny",
-        *extra,
-    ])
+    return load_experiment(
+        ROOT / "sweeps" / "tiny.yaml",
+        [
+            f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+            f"storage.path={tmp}/runs",
+            f"train.steps={STEPS}",
+            "train.eval_every=3",
+            "train.checkpoint_every=3",
+            "train.lr=0.01",
+            "truncation=fixed:10",
+            "prompts.train=tiny",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +75,18 @@ def test_one_mlflow_run_per_training_run_with_params(runs):
 def test_every_metric_at_its_steps(runs):
     _, cfg, clean, _ = runs
     client = mlflow_client(cfg)
-    per_step = ["train/reward", "train/reward/saturation", "train/loss", "train/k", "train/grad_norm", "train/lr",
-                "train/skipped_steps", "perf/step_seconds", "perf/images_per_second", "perf/peak_memory_mb"]
+    per_step = [
+        "train/reward",
+        "train/reward/saturation",
+        "train/loss",
+        "train/k",
+        "train/grad_norm",
+        "train/lr",
+        "train/skipped_steps",
+        "perf/step_seconds",
+        "perf/images_per_second",
+        "perf/peak_memory_mb",
+    ]
     for key in per_step:
         assert [s for s, _ in history(client, clean.run_id, key)] == list(range(1, STEPS + 1)), key
     for key in ["eval/reward", "eval/reward/saturation", "eval/diversity"]:
@@ -132,12 +151,32 @@ def test_rerun_with_the_same_name_resumes_and_refuses_other_settings(runs):
 
 @pytest.mark.parametrize(
     "override",
-    ["train.lr=-1", "truncation=fixed:99", "reward={nope: 1}", "scaling.num_workers=0", "tracking.uri=ftp://x",
-     "model.pretrained=./missing-model", "bogus.key=1"],
+    [
+        "train.lr=-1",
+        "truncation=fixed:99",
+        "reward={nope: 1}",
+        "scaling.num_workers=0",
+        "tracking.uri=ftp://x",
+        "model.pretrained=./missing-model",
+        "bogus.key=1",
+    ],
 )
 def test_bad_config_through_train_exits_2_without_a_run(tmp_path, override):
-    proc = subprocess.run([sys.executable, "-m", "alignprop_ray.cli", "train", str(ROOT / "sweeps" / "tiny.yaml"),
-                           "--set", override], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignprop_ray.cli",
+            "train",
+            str(ROOT / "sweeps" / "tiny.yaml"),
+            "--set",
+            override,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -131,7 +131,9 @@ def _check_key(path: list[str], schema: type[BaseModel], item: str) -> str | Non
     return check_field_path(path, schema, suffix=f" (in --set {item})")
 
 
-def check_field_path(path: list[str], schema: type[BaseModel], *, prefix: str = "", suffix: str = "") -> str | None:
+def check_field_path(
+    path: list[str], schema: type[BaseModel], *, prefix: str = "", suffix: str = ""
+) -> str | None:
     """A one-line problem if the dotted `path` is not a field of `schema` (free-form mappings accept anything).
 
     `prefix` is prepended to the dotted name (e.g. `space.`), `suffix` appended to the message.

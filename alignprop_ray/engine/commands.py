@@ -22,7 +22,9 @@ def cmd_mix(args: argparse.Namespace) -> int:
     from alignprop_ray.engine.lora import mix_adapters
 
     out = mix_adapters(args.adapter_a, args.adapter_b, args.alpha, args.out, method=args.method)
-    print(f"wrote {args.alpha:g} * {args.adapter_a} + {1 - args.alpha:g} * {args.adapter_b} to {out} ({args.method})")
+    print(
+        f"wrote {args.alpha:g} * {args.adapter_a} + {1 - args.alpha:g} * {args.adapter_b} to {out} ({args.method})"
+    )
     return 0
 
 
@@ -38,15 +40,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     parts = load_parts(args.model, DTYPES[args.dtype], device)
     if args.adapter:
         load_adapter_like_diffusers(parts.unet, args.adapter)
-    settings = SamplerSettings(steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
-                               negative_prompt=args.negative_prompt)
+    settings = SamplerSettings(
+        steps=args.steps, guidance_scale=args.guidance, eta=args.eta, negative_prompt=args.negative_prompt
+    )
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
     images = []
     with tqdm(total=len(prompts) * args.steps, desc="sampling", unit="step") as bar:
         for prompt, seed in zip(prompts, seeds, strict=True):
-            images.append(generate(parts, [prompt], [seed], settings, resolution=args.resolution,
-                                   on_step=lambda _: bar.update()))
+            images.append(
+                generate(
+                    parts,
+                    [prompt],
+                    [seed],
+                    settings,
+                    resolution=args.resolution,
+                    on_step=lambda _: bar.update(),
+                )
+            )
     for path in write_images(torch.cat(images), args.out, grid=args.grid, nrow=args.n):
         print(path)
     return 0
@@ -54,13 +65,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _check_sample_args(args: argparse.Namespace) -> None:
     checks = {
-        "--steps": args.steps >= 1, "--n": args.n >= 1, "--eta": args.eta >= 0,
+        "--steps": args.steps >= 1,
+        "--n": args.n >= 1,
+        "--eta": args.eta >= 0,
         "--resolution": args.resolution is None or (args.resolution > 0 and args.resolution % 8 == 0),
     }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
         value = getattr(args, bad[0].lstrip("-"))
-        rule = "a positive multiple of 8" if bad[0] == "--resolution" else "positive" if bad[0] != "--eta" else ">= 0"
+        rule = (
+            "a positive multiple of 8"
+            if bad[0] == "--resolution"
+            else "positive"
+            if bad[0] != "--eta"
+            else ">= 0"
+        )
         raise UserError(f"{bad[0]} must be {rule}, got {value}")
 
 

@@ -28,7 +28,9 @@ class LoraSettings:
     rank: int = 4
     alpha: float = 4.0
     target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS
-    init: str = "gaussian"  # peft init_lora_weights: "gaussian" or "default" (Kaiming A); B starts at 0 either way
+    init: str = (
+        "gaussian"  # peft init_lora_weights: "gaussian" or "default" (Kaiming A); B starts at 0 either way
+    )
 
 
 def attach_lora(unet: torch.nn.Module, settings: LoraSettings, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -44,7 +46,9 @@ def attach_lora(unet: torch.nn.Module, settings: LoraSettings, seed: int = 0) ->
     unet.requires_grad_(False)
     init = True if settings.init == "default" else settings.init
     config = LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, init_lora_weights=init,
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        init_lora_weights=init,
         target_modules=list(settings.target_modules),
     )
     with seeded(seed):
@@ -79,7 +83,10 @@ def write_adapter(state: dict[str, torch.Tensor], config: dict, directory: str |
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    header = {"format": "pt", METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True)}
+    header = {
+        "format": "pt",
+        METADATA_KEY: json.dumps({f"unet.{k}": v for k, v in config.items()}, sort_keys=True),
+    }
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
@@ -139,7 +146,9 @@ def load_adapter(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
     result = set_peft_model_state_dict(unet, peft_state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
-        raise UserError(f"adapter {directory}: keys do not match the model ({(result.unexpected_keys or missing)[0]})")
+        raise UserError(
+            f"adapter {directory}: keys do not match the model ({(result.unexpected_keys or missing)[0]})"
+        )
 
 
 def load_adapter_like_diffusers(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
@@ -147,7 +156,9 @@ def load_adapter_like_diffusers(unet: torch.nn.Module, directory: str | os.PathL
     from diffusers import StableDiffusionPipeline
 
     read_adapter(directory)  # clear one-line errors before diffusers' own
-    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(directory), return_lora_metadata=True)
+    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+        str(directory), return_lora_metadata=True
+    )
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, metadata=metadata)
 
 
@@ -163,8 +174,9 @@ class _Module:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def mix_adapters(a: str | os.PathLike, b: str | os.PathLike, alpha: float, out: str | os.PathLike,
-                 method: str = "update") -> Path:
+def mix_adapters(
+    a: str | os.PathLike, b: str | os.PathLike, alpha: float, out: str | os.PathLike, method: str = "update"
+) -> Path:
     """Write an adapter whose weight update is alpha * dW_a + (1 - alpha) * dW_b.
 
     method="update" is exact: with dW = s * B @ A (s = lora_alpha / r), the sum is the rank r_a + r_b
@@ -220,12 +232,12 @@ def _mix_updates(mods_a, cfg_a, mods_b, cfg_b, alpha):
 
 def _mix_factors(mods_a, cfg_a, mods_b, cfg_b, alpha, names):
     if mods_a.keys() != mods_b.keys() or cfg_a["r"] != cfg_b["r"] or _scale(cfg_a) != _scale(cfg_b):
-        raise UserError(f"--method factors needs adapters with the same modules, rank and alpha: {names[0]}, {names[1]}")
+        raise UserError(
+            f"--method factors needs adapters with the same modules, rank and alpha: {names[0]}, {names[1]}"
+        )
     state = {}
     for name, ma in mods_a.items():
         mb = mods_b[name]
         state[f"{name}.lora_A.weight"] = (alpha * ma.down + (1 - alpha) * mb.down).contiguous()
         state[f"{name}.lora_B.weight"] = (alpha * ma.up + (1 - alpha) * mb.up).contiguous()
     return state, dict(cfg_a)
-
-

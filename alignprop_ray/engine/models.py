@@ -53,7 +53,9 @@ class DiffusionParts:
         return self
 
 
-def load_parts(pretrained: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionParts:
+def load_parts(
+    pretrained: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> DiffusionParts:
     """Load `tiny`, a hub id, or a local diffusers pipeline directory; frozen, on device, in dtype."""
     parts = build_tiny_parts() if pretrained == TINY else _load_pretrained(pretrained)
     return parts.to(device, dtype).freeze()
@@ -82,8 +84,10 @@ def _load_pretrained(pretrained: str) -> DiffusionParts:
             "download it first (e.g. `hf download " + pretrained + "` with network access) "
             "or pass a local diffusers directory"
         )
-        raise UserError(f"model {pretrained}: weights not found locally and cannot be fetched; {hint} "
-                        f"({type(err).__name__})") from None
+        raise UserError(
+            f"model {pretrained}: weights not found locally and cannot be fetched; {hint} "
+            f"({type(err).__name__})"
+        ) from None
 
 
 def looks_like_path(name: str) -> bool:
@@ -96,23 +100,49 @@ def looks_like_path(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 TINY_UNET = dict(
-    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
 )
 TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    norm_num_groups=8,
     sample_size=64,
 )
 TINY_TEXT = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-    vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    vocab_size=49408,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    projection_dim=32,
 )
 # Stable Diffusion's own DDPM training schedule; sampling always uses DDIM on top of it.
 SD_SCHEDULE = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
 )
 
 
@@ -134,8 +164,14 @@ def save_tiny_model(directory: str | os.PathLike, seed: int = 0) -> Path:
 
     parts = build_tiny_parts(seed)
     pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=parts.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(directory, safe_serialization=True)
     return Path(directory)
@@ -171,10 +207,16 @@ def clip_tokenizer(model_max_length: int = 77):
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
         vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+        merges_file.write_text(
+            "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+        )
         return CLIPTokenizer(
-            str(vocab_file), str(merges_file), model_max_length=model_max_length,
-            bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+            str(vocab_file),
+            str(merges_file),
+            model_max_length=model_max_length,
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
             unk_token="<|endoftext|>",
         )
 

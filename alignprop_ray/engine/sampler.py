@@ -34,15 +34,23 @@ class SamplerSettings:
 def encode_prompts(parts: DiffusionParts, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
     """CLIP text embeddings as StableDiffusionPipeline.encode_prompt computes them (no grad: frozen)."""
     tokens = parts.tokenizer(
-        list(prompts), padding="max_length", max_length=parts.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
+        list(prompts),
+        padding="max_length",
+        max_length=parts.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     )
     with torch.no_grad():
         return parts.text_encoder(tokens.input_ids.to(device))[0]
 
 
-def initial_latents(parts: DiffusionParts, generators: list[torch.Generator], resolution: int,
-                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def initial_latents(
+    parts: DiffusionParts,
+    generators: list[torch.Generator],
+    resolution: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """x_T for each image from its own CPU generator (diffusers' `randn_tensor` convention)."""
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -90,10 +98,18 @@ def generate(
     for i, t in enumerate(scheduler.timesteps):
         with_grad = i >= first_grad_step
         with nullcontext() if with_grad else torch.no_grad():
-            noise = _guided_noise(parts.unet, latents, t, cond, settings.guidance_scale, guided,
-                                  checkpointed=with_grad and settings.checkpoint)
-            latents = scheduler.step(noise, t, latents, eta=settings.eta, generator=generators,
-                                     return_dict=False)[0]
+            noise = _guided_noise(
+                parts.unet,
+                latents,
+                t,
+                cond,
+                settings.guidance_scale,
+                guided,
+                checkpointed=with_grad and settings.checkpoint,
+            )
+            latents = scheduler.step(
+                noise, t, latents, eta=settings.eta, generator=generators, return_dict=False
+            )[0]
         if on_step is not None:
             on_step(i)
     with nullcontext() if k > 0 else torch.no_grad():

@@ -1,10 +1,10 @@
 """One AlignProp optimizer step, single process or one worker of many (no Ray, no MLflow here).
 
-    for each of grad_accum micro-batches:
-        K  <- drawn once for the micro-batch (the same on every worker)
-        x0 <- DDIM sample; gradient only through the last K steps
-        loss = -reward_mixture(x0).mean() / grad_accum ; backward
-    average LoRA gradients over workers; skip the update if anything is NaN/inf; clip; AdamW step
+for each of grad_accum micro-batches:
+    K  <- drawn once for the micro-batch (the same on every worker)
+    x0 <- DDIM sample; gradient only through the last K steps
+    loss = -reward_mixture(x0).mean() / grad_accum ; backward
+average LoRA gradients over workers; skip the update if anything is NaN/inf; clip; AdamW step
 """
 
 from __future__ import annotations
@@ -53,8 +53,18 @@ class StepResult:
     ks: list[int] = field(default_factory=list)
 
 
-def plan_step(prompts: Sequence[str], truncation: Truncation, steps: int, *, step: int, seed: int,
-              batch_size: int, grad_accum: int, rank: int = 0, world_size: int = 1) -> tuple[list[Batch], list[int]]:
+def plan_step(
+    prompts: Sequence[str],
+    truncation: Truncation,
+    steps: int,
+    *,
+    step: int,
+    seed: int,
+    batch_size: int,
+    grad_accum: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[list[Batch], list[int]]:
     """The micro-batches and K draws for one optimizer step, a pure function of its arguments.
 
     Each worker draws its prompts from its own shard (prompts[rank::world_size]) and its noise seeds
@@ -64,7 +74,9 @@ def plan_step(prompts: Sequence[str], truncation: Truncation, steps: int, *, ste
     shard = list(prompts[rank::world_size]) or list(prompts)
     rng = random.Random(f"{seed}:batch:{step}:{rank}")
     batches = [
-        Batch([rng.choice(shard) for _ in range(batch_size)], [rng.randrange(2**31) for _ in range(batch_size)])
+        Batch(
+            [rng.choice(shard) for _ in range(batch_size)], [rng.randrange(2**31) for _ in range(batch_size)]
+        )
         for _ in range(grad_accum)
     ]
     ks = [truncation.draw(steps, random.Random(f"{seed}:k:{step}:{m}")) for m in range(grad_accum)]
@@ -74,11 +86,20 @@ def plan_step(prompts: Sequence[str], truncation: Truncation, steps: int, *, ste
 class AlignPropLearner:
     """Owns the LoRA parameters' optimizer and performs optimizer steps on generated batches."""
 
-    def __init__(self, parts: DiffusionParts, lora_params: list[torch.nn.Parameter], reward: RewardFn,
-                 sampler: SamplerSettings, optim: OptimSettings, resolution: int | None = None):
+    def __init__(
+        self,
+        parts: DiffusionParts,
+        lora_params: list[torch.nn.Parameter],
+        reward: RewardFn,
+        sampler: SamplerSettings,
+        optim: OptimSettings,
+        resolution: int | None = None,
+    ):
         self.parts, self.params, self.reward = parts, lora_params, reward
         self.sampler, self.optim, self.resolution = sampler, optim, resolution
-        self.optimizer = torch.optim.AdamW(lora_params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
+        self.optimizer = torch.optim.AdamW(
+            lora_params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas
+        )
         device = lora_params[0].device
         self.amp_dtype = parts.unet.dtype if parts.unet.dtype != torch.float32 else None
         # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it.
@@ -97,8 +118,10 @@ class AlignPropLearner:
             p.grad = None
         totals, term_sums, local_finite, n = 0.0, {}, True, 0
         for batch, k in zip(batches, ks, strict=True):
-            with self.autocast(), (nullcontext() if k > 0 else torch.no_grad()):
-                images = generate(self.parts, batch.prompts, batch.seeds, self.sampler, k=k, resolution=self.resolution)
+            with self.autocast(), nullcontext() if k > 0 else torch.no_grad():
+                images = generate(
+                    self.parts, batch.prompts, batch.seeds, self.sampler, k=k, resolution=self.resolution
+                )
                 out = self.reward(images, batch.prompts)
             loss = -out.total.float().mean()
             local_finite &= bool(torch.isfinite(loss))
@@ -115,7 +138,9 @@ class AlignPropLearner:
 
     def _finish_step(self, reward, terms, local_finite, ks, n) -> StepResult:
         names = sorted(terms)
-        stats = torch.tensor([reward, float(not local_finite), *(terms[t] for t in names)], dtype=torch.float64)
+        stats = torch.tensor(
+            [reward, float(not local_finite), *(terms[t] for t in names)], dtype=torch.float64
+        )
         stats = mean_across_workers(stats)
         reward, any_nonfinite = float(stats[0]), bool(stats[1] > 0)
         terms = {t: float(v) for t, v in zip(names, stats[2:], strict=True)}
@@ -157,14 +182,17 @@ class AlignPropLearner:
 
 
 @torch.no_grad()
-def generate_eval(learner: AlignPropLearner, prompts: Sequence[str], seeds: Sequence[int],
-                  batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+def generate_eval(
+    learner: AlignPropLearner, prompts: Sequence[str], seeds: Sequence[int], batch_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """No-grad images for (prompt, seed) pairs, with each reward term and the weighted total per image."""
     images, terms, totals = [], {}, []
     for start in range(0, len(prompts), batch_size):
         chunk_p, chunk_s = list(prompts[start : start + batch_size]), list(seeds[start : start + batch_size])
         with learner.autocast():
-            batch = generate(learner.parts, chunk_p, chunk_s, learner.sampler, k=0, resolution=learner.resolution)
+            batch = generate(
+                learner.parts, chunk_p, chunk_s, learner.sampler, k=0, resolution=learner.resolution
+            )
             out = learner.reward(batch, chunk_p)
         images.append(batch.float().cpu())
         totals.append(out.total.float().cpu())

@@ -82,10 +82,14 @@ def parse_truncation(spec: Any) -> Truncation:
     if isinstance(spec, str):
         kind, *args = spec.strip().split(":")
         if kind not in KINDS:
-            raise ValueError(f"unknown truncation {spec!r} (valid: fixed:K, uniform:LOW:HIGH, normal:MEAN:STD, full)")
+            raise ValueError(
+                f"unknown truncation {spec!r} (valid: fixed:K, uniform:LOW:HIGH, normal:MEAN:STD, full)"
+            )
         names = _FIELDS[kind]
         if len(args) != len(names):
-            raise ValueError(f"truncation {spec!r}: {kind} takes {len(names)} value(s) ({', '.join(names) or 'none'})")
+            raise ValueError(
+                f"truncation {spec!r}: {kind} takes {len(names)} value(s) ({', '.join(names) or 'none'})"
+            )
         return _build(kind, dict(zip(names, args, strict=True)), spec)
     if isinstance(spec, dict):
         spec = dict(spec)
@@ -95,7 +99,9 @@ def parse_truncation(spec: Any) -> Truncation:
         unknown = set(spec) - set(_FIELDS[kind])
         missing = set(_FIELDS[kind]) - set(spec)
         if unknown or missing:
-            what = [f"unknown field(s) {sorted(unknown)}"] * bool(unknown) + [f"missing {sorted(missing)}"] * bool(missing)
+            what = [f"unknown field(s) {sorted(unknown)}"] * bool(unknown) + [
+                f"missing {sorted(missing)}"
+            ] * bool(missing)
             raise ValueError(f"truncation ({kind}): {'; '.join(what)}")
         return _build(kind, spec, spec)
     raise ValueError(f"expected a truncation spec like 'uniform:0:50' or a mapping, got {spec!r}")
@@ -103,9 +109,7 @@ def parse_truncation(spec: Any) -> Truncation:
 
 def _build(kind: str, values: dict[str, Any], original: Any) -> Truncation:
     try:
-        typed = {
-            name: (float(v) if kind == "normal" else _as_int(v)) for name, v in values.items()
-        }
+        typed = {name: (float(v) if kind == "normal" else _as_int(v)) for name, v in values.items()}
     except (TypeError, ValueError):
         raise ValueError(f"truncation {original!r}: values must be numbers") from None
     return Truncation(kind, **typed)

@@ -34,8 +34,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.config, args.overrides)
     print("# resolved config\n" + cfg.to_yaml(), flush=True)
     t = cfg.train
-    print(f"{cfg.scaling.num_workers} workers x {t.batch_size} images x {t.grad_accum} accumulation = "
-          f"{cfg.images_per_step} images per optimizer step", flush=True)
+    print(
+        f"{cfg.scaling.num_workers} workers x {t.batch_size} images x {t.grad_accum} accumulation = "
+        f"{cfg.images_per_step} images per optimizer step",
+        flush=True,
+    )
     try:
         outcome = run_training(cfg, name=args.name)
     except Exception as err:  # a worker error: Ray has printed the traceback; end with its cause in one line
@@ -61,8 +64,15 @@ def default_name(cfg) -> str:
     return cfg.name or f"{cfg.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_training(cfg, name: str | None = None, *, tags: dict | None = None, callbacks: list | None = None,
-                 fail_at_step: int | None = None, fail_marker: str | None = None) -> TrainOutcome:
+def run_training(
+    cfg,
+    name: str | None = None,
+    *,
+    tags: dict | None = None,
+    callbacks: list | None = None,
+    fail_at_step: int | None = None,
+    fail_marker: str | None = None,
+) -> TrainOutcome:
     """Train one experiment to completion on Ray (resuming a run of the same name) and return its outcome.
 
     `tags` are set on a newly created MLflow run (a sweep passes `mlflow.parentRunId`); `callbacks` are
@@ -76,11 +86,17 @@ def run_training(cfg, name: str | None = None, *, tags: dict | None = None, call
     from alignprop_ray.train.loop import LoopInput, train_loop
 
     name = name or default_name(cfg)
-    loop_input = LoopInput(experiment=cfg.to_dict(), run_id="", train_prompts=load_prompts(cfg.prompts.train),
-                           eval_prompts=load_prompts(cfg.prompts.eval), fail_at_step=fail_at_step,
-                           fail_marker=fail_marker)
-    run_id, resumed = tracking.start_run(cfg.tracking.uri, cfg.tracking.experiment, name, cfg.flat_params(),
-                                         cfg.to_yaml(), tags)
+    loop_input = LoopInput(
+        experiment=cfg.to_dict(),
+        run_id="",
+        train_prompts=load_prompts(cfg.prompts.train),
+        eval_prompts=load_prompts(cfg.prompts.eval),
+        fail_at_step=fail_at_step,
+        fail_marker=fail_marker,
+    )
+    run_id, resumed = tracking.start_run(
+        cfg.tracking.uri, cfg.tracking.experiment, name, cfg.flat_params(), cfg.to_yaml(), tags
+    )
     if resumed:
         _check_same_config(cfg, run_id, name)
     loop_input.run_id = run_id
@@ -89,12 +105,19 @@ def run_training(cfg, name: str | None = None, *, tags: dict | None = None, call
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=asdict(loop_input),
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=scaling.resources_per_worker),
-        run_config=RunConfig(name=name, storage_path=cfg.storage.path,
-                             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=scaling.resources_per_worker,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=cfg.storage.path,
+            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
+        ),
     )
     try:
         result = trainer.fit()
@@ -119,8 +142,10 @@ def _check_same_config(cfg, run_id: str, name: str) -> None:
         if key.startswith(IGNORED_ON_RESUME) or key not in logged:
             continue
         if logged[key] != value[: tracking.MAX_PARAM_CHARS]:
-            raise UserError(f"run {name!r} exists with {key}={logged[key]} (now {value}); "
-                            "use another --name to start a new run")
+            raise UserError(
+                f"run {name!r} exists with {key}={logged[key]} (now {value}); "
+                "use another --name to start a new run"
+            )
 
 
 def connect_ray() -> None:

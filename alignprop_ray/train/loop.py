@@ -70,9 +70,17 @@ def train_loop(loop_input: dict) -> None:
         ray.train.report({**baseline, "step": 0})  # a stopper's "relative to the first evaluation" baseline
     for step in range(progress.step, cfg.train.steps):
         _maybe_fail(data, step, rank, world_size)
-        batches, ks = plan_step(data.train_prompts, truncation, cfg.sampling.steps, step=step, seed=cfg.train.seed,
-                                batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                                rank=rank, world_size=world_size)
+        batches, ks = plan_step(
+            data.train_prompts,
+            truncation,
+            cfg.sampling.steps,
+            step=step,
+            seed=cfg.train.seed,
+            batch_size=cfg.train.batch_size,
+            grad_accum=cfg.train.grad_accum,
+            rank=rank,
+            world_size=world_size,
+        )
         t0 = time.perf_counter()
         result = learner.train_step(batches, ks)
         seconds = time.perf_counter() - t0
@@ -83,8 +91,13 @@ def train_loop(loop_input: dict) -> None:
             metrics.update(evaluate(learner, cfg, data.eval_prompts, progress.step, result, logger))
         if logger:
             logger.log_metrics(metrics, progress.step)
-            _print_progress(progress.step, cfg.train.steps, result, seconds,
-                            (time.perf_counter() - started) / (progress.step - first_step))
+            _print_progress(
+                progress.step,
+                cfg.train.steps,
+                result,
+                seconds,
+                (time.perf_counter() - started) / (progress.step - first_step),
+            )
         _report(learner, progress, metrics, cfg, rank)
     digests = check_workers_in_sync(learner)
     if logger:
@@ -113,13 +126,22 @@ def build_learner(cfg, device: torch.device) -> AlignPropLearner:
         torch.backends.cudnn.allow_tf32 = True
     parts = load_parts(cfg.model.pretrained, DTYPES[cfg.model.dtype], device)
     lora = cfg.model.lora
-    settings = LoraSettings(rank=lora.rank, alpha=lora.alpha, target_modules=tuple(lora.target_modules), init=lora.init)
+    settings = LoraSettings(
+        rank=lora.rank, alpha=lora.alpha, target_modules=tuple(lora.target_modules), init=lora.init
+    )
     params = attach_lora(parts.unet, settings, seed=cfg.train.seed)
     reward = build_reward(cfg.reward, device=device, dtype=torch.float32)
     sampling = cfg.sampling
-    sampler = SamplerSettings(steps=sampling.steps, guidance_scale=sampling.guidance_scale, eta=sampling.eta,
-                              negative_prompt=sampling.negative_prompt, checkpoint=cfg.model.gradient_checkpointing)
-    optim = OptimSettings(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm)
+    sampler = SamplerSettings(
+        steps=sampling.steps,
+        guidance_scale=sampling.guidance_scale,
+        eta=sampling.eta,
+        negative_prompt=sampling.negative_prompt,
+        checkpoint=cfg.model.gradient_checkpointing,
+    )
+    optim = OptimSettings(
+        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.max_grad_norm
+    )
     return AlignPropLearner(parts, params, reward, sampler, optim, resolution=cfg.model.resolution)
 
 
@@ -136,8 +158,9 @@ def _count_nonfinite(progress: Progress, result: StepResult, limit: int) -> None
         )
 
 
-def step_metrics(result: StepResult, learner: AlignPropLearner, seconds: float, progress: Progress,
-                 world_size: int) -> dict[str, float]:
+def step_metrics(
+    result: StepResult, learner: AlignPropLearner, seconds: float, progress: Progress, world_size: int
+) -> dict[str, float]:
     metrics = {
         "train/reward": result.reward,
         "train/loss": result.loss,
@@ -160,18 +183,26 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def evaluate(learner: AlignPropLearner, cfg, prompts: list[str], step: int, result: StepResult | None,
-             logger) -> dict:
+def evaluate(
+    learner: AlignPropLearner, cfg, prompts: list[str], step: int, result: StepResult | None, logger
+) -> dict:
     """Eval prompts x fixed seeds, sharded over workers; rank 0 gets every image and logs grid and table."""
     from alignprop_ray.rewards import diversity
 
     pairs = [(p, EVAL_SEED_BASE + j) for p in prompts for j in range(cfg.prompts.eval_seeds)]
     rank, world_size = world()
     mine = pairs[rank::world_size]
-    images, terms, totals = generate_eval(learner, [p for p, _ in mine], [s for _, s in mine], cfg.train.batch_size)
+    images, terms, totals = generate_eval(
+        learner, [p for p, _ in mine], [s for _, s in mine], cfg.train.batch_size
+    )
     features = learner.reward.image_features(images.to(learner.device))
-    shard = {"index": list(range(rank, len(pairs), world_size)), "images": (images * 255).round().to(torch.uint8),
-             "terms": terms, "total": totals, "features": None if features is None else features.cpu()}
+    shard = {
+        "index": list(range(rank, len(pairs), world_size)),
+        "images": (images * 255).round().to(torch.uint8),
+        "terms": terms,
+        "total": totals,
+        "features": None if features is None else features.cpu(),
+    }
     shards = gather_objects(shard)
     order = [i for s in shards for i in s["index"]]
     inverse = torch.argsort(torch.tensor(order))
@@ -183,7 +214,9 @@ def evaluate(learner: AlignPropLearner, cfg, prompts: list[str], step: int, resu
     metrics.update({f"eval/reward/{name}": float(v.mean()) for name, v in all_terms.items()})
     metrics.update(diversity(all_images, [p for p, _ in pairs], all_features, prefix="eval/"))
     if logger:
-        _log_eval_artifacts(logger, pairs, all_images, all_terms, cat("total"), step, result, cfg.prompts.eval_seeds)
+        _log_eval_artifacts(
+            logger, pairs, all_images, all_terms, cat("total"), step, result, cfg.prompts.eval_seeds
+        )
     return metrics
 
 
@@ -195,8 +228,13 @@ def _log_eval_artifacts(logger, pairs, images, terms, totals, step, result, nrow
 
     logger.log_image(to_pil(make_grid(images, nrow=nrow, padding=2)), key="eval/images", step=step)
     k = result.k if result else 0.0  # the K of the training step just taken (0 before training)
-    columns = {"prompt": [p for p, _ in pairs], "seed": [s for _, s in pairs], "step": [step] * len(pairs),
-               "k": [k] * len(pairs), "reward": totals.tolist()}
+    columns = {
+        "prompt": [p for p, _ in pairs],
+        "seed": [s for _, s in pairs],
+        "step": [step] * len(pairs),
+        "k": [k] * len(pairs),
+        "reward": totals.tolist(),
+    }
     columns.update({f"reward/{name}": values.tolist() for name, values in terms.items()})
     logger.log_table(pa.table(columns), step)
 
@@ -256,11 +294,15 @@ def _say(line: str) -> None:
 
 def _print_header(cfg, world_size: int, start: int) -> None:
     t = cfg.train
-    _say(f"{world_size} workers x {t.batch_size} images x {t.grad_accum} accumulation = "
-         f"{world_size * t.batch_size * t.grad_accum} images per optimizer step; "
-         f"{'resuming after step ' + str(start) if start else 'starting'} ({t.steps} steps)")
+    _say(
+        f"{world_size} workers x {t.batch_size} images x {t.grad_accum} accumulation = "
+        f"{world_size * t.batch_size * t.grad_accum} images per optimizer step; "
+        f"{'resuming after step ' + str(start) if start else 'starting'} ({t.steps} steps)"
+    )
 
 
 def _print_progress(step: int, total: int, result: StepResult, seconds: float, per_step: float) -> None:
     eta = per_step * (total - step)
-    _say(f"step {step}/{total}  reward {result.reward:.4f}  K {result.k:g}  {seconds:.2f} s/step  ETA {eta:.0f}s")
+    _say(
+        f"step {step}/{total}  reward {result.reward:.4f}  K {result.k:g}  {seconds:.2f} s/step  ETA {eta:.0f}s"
+    )
