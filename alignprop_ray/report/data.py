@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from alignprop_ray.errors import UserError
+from alignprop_ray.metrics import TERM_PREFIXES
 from alignprop_ray.tracking import NAME_TAG, PARENT_TAG
 
 URI_ENV = "ALIGNPROP_TRACKING_URI"
@@ -32,7 +33,6 @@ FINAL_KEYS = {
     "final_eval_diversity_across_prompts": "eval/diversity_across_prompts",
     "final_train_reward": "train/reward",
 }
-TERM_PREFIXES = ("train/reward/", "eval/reward/")
 # The first request to a tracking server fails fast: MLflow's default retries take minutes to give up.
 PROBE_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",

@@ -28,23 +28,10 @@ from alignprop_ray.config import ExperimentConfig, parse_experiment, read_yaml
 from alignprop_ray.config.overrides import collect_overrides, parse_value
 from alignprop_ray.config.problems import format_validation_error
 from alignprop_ray.errors import ConfigError, UserError
+from alignprop_ray.metrics import EVAL_METRICS, TERM_PREFIXES, TRAIN_METRICS
 from alignprop_ray.sweep.space import Domain, apply_point, parse_space
 
 SWEEP_KEYS = ("name", "base", "space", "tune", "stop")
-# What the trainer logs (alignprop_ray/train/loop.py), plus `<prefix>/<term>` for each reward term.
-TRAIN_METRICS = (
-    "train/reward",
-    "train/loss",
-    "train/k",
-    "train/grad_norm",
-    "train/lr",
-    "train/skipped_steps",
-    "perf/step_seconds",
-    "perf/images_per_second",
-    "perf/peak_memory_mb",
-)
-EVAL_METRICS = ("eval/reward", "eval/diversity", "eval/diversity_across_prompts")
-TERM_PREFIXES = ("train/reward/", "eval/reward/")
 MAX_COMBINATIONS = 64  # grid/choice combinations checked one by one; beyond, each field is checked alone
 Mode = Literal["max", "min"]
 
