@@ -32,6 +32,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts, run in this order")
     p.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     p.add_argument("--k", type=int, default=5, help="fixed K (of the yaml's T=10)")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=None,
+        help="what-if: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for the Train controller (Ray's default: 2 s)",
+    )
     p.add_argument("--out", default=None)
     return p.parse_args()
 
@@ -63,12 +69,15 @@ def run_ray(args) -> dict:
     from alignprop_ray.train.launch import run_training
 
     t0 = time.perf_counter()
+    # The controller reads its poll interval from its own environment: set it for the whole job.
+    env = {} if args.poll_interval is None else {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(args.poll_interval)}
     ray.init(
         address="local",
         num_cpus=2,
         _node_ip_address="127.0.0.1",
         log_to_driver=False,
         configure_logging=False,
+        runtime_env={"env_vars": env} if env else None,
     )
     init_s, runs = time.perf_counter() - t0, []
     try:
@@ -147,7 +156,12 @@ def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = run_ray(args) if args.mode == "ray" else run_inprocess(args)
-    result["config"] = {"steps": args.steps, "k": args.k, "yaml": "sweeps/tiny.yaml"}
+    result["config"] = {
+        "steps": args.steps,
+        "k": args.k,
+        "yaml": "sweeps/tiny.yaml",
+        "poll_interval": args.poll_interval,
+    }
     common.emit(result, args.out)
 
 

@@ -138,16 +138,22 @@ class Bench:
         return {"runs": runs}
 
     def ray(self) -> dict:
-        """In-process and Ray (1 and 2 workers) alternating; the worker-count order flips each rep."""
+        """In-process and Ray (1 and 2 workers) alternating; the worker-count order flips each rep.
+
+        Then one what-if run with the Train controller polling every 0.1 s instead of Ray's 2 s
+        (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), the setting proposed to remove the per-step report wait.
+        """
         steps = "6" if self.args.quick else "16"
+        script = str(HERE / "ray_train.py")
         inprocess, ray_runs = [], []
         for rep in range(1 if self.args.quick else 2):
-            inprocess.append(run_json([self.py, str(HERE / "ray_train.py"), "inprocess", "--steps", steps]))
+            inprocess.append(run_json([self.py, script, "inprocess", "--steps", steps]))
             order = ["1", "2"] if rep % 2 == 0 else ["2", "1"]
-            ray_runs.append(
-                run_json([self.py, str(HERE / "ray_train.py"), "ray", "--steps", steps, "--workers", *order])
-            )
-        return {"inprocess": inprocess, "ray": ray_runs}
+            ray_runs.append(run_json([self.py, script, "ray", "--steps", steps, "--workers", *order]))
+        what_if = run_json(
+            [self.py, script, "ray", "--steps", steps, "--workers", "1", "2", "--poll-interval", "0.1"]
+        )
+        return {"inprocess": inprocess, "ray": ray_runs, "ray_poll_0.1": [what_if]}
 
     def gpu(self) -> dict:
         return run_json(
@@ -195,6 +201,10 @@ def versions(trl_python: str) -> dict:
     return out
 
 
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def loadavg() -> str:
     return " ".join(open("/proc/loadavg", encoding="ascii").read().split()[:3])
 
@@ -203,7 +213,7 @@ def main() -> None:
     args = parse_args()
     bench = Bench(args)
     results = {
-        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "started": utc_now(),
         "load_start": loadavg(),
         "machine": machine(),
         "versions": versions(args.trl_python),
@@ -218,11 +228,15 @@ def main() -> None:
     for section in SECTIONS:
         if section in args.only:
             print(f"[bench] {section} (load {loadavg()})", flush=True)
-            started = time.perf_counter()
+            started, when, load = time.perf_counter(), utc_now(), loadavg()
             results[section] = getattr(bench, section)()
-            results[section]["seconds"] = time.perf_counter() - started
-        elif section in previous:  # keep the last full measurement of sections not rerun
+            results[section].update(
+                seconds=time.perf_counter() - started, started=when, load_start=load, load_end=loadavg()
+            )
+        elif section in previous:  # keep the last measurement of sections not rerun, with its date and load
             results[section] = previous[section]
+            for key, top in (("started", "started"), ("load_start", "load_start"), ("load_end", "load_end")):
+                results[section].setdefault(key, previous.get(top, "?"))
     results["load_end"] = loadavg()
     results["minutes"] = (time.perf_counter() - t0) / 60
     Path(args.results).write_text(json.dumps(results, indent=1))
