@@ -222,7 +222,7 @@ def summary(res: dict) -> str:
         if r["overhead_what_if"] is not None:
             rows.append(
                 [
-                    "4b'. the same, Train controller polling every 0.1 s (proposed fix, one run)",
+                    "4b'. Ray Train + MLflow overhead, controller polling every 0.1 s (proposed fix, one run)",
                     "<= 5%",
                     f"{r['overhead_what_if'] * 100:+.1f}%",
                     verdict(r["overhead_what_if"] <= 0.05),
