@@ -3,6 +3,7 @@
 Two training runs share one Ray instance: a clean one and one whose rank-1 worker is killed once.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,32 @@ def test_main_returns_2_for_config_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["train", str(ROOT / "sweeps" / "tiny.yaml"), "--set", "train.lr=-1"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", [None, "0.7"])
+def test_the_train_controller_polls_faster_than_rays_2s_unless_the_user_says(tmp_path, monkeypatch, preset):
+    """Ray Train 2.60 drains a worker's per-step report only when its controller polls; Ray hands the
+    poll interval from the process calling fit() to the controller. (No Ray started: trainer faked.)"""
+    import ray.train.torch
+
+    from alignprop_ray.train import launch
+
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            seen["poll"] = os.environ.get(launch.REPORT_POLL_ENV)
+            return type("Result", (), {"checkpoint": None, "metrics": {}})()
+
+    if preset is None:
+        monkeypatch.delenv(launch.REPORT_POLL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(launch.REPORT_POLL_ENV, preset)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    monkeypatch.setattr(launch, "connect_ray", lambda: None)
+    launch.run_training(tiny_config(tmp_path), name="poll")
+    assert seen["poll"] == (preset or launch.REPORT_POLL_S)
+    assert float(launch.REPORT_POLL_S) < 2.0

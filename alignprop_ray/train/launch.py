@@ -18,6 +18,13 @@ from alignprop_ray.errors import UserError
 
 IGNORED_ON_RESUME = ("tracking.", "storage.", "failure.", "name")  # may differ between machines/reruns
 
+# Ray Train 2.60 gives each worker a one-slot result queue that its controller empties only when it polls
+# the workers, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2 s). Our loop reports every step,
+# so with the default any step shorter than 2 s is held to 2 s (BENCHMARKS.md, section 4). Ray passes the
+# variable from the process calling fit() to the controller and workers; a value set by the user wins.
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = "0.1"
+
 
 @dataclass
 class TrainOutcome:
@@ -101,6 +108,7 @@ def run_training(
         _check_same_config(cfg, run_id, name)
     loop_input.run_id = run_id
     connect_ray()
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     scaling = cfg.scaling
     trainer = TorchTrainer(
         train_loop,
