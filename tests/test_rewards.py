@@ -587,3 +587,38 @@ def test_diversity_features_come_from_a_clip_term_or_none(mixture):
     assert np.isnan(single["eval/diversity"]) and single["eval/diversity_across_prompts"] > 0
     with pytest.raises(ValueError, match="group ids"):
         diversity(x, [0])
+
+
+def test_terms_naming_the_same_clip_model_share_one_frozen_copy(monkeypatch):
+    import weakref
+
+    from alignprop_ray.rewards import clip_models
+
+    spec = {"aesthetic": {"arch": "tiny"}, "clip_score": {"arch": "tiny"}}
+    x = images()
+
+    def values_and_grads(mix, names):
+        y = x.clone().requires_grad_(True)
+        terms = mix(y, PROMPTS).terms
+        return {n: (terms[n], torch.autograd.grad(terms[n].sum(), y, retain_graph=True)[0]) for n in names}
+
+    def fresh_cache():
+        monkeypatch.setattr(clip_models, "_SHARED_OPEN_CLIP", weakref.WeakValueDictionary())
+
+    alone = {}
+    for name in spec:
+        fresh_cache()
+        alone |= values_and_grads(build_reward({name: spec[name]}, device="cpu", dtype=torch.float32), [name])
+    fresh_cache()
+    mix = build_reward(spec, device="cpu", dtype=torch.float32)
+    assert mix.rewards["aesthetic"].encoder.model is mix.rewards["clip_score"].encoder.model
+    shared = values_and_grads(mix, list(spec))
+    for name in spec:  # sharing changes nothing a term computes, gradients included
+        torch.testing.assert_close(shared[name], alone[name], rtol=0, atol=0)
+
+    for other in ({"arch": "tiny", "seed": 1}, {"arch": "tiny", "weight": 2.0}):
+        got = build_reward({"clip_score": other}, device="cpu", dtype=torch.float32).rewards["clip_score"]
+        same = other.get("seed", 0) == 0  # the weight is the mixture's business, not the model's
+        assert (got.encoder.model is mix.rewards["clip_score"].encoder.model) == same
+    bf16 = build_reward({"clip_score": spec["clip_score"]}, device="cpu", dtype=torch.bfloat16)
+    assert bf16.rewards["clip_score"].encoder.model is not mix.rewards["clip_score"].encoder.model

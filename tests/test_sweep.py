@@ -542,6 +542,26 @@ def test_resumed_sweep_completes_without_rerunning_or_duplicates(killed_and_resu
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.steps=5", "base.train.steps was 4 when sweep 'smoke' started (now 5)"),
+        ("sampling.steps=6", "base.sampling.steps was 4 when sweep 'smoke' started (now 6)"),
+    ],
+)
+def test_resume_refuses_a_changed_base_setting(killed_and_resumed, monkeypatch, capsys, override, expected):
+    """Tune would resume its pickled trial configs: a changed base setting must not pass silently."""
+    tmp, uri, *_ = killed_and_resumed
+    client, runs_before = mlflow_runs(uri, "smoke")
+    monkeypatch.chdir(tmp)
+    assert cli.main([*sweep_command("--set", override, "--resume")[3:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(expected + "; resume it with the same settings, or start another with --set name=...")
+    assert len(err.splitlines()) == 1
+    assert len(mlflow_runs(uri, "smoke")[1]) == len(runs_before)
+
+
+@pytest.mark.ray
 def test_resumed_sweep_prints_the_table_and_the_best_adapter(killed_and_resumed, tiny_dir):
     from diffusers import StableDiffusionPipeline
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +58,10 @@ _TINY_HF_CLIP = {
 }
 _TEXT_CACHE_SIZE = 4096
 M = TypeVar("M", bound=nn.Module)
+
+# Reward terms naming the same open_clip model and weights (aesthetic and clip_score both default to
+# OpenAI's ViT-L/14: 1.7 GB in fp32) share one frozen copy; it lives as long as some encoder holds it.
+_SHARED_OPEN_CLIP: weakref.WeakValueDictionary[tuple, nn.Module] = weakref.WeakValueDictionary()
 
 
 class ClipEncoder(nn.Module):
@@ -178,14 +183,19 @@ def load_open_clip(
     import open_clip
 
     name = register_tiny_open_clip() if arch == TINY else arch
-    with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
-        torch.manual_seed(seed)
-        model = open_clip.create_model(name, pretrained=None, device="cpu")
-    if checkpoint is not None:
-        state = load_state_dict(option, checkpoint)
-        if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
-            state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-        load_strict(option, model, state, checkpoint)
+    weights = (str(checkpoint.resolve()), checkpoint.stat().st_mtime_ns) if checkpoint else ("seed", seed)
+    key = (name, weights, str(device), dtype)
+    model = _SHARED_OPEN_CLIP.get(key)
+    if model is None:
+        with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
+            torch.manual_seed(seed)
+            model = open_clip.create_model(name, pretrained=None, device="cpu")
+        if checkpoint is not None:
+            state = load_state_dict(option, checkpoint)
+            if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+                state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+            load_strict(option, model, state, checkpoint)
+        model = _SHARED_OPEN_CLIP[key] = _frozen(model, device, dtype)
     preprocess = _open_clip_preprocess(model.visual.preprocess_cfg, resize)
     return _frozen(OpenClipEncoder(model, preprocess, open_clip.get_tokenizer(name)), device, dtype)
 

@@ -133,7 +133,8 @@ def _check_state(sweep, path: str, uri: str, experiment: str, resume: bool) -> N
 
 
 def _check_same_search(sweep, uri: str, experiment: str) -> None:
-    """Tune resumes the search it pickled: a changed space or Tune setting would silently not apply."""
+    """Tune resumes the search and trial configs it pickled: a changed space, Tune or base setting would
+    silently not apply (or apply to some trials only)."""
     from alignprop_ray import tracking
     from alignprop_ray.sweep.tracking import find_parent, parent_params
 
@@ -145,7 +146,7 @@ def _check_same_search(sweep, uri: str, experiment: str) -> None:
         if key in logged and logged[key] != value[: tracking.MAX_PARAM_CHARS]:
             raise UserError(
                 f"{key} was {logged[key]} when sweep {sweep.name!r} started (now {value}); "
-                "resume it with the same search, or start another with --set name=..."
+                "resume it with the same settings, or start another with --set name=..."
             )
 
 

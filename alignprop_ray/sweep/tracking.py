@@ -37,8 +37,16 @@ def find_parent(uri: str, experiment: str, sweep: str) -> str | None:
 
 
 def parent_params(sweep) -> dict[str, str]:
-    """The search as MLflow params of the parent run: each space entry and the Tune settings."""
+    """The search as MLflow params of the parent run: each space entry, the Tune settings, and every
+    base setting the space leaves alone (`base.<field>`; machine-local ones such as tracking. excepted)."""
+    from alignprop_ray.train.launch import IGNORED_ON_RESUME
+
     params = {f"space.{d.field}": d.describe() for d in sweep.domains}
+    searched = tuple(d.field for d in sweep.domains)
+    for key, value in sweep.reference.flat_params().items():
+        overlaps = any(key == f or key.startswith(f"{f}.") or f.startswith(f"{key}.") for f in searched)
+        if not (overlaps or key.startswith(IGNORED_ON_RESUME)):
+            params[f"base.{key}"] = value
     tune = sweep.config.tune
     params.update(
         {
