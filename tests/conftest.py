@@ -23,6 +23,17 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "pipe")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box two OpenMP threads
+    competing with other processes' tests stall at barriers (measured: one 8-step run took 2 s with one
+    thread and 9 to 74 s with two). A module opts in with `pytestmark = pytest.mark.usefixtures(...)`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_parts():
     from alignprop_ray.engine.models import load_parts

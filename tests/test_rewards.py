@@ -34,20 +34,10 @@ from alignprop_ray.rewards.registry import get_entry
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 LEARNED = ("aesthetic", "clip_score", "hpsv2", "pickscore")
 OFFLINE = ("compressibility", "contrast", "jpeg_compressibility", "saturation", "sharpness")
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box two OpenMP threads
-    competing with other processes' tests stall at barriers (measured: one 8-step run took 2 s with one
-    thread and 9 to 74 s with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def term_spec(name: str) -> dict:

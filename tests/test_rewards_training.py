@@ -18,20 +18,10 @@ from alignprop_ray.engine.models import load_parts  # noqa: E402
 from alignprop_ray.engine.sampler import SamplerSettings  # noqa: E402
 from alignprop_ray.engine.truncation import parse_truncation  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["a cat", "a dog", "a red car"]
 SAMPLER = SamplerSettings(steps=6, guidance_scale=5.0)
 EVAL_PROMPTS, EVAL_SEEDS = PROMPTS * 2, [0, 0, 0, 1, 1, 1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box two OpenMP threads
-    competing with other processes' tests stall at barriers (measured: one 8-step run took 2 s with one
-    thread and 9 to 74 s with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_learner(spec: dict, lr: float):
