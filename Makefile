@@ -28,11 +28,11 @@ bench: setup
 	bash bench/run.sh
 
 lint: setup
-	$(VENV)/bin/ruff check alignprop_ray tests notebooks
-	$(VENV)/bin/ruff format --check alignprop_ray tests notebooks
+	$(VENV)/bin/ruff check alignprop_ray tests notebooks bench
+	$(VENV)/bin/ruff format --check alignprop_ray tests notebooks bench
 
 format: setup
-	$(VENV)/bin/ruff format alignprop_ray tests
+	$(VENV)/bin/ruff format alignprop_ray tests notebooks bench
 	$(VENV)/bin/ruff check --fix alignprop_ray tests
 
 clean:
