@@ -103,3 +103,18 @@ def test_plan_shards_prompts_and_shares_k_across_workers():
     assert {p for b in b0 for p in b.prompts} <= set((PROMPTS * 2)[0::2])
     assert {p for b in b1 for p in b.prompts} <= set((PROMPTS * 2)[1::2])
     assert {s for b in b0 for s in b.seeds}.isdisjoint({s for b in b1 for s in b.seeds})
+
+
+def test_bfloat16_base_trains_fp32_lora_without_cast_warnings(capfd):
+    """The SD 1.5 configs run the frozen base in bf16 under autocast; LoRA and its optimizer stay fp32."""
+    parts = load_parts("tiny", dtype=torch.bfloat16)
+    assert "Casting directly" not in capfd.readouterr().err  # diffusers' .to(dtype) warning, not for us
+    params = attach_lora(parts.unet, LoraSettings(rank=4, alpha=4))
+    before = [p.detach().clone() for p in params]
+    learner = AlignPropLearner(
+        parts, params, brightness_reward, SAMPLER, OptimSettings(lr=1e-2), resolution=32
+    )
+    results = run(learner, 4)
+    assert all(r.updated and not r.nonfinite and math.isfinite(r.grad_norm) for r in results)
+    assert parts.unet.dtype == torch.bfloat16 and {p.dtype for p in params} == {torch.float32}
+    assert any(not torch.equal(b, p) for b, p in zip(before, params, strict=True))

@@ -43,7 +43,10 @@ class DiffusionParts:
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device)
             if dtype is not None and module.dtype != dtype:
-                module.to(dtype=dtype)
+                if getattr(module, "_keep_in_fp32_modules", None):
+                    module.to(dtype=dtype)  # diffusers keeps the named modules in fp32 (and warns)
+                else:  # diffusers warns on every cast, even for classes that keep nothing in fp32
+                    torch.nn.Module.to(module, dtype=dtype)
         return self
 
     def freeze(self) -> DiffusionParts:
@@ -57,11 +60,11 @@ def load_parts(
     pretrained: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> DiffusionParts:
     """Load `tiny`, a hub id, or a local diffusers pipeline directory; frozen, on device, in dtype."""
-    parts = build_tiny_parts() if pretrained == TINY else _load_pretrained(pretrained)
+    parts = build_tiny_parts() if pretrained == TINY else _load_pretrained(pretrained, dtype)
     return parts.to(device, dtype).freeze()
 
 
-def _load_pretrained(pretrained: str) -> DiffusionParts:
+def _load_pretrained(pretrained: str, dtype: torch.dtype) -> DiffusionParts:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -74,9 +77,9 @@ def _load_pretrained(pretrained: str) -> DiffusionParts:
     try:
         return DiffusionParts(
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae"),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype),
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype),
             scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler"),
         )
     except (OSError, ValueError) as err:
