@@ -1,0 +1,63 @@
+"""CUDA-only behaviour of the engine (skipped where no GPU exists): fp16 loss scaling, flat memory in K.
+
+The CPU suite covers the same code paths in fp32/bf16; these check what only a GPU shows: the
+GradScaler path that fp16 needs, and peak device memory (the CUDA caching allocator counts exactly the
+tensors alive, unlike CPU RSS, see BENCHMARKS.md section 3).
+"""
+
+import math
+
+import pytest
+import torch
+
+from alignprop_ray.engine.lora import LoraSettings, attach_lora
+from alignprop_ray.engine.models import load_parts
+from alignprop_ray.engine.sampler import SamplerSettings
+from alignprop_ray.engine.step import AlignPropLearner, Batch, OptimSettings
+from tests.conftest import brightness_reward
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+PROMPTS = ["a cat", "a dog"]
+
+
+def cuda_learner(dtype: torch.dtype, steps: int, checkpoint: bool = True) -> AlignPropLearner:
+    parts = load_parts("tiny", dtype=dtype, device="cuda")
+    params = attach_lora(parts.unet, LoraSettings(rank=4, alpha=4))
+    sampler = SamplerSettings(steps=steps, guidance_scale=5.0, checkpoint=checkpoint)
+    return AlignPropLearner(parts, params, brightness_reward, sampler, OptimSettings(lr=1e-2), resolution=128)
+
+
+def test_fp16_on_cuda_uses_loss_scaling_and_updates_fp32_lora():
+    learner = cuda_learner(torch.float16, steps=6)
+    assert learner.scaler is not None
+    before = [p.detach().clone() for p in learner.params]
+    updated = 0
+    for k in (2, 6, 3, 4, 5, 1):
+        result = learner.train_step([Batch(PROMPTS, [0, 1])], [k])
+        # an fp16 overflow lowers the loss scale and skips the step; it is never reported as non-finite
+        assert not result.nonfinite and math.isfinite(result.reward)
+        updated += result.updated
+    assert updated >= 3
+    assert {(p.dtype, p.device.type) for p in learner.params} == {(torch.float32, "cuda")}
+    assert any(not torch.equal(b, p) for b, p in zip(before, learner.params, strict=True))
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_peak_cuda_memory_is_flat_in_k_only_with_checkpointing(checkpoint):
+    steps = 10
+    learner = cuda_learner(torch.float32, steps, checkpoint)
+    learner.train_step([Batch(PROMPTS, [0, 1])], [1])  # warm-up: optimizer state, cuDNN workspaces
+
+    def peak(k: int) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        resting = torch.cuda.memory_allocated()
+        learner.train_step([Batch(PROMPTS, [0, 1])], [k])
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - resting
+
+    growth = peak(steps) / peak(1)
+    if checkpoint:
+        assert growth <= 1.15, growth
+    else:
+        assert growth >= 1.5, growth
