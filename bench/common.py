@@ -157,5 +157,22 @@ def emit(result: dict, out: str | None) -> None:
         sys.stdout.write(text + "\n")
 
 
+def add_step_args(p, *, k_range_help: str, dtype_help: str) -> None:
+    """The options step_ours.py and step_trl.py share, so both sides of a comparison take the same work."""
+    p.add_argument(
+        "--pipeline", required=True, help="diffusers pipeline directory (alignprop-ray make-tiny-model)"
+    )
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps T")
+    p.add_argument("--k", type=int, default=10, help="fixed K: trailing steps that carry gradient")
+    p.add_argument("--k-range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"), help=k_range_help)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help=dtype_help)
+    p.add_argument("--batch", type=int, default=2, help="images per optimizer step")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--threads", type=int, default=env_threads())
+
+
 def env_threads() -> int:
     return int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))

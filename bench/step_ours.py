@@ -20,33 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--pipeline", required=True, help="diffusers pipeline directory (alignprop-ray make-tiny-model)"
+    common.add_step_args(
+        p,
+        k_range_help="draw K per step uniformly from LOW..HIGH instead (the same draws as step_trl.py)",
+        dtype_help="frozen base weights (LoRA stays fp32)",
     )
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps T")
-    p.add_argument("--k", type=int, default=10, help="fixed K: trailing steps that carry gradient")
-    p.add_argument(
-        "--k-range",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("LOW", "HIGH"),
-        help="draw K per step uniformly from LOW..HIGH instead (the same draws as step_trl.py)",
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "float16", "bfloat16"],
-        help="frozen base weights (LoRA stays fp32)",
-    )
-    p.add_argument("--batch", type=int, default=2, help="images per optimizer step")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's native size)")
-    p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--no-checkpoint", action="store_true", help="keep every UNet activation of the K steps")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=8)
-    p.add_argument("--threads", type=int, default=common.env_threads())
     p.add_argument(
         "--channels-last",
         action="store_true",

@@ -24,29 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pipeline", required=True)
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps T")
-    p.add_argument("--k", type=int, default=10, help="fixed K: trailing steps that carry gradient")
-    p.add_argument(
-        "--k-range",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("LOW", "HIGH"),
-        help="draw K per step uniformly from LOW..HIGH (LOW >= 1: TRL cannot take a step with K=0)",
+    common.add_step_args(
+        p,
+        k_range_help="draw K per step uniformly from LOW..HIGH (LOW >= 1: TRL cannot take a step with K=0)",
+        dtype_help="frozen base weights, via TRL's mixed_precision (no / fp16 / bf16)",
     )
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "float16", "bfloat16"],
-        help="frozen base weights, via TRL's mixed_precision (no / fp16 / bf16)",
-    )
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=8)
-    p.add_argument("--threads", type=int, default=common.env_threads())
     p.add_argument("--workdir", default=None, help="accelerate project dir (default: a temp dir)")
     p.add_argument("--out", default=None)
     return p.parse_args()
