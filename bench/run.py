@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import report
@@ -47,6 +48,12 @@ def run_json(cmd: list[str], timeout: float = 1800, env: dict | None = None) -> 
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout[proc.stdout.index("{") :])
+
+
+def run_json_together(cmds: list[list[str]]) -> list[dict]:
+    """Run measurement processes at the same time (each as `run_json`)."""
+    with ThreadPoolExecutor(len(cmds)) as pool:
+        return list(pool.map(run_json, cmds))
 
 
 class Bench:
@@ -138,22 +145,31 @@ class Bench:
         return {"runs": runs}
 
     def ray(self) -> dict:
-        """In-process and Ray (1 and 2 workers) alternating; the worker-count order flips each rep.
+        """In-process (alone, then two copies at once) and Ray (1 and 2 workers), alternating; the
+        worker-count order flips each rep. Two in-process copies at once, without Ray, are the
+        machine's own ceiling for 2 workers.
 
         Then one run with Ray's default controller poll of 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
         instead of the 0.1 s that `run_training` sets: what the per-step report wait costs without it.
         """
         steps = "6" if self.args.quick else "16"
         script = str(HERE / "ray_train.py")
-        inprocess, ray_runs = [], []
+        inprocess_cmd = [self.py, script, "inprocess", "--steps", steps]
+        inprocess, together, ray_runs = [], [], []
         for rep in range(1 if self.args.quick else 2):
-            inprocess.append(run_json([self.py, script, "inprocess", "--steps", steps]))
+            inprocess.append(run_json(inprocess_cmd))
+            together.append(run_json_together([inprocess_cmd, inprocess_cmd]))
             order = ["1", "2"] if rep % 2 == 0 else ["2", "1"]
             ray_runs.append(run_json([self.py, script, "ray", "--steps", steps, "--workers", *order]))
         what_if = run_json(
             [self.py, script, "ray", "--steps", steps, "--workers", "1", "2", "--poll-interval", "2.0"]
         )
-        return {"inprocess": inprocess, "ray": ray_runs, "ray_poll_2.0": [what_if]}
+        return {
+            "inprocess": inprocess,
+            "inprocess_together": together,
+            "ray": ray_runs,
+            "ray_poll_2.0": [what_if],
+        }
 
     def gpu(self) -> dict:
         return run_json(
