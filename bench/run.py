@@ -40,10 +40,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def run_json(cmd: list[str], timeout: float = 1800, env: dict | None = None) -> dict:
+def shown(cmd: list[str]) -> str:
+    return " ".join(Path(c).name if c.endswith((".py", "python", "python3")) else c for c in cmd)
+
+
+def run_json(cmd: list[str], timeout: float = 1800, env: dict | None = None, quiet: bool = False) -> dict:
     """Run one measurement process; its stdout ends with one JSON object."""
-    shown = " ".join(Path(c).name if c.endswith((".py", "python", "python3")) else c for c in cmd)
-    print("  $", ("MALLOC_MMAP_THRESHOLD_=131072 " if env else "") + shown, flush=True)
+    if not quiet:
+        print("  $", ("MALLOC_MMAP_THRESHOLD_=131072 " if env else "") + shown(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -52,8 +56,9 @@ def run_json(cmd: list[str], timeout: float = 1800, env: dict | None = None) -> 
 
 def run_json_together(cmds: list[list[str]]) -> list[dict]:
     """Run measurement processes at the same time (each as `run_json`)."""
+    print("  $", " & ".join(shown(cmd) for cmd in cmds), flush=True)
     with ThreadPoolExecutor(len(cmds)) as pool:
-        return list(pool.map(run_json, cmds))
+        return list(pool.map(lambda cmd: run_json(cmd, quiet=True), cmds))
 
 
 class Bench:
