@@ -567,6 +567,7 @@ def test_resumed_sweep_prints_the_table_and_the_best_adapter(killed_and_resumed,
 
     tmp, *_, resumed = killed_and_resumed
     out = resumed.stdout
+    assert "View run" not in out  # MLflow's links would point at the sweep's server, gone after the sweep
     table = out[out.index("\ntrial ") :].splitlines()
     assert table[1].split()[:3] == ["trial", "truncation", "train.lr"]
     assert sum(line.rstrip().endswith("completed") for line in table) == 4

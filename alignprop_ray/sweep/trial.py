@@ -8,6 +8,7 @@ restores its last checkpoint from storage; MLflow finds the run by name) instead
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,9 @@ def run_trial(point: dict[str, Any], context: TrialContext) -> None:
 
     from alignprop_ray.train.launch import run_training
 
+    if context.tracking_uri != context.sweep.reference.tracking.uri:
+        # a local server in front of SQLite that ends with the sweep: MLflow's "View run at" links would die
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = context.experiment_for(point)
     name = child_name(context.sweep.name, trial_id)
