@@ -95,6 +95,7 @@ def memory_numbers(memory: dict, allocator: str) -> dict:
 ALLOCATORS = {
     "default": "glibc malloc, default settings",
     "mmap128k": "glibc malloc with MALLOC_MMAP_THRESHOLD_=131072 (freed large blocks return to the OS)",
+    "jemalloc": "jemalloc 5 (Ray's bundled `ray/core/libjemalloc.so`, via LD_PRELOAD)",
 }
 
 
@@ -174,7 +175,8 @@ def summary(res: dict) -> str:
             ]
         )
     if "memory" in res:
-        for allocator, label in (("default", "glibc default"), ("mmap128k", "mmap threshold 128 KiB")):
+        short = {"default": "glibc default", "mmap128k": "mmap threshold 128 KiB", "jemalloc": "jemalloc"}
+        for allocator, label in short.items():
             if not any(r.get("allocator", "default") == allocator for r in res["memory"]["runs"]):
                 continue
             m = memory_numbers(res["memory"], allocator)
@@ -341,7 +343,7 @@ def memory_section(memory: dict) -> str:
         "",
         "Tiny model at resolution 128 ({n}x{n} latents), T={T}, batch 2, CFG, fp32, CPU; one fresh process per "
         "cell, one warm-up step + one step; peak RSS from the load onwards, and that peak minus the RSS right "
-        "after loading (what the steps themselves add). Every cell is measured under two allocator settings.",
+        "after loading (what the steps themselves add). Every cell is measured under each allocator setting.",
     ]
     latent = None
     for allocator, label in ALLOCATORS.items():

@@ -44,10 +44,15 @@ def shown(cmd: list[str]) -> str:
     return " ".join(Path(c).name if c.endswith((".py", "python", "python3")) else c for c in cmd)
 
 
-def run_json(cmd: list[str], timeout: float = 1800, env: dict | None = None, quiet: bool = False) -> dict:
-    """Run one measurement process; its stdout ends with one JSON object."""
+def run_json(
+    cmd: list[str], timeout: float = 1800, extra_env: dict | None = None, quiet: bool = False
+) -> dict:
+    """Run one measurement process (with `extra_env` added to the environment); its stdout ends with
+    one JSON object."""
     if not quiet:
-        print("  $", ("MALLOC_MMAP_THRESHOLD_=131072 " if env else "") + shown(cmd), flush=True)
+        prefix = "".join(f"{k}={v} " for k, v in (extra_env or {}).items())
+        print("  $", prefix + shown(cmd), flush=True)
+    env = {**os.environ, **extra_env} if extra_env else None
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -59,6 +64,17 @@ def run_json_together(cmds: list[list[str]]) -> list[dict]:
     print("  $", " & ".join(shown(cmd) for cmd in cmds), flush=True)
     with ThreadPoolExecutor(len(cmds)) as pool:
         return list(pool.map(lambda cmd: run_json(cmd, quiet=True), cmds))
+
+
+def allocator_envs() -> dict[str, dict]:
+    """Allocator settings for the memory benchmark, as environment additions."""
+    import ray
+
+    envs = {"default": {}, "mmap128k": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+    jemalloc = Path(ray.__file__).parent / "core" / "libjemalloc.so"
+    if jemalloc.is_file():
+        envs["jemalloc"] = {"LD_PRELOAD": str(jemalloc)}
+    return envs
 
 
 class Bench:
@@ -113,14 +129,15 @@ class Bench:
     def memory(self) -> dict:
         """Peak RSS per (K, checkpointing, allocator) at resolution 128 (64x64 latents), one fresh process each.
 
-        Each cell runs twice: with glibc malloc as configured by default, and with its mmap threshold fixed
-        at 128 KiB (MALLOC_MMAP_THRESHOLD_), so that freed large blocks go back to the OS and RSS follows the
-        memory actually in use instead of what the allocator keeps after frees.
+        Each cell runs under each allocator setting: glibc malloc as configured by default; glibc with
+        its mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_), so that freed large blocks go back to
+        the OS and RSS follows the memory actually in use instead of what the allocator keeps after frees;
+        and jemalloc (the copy Ray ships, preloaded), where it exists.
         """
         runs = []
         for k in (1, 5, 10, 20):
             for checkpoint in (True, False):
-                for allocator in ("default", "mmap128k"):
+                for allocator, extra_env in allocator_envs().items():
                     cmd = [
                         self.py,
                         str(HERE / "step_ours.py"),
@@ -141,12 +158,7 @@ class Bench:
                         "--iters",
                         "1",
                     ] + ([] if checkpoint else ["--no-checkpoint"])
-                    env = (
-                        {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-                        if allocator == "mmap128k"
-                        else None
-                    )
-                    runs.append({"allocator": allocator, **run_json(cmd, env=env)})
+                    runs.append({"allocator": allocator, **run_json(cmd, extra_env=extra_env)})
         return {"runs": runs}
 
     def ray(self) -> dict:
