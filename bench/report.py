@@ -101,44 +101,46 @@ ALLOCATORS = {
 
 def ray_numbers(ray: dict) -> dict:
     inproc = [r["step_s"]["median"] for r in ray["inprocess"]]
-    per_workers: dict[int, list[dict]] = {}
-    for run in ray["ray"]:
-        for r in run["runs"]:
-            per_workers.setdefault(r["workers"], []).append(r)
-    ips = {
-        w: med([r["images_per_step"] / r["interval_s"]["median"] for r in rs])
-        for w, rs in per_workers.items()
-    }
-    one = per_workers.get(1, [])
-    overhead = med([r["interval_s"]["median"] for r in one]) / med(inproc) - 1 if one else None
-    what_if: dict[int, list[dict]] = {}
-    for run in ray.get("ray_poll_2.0", []):
-        for r in run["runs"]:
-            what_if.setdefault(r["workers"], []).append(r)
-    overhead_what_if = None
-    if 1 in what_if:
-        overhead_what_if = med([r["interval_s"]["median"] for r in what_if[1]]) / med(inproc) - 1
     # two in-process copies at once: each process's step median, pooled
     together = [r["step_s"]["median"] for pair in ray.get("inprocess_together", []) for r in pair]
+    per_workers = by_workers(ray["ray"])
+    what_if = by_workers(ray.get("ray_poll_2.0", []))
+
+    def overhead(groups: dict[int, list[dict]]) -> float | None:
+        return med(intervals(groups[1])) / med(inproc) - 1 if 1 in groups else None
+
+    def speedup(groups: dict[int, list[dict]]) -> float | None:
+        return images_per_s(groups[2]) / images_per_s(groups[1]) if 1 in groups and 2 in groups else None
+
     return {
         "inproc": inproc,
         "together": together,
         "ceiling": 2 * med(inproc) / med(together) if together else None,
         "per_workers": per_workers,
-        "ips": ips,
-        "overhead": overhead,
-        "speedup": ips[2] / ips[1] if 1 in ips and 2 in ips else None,
+        "overhead": overhead(per_workers),
+        "speedup": speedup(per_workers),
         "what_if": what_if,
-        "overhead_what_if": overhead_what_if,
-        "speedup_what_if": images_per_s(what_if, 2) / images_per_s(what_if, 1)
-        if 1 in what_if and 2 in what_if
-        else None,
+        "overhead_what_if": overhead(what_if),
+        "speedup_what_if": speedup(what_if),
     }
 
 
-def images_per_s(per_workers: dict[int, list[dict]], workers: int) -> float:
-    runs = per_workers[workers]
-    return runs[0]["images_per_step"] / med([r["interval_s"]["median"] for r in runs])
+def by_workers(invocations: list[dict]) -> dict[int, list[dict]]:
+    """The runs of several `ray_train.py ray` invocations, grouped by worker count."""
+    groups: dict[int, list[dict]] = {}
+    for invocation in invocations:
+        for run in invocation["runs"]:
+            groups.setdefault(run["workers"], []).append(run)
+    return groups
+
+
+def intervals(runs: list[dict]) -> list[float]:
+    return [r["interval_s"]["median"] for r in runs]
+
+
+def images_per_s(runs: list[dict]) -> float:
+    """Median over runs of each run's images per second."""
+    return med([r["images_per_step"] / r["interval_s"]["median"] for r in runs])
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -392,54 +394,33 @@ def memory_section(memory: dict) -> str:
 
 def ray_section(ray: dict) -> str:
     r = ray_numbers(ray)
-    rows = [
-        [
-            "in-process (engine only, 1 thread)",
-            1,
-            ray["inprocess"][0]["images_per_step"],
-            s(med(r["inproc"])),
-            spread(r["inproc"]),
-            f"{ray['inprocess'][0]['images_per_step'] / med(r['inproc']):.2f}",
-            "–",
+    images = ray["inprocess"][0]["images_per_step"]
+
+    def inprocess_row(label: str, copies: int, times: list[float]) -> list:
+        per_step = copies * images
+        return [label, copies, per_step, s(med(times)), spread(times), f"{per_step / med(times):.2f}", "–"]
+
+    def ray_row(label: str, workers: int, runs: list[dict]) -> list:
+        steps = intervals(runs)
+        train_step = s(med([x["train_step_s"]["median"] for x in runs]))
+        return [
+            label,
+            workers,
+            runs[0]["images_per_step"],
+            s(med(steps)),
+            spread(steps),
+            f"{images_per_s(runs):.2f}",
+            train_step,
         ]
-    ]
+
+    rows = [inprocess_row("in-process (engine only, 1 thread)", 1, r["inproc"])]
     if r["together"]:
-        rows.append(
-            [
-                "in-process, 2 copies at once (no Ray)",
-                2,
-                2 * ray["inprocess"][0]["images_per_step"],
-                s(med(r["together"])),
-                spread(r["together"]),
-                f"{2 * ray['inprocess'][0]['images_per_step'] / med(r['together']):.2f}",
-                "–",
-            ]
-        )
+        rows.append(inprocess_row("in-process, 2 copies at once (no Ray)", 2, r["together"]))
     for workers, runs in sorted(r["per_workers"].items()):
-        intervals = [x["interval_s"]["median"] for x in runs]
-        rows.append(
-            [
-                f"Ray Train + MLflow, {workers} worker(s)",
-                workers,
-                runs[0]["images_per_step"],
-                s(med(intervals)),
-                spread(intervals),
-                f"{r['ips'][workers]:.2f}",
-                s(med([x["train_step_s"]["median"] for x in runs])),
-            ]
-        )
+        rows.append(ray_row(f"Ray Train + MLflow, {workers} worker(s)", workers, runs))
     for workers, runs in sorted(r["what_if"].items()):
-        intervals = [x["interval_s"]["median"] for x in runs]
         rows.append(
-            [
-                f"what-if: Ray's default 2 s controller poll, {workers} worker(s)",
-                workers,
-                runs[0]["images_per_step"],
-                s(med(intervals)),
-                spread(intervals),
-                f"{runs[0]['images_per_step'] / med(intervals):.2f}",
-                s(med([x["train_step_s"]["median"] for x in runs])),
-            ]
+            ray_row(f"what-if: Ray's default 2 s controller poll, {workers} worker(s)", workers, runs)
         )
     cfg = ray["inprocess"][0]["config"]
     lines = [
