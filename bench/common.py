@@ -172,6 +172,7 @@ def add_step_args(p, *, k_range_help: str, dtype_help: str) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--threads", type=int, default=env_threads())
+    p.add_argument("--out", default=None, help="JSON file (default: stdout)")
 
 
 def env_threads() -> int:

@@ -35,7 +35,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--floor", action="store_true", help="also time a no-grad generation before each step")
     p.add_argument("--phases", action="store_true", help="break the timed steps down into phases")
     p.add_argument("--profile", action="store_true", help="torch.profiler over the last timed step: top ops")
-    p.add_argument("--out", default=None, help="JSON file (default: stdout)")
     return p.parse_args()
 
 

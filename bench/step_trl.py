@@ -30,7 +30,6 @@ def parse_args() -> argparse.Namespace:
         dtype_help="frozen base weights, via TRL's mixed_precision (no / fp16 / bf16)",
     )
     p.add_argument("--workdir", default=None, help="accelerate project dir (default: a temp dir)")
-    p.add_argument("--out", default=None)
     return p.parse_args()
 
 
