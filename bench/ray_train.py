@@ -120,27 +120,16 @@ def run_inprocess(args) -> dict:
     common.set_threads(1)  # what each Ray worker gets (Ray sets OMP_NUM_THREADS to its 1 CPU)
     import torch
 
-    from alignprop_ray.engine.step import plan_step
     from alignprop_ray.prompts import load_prompts
-    from alignprop_ray.train.loop import build_learner
+    from alignprop_ray.train.loop import build_learner, plan_training_step
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config(tmp, args.steps, args.k, 1)
     learner = build_learner(cfg, torch.device("cpu"))
     prompts = load_prompts(cfg.prompts.train)
-    truncation = cfg.truncation_spec()
 
     def step(i):
-        batches, ks = plan_step(
-            prompts,
-            truncation,
-            cfg.sampling.steps,
-            step=i,
-            seed=cfg.train.seed,
-            batch_size=cfg.train.batch_size,
-            grad_accum=cfg.train.grad_accum,
-        )
-        learner.train_step(batches, ks)
+        learner.train_step(*plan_training_step(cfg, prompts, i))
 
     # the same steps as the Ray run's steady state: steps SKIP_FIRST .. steps-2 (0-based)
     times = common.time_steps(step, SKIP_FIRST, args.steps - 1 - SKIP_FIRST)

@@ -62,7 +62,7 @@ def train_loop(loop_input: dict) -> None:
     logger = _rank0_logger(cfg, data.run_id) if rank == 0 else None
     if rank == 0:
         _print_header(cfg, world_size, progress.step)
-    truncation, started, first_step = cfg.truncation_spec(), time.perf_counter(), progress.step
+    started, first_step = time.perf_counter(), progress.step
     if progress.step == 0:  # the base model's eval scores: the reference every curve starts from
         baseline = evaluate(learner, cfg, data.eval_prompts, 0, None, logger)
         if logger:
@@ -70,17 +70,7 @@ def train_loop(loop_input: dict) -> None:
         ray.train.report({**baseline, "step": 0})  # a stopper's "relative to the first evaluation" baseline
     for step in range(progress.step, cfg.train.steps):
         _maybe_fail(data, step, rank, world_size)
-        batches, ks = plan_step(
-            data.train_prompts,
-            truncation,
-            cfg.sampling.steps,
-            step=step,
-            seed=cfg.train.seed,
-            batch_size=cfg.train.batch_size,
-            grad_accum=cfg.train.grad_accum,
-            rank=rank,
-            world_size=world_size,
-        )
+        batches, ks = plan_training_step(cfg, data.train_prompts, step, rank, world_size)
         t0 = time.perf_counter()
         result = learner.train_step(batches, ks)
         seconds = time.perf_counter() - t0
@@ -103,6 +93,21 @@ def train_loop(loop_input: dict) -> None:
     if logger:
         logger.set_tags({"alignprop.lora_sha256_by_rank": ",".join(digests)})
         _finish(learner, logger)
+
+
+def plan_training_step(cfg, prompts: list[str], step: int, rank: int = 0, world_size: int = 1):
+    """`plan_step` for optimizer step `step` of experiment `cfg` on worker `rank` of `world_size`."""
+    return plan_step(
+        prompts,
+        cfg.truncation_spec(),
+        cfg.sampling.steps,
+        step=step,
+        seed=cfg.train.seed,
+        batch_size=cfg.train.batch_size,
+        grad_accum=cfg.train.grad_accum,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def check_workers_in_sync(learner: AlignPropLearner) -> list[str]:
