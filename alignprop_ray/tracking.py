@@ -78,6 +78,16 @@ def start_run(
     return run.info.run_id, False
 
 
+def changed_param(uri: str, run_id: str, params: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """The first of `params` the run logged with another value, as (key, logged, now); keys the run never
+    logged do not count (runs from older versions)."""
+    logged = client(uri).get_run(run_id).data.params
+    for key, value in params.items():
+        if key in logged and logged[key] != value[:MAX_PARAM_CHARS]:
+            return key, logged[key], value
+    return None
+
+
 def log_params(uri: str, run_id: str, params: Mapping[str, str]) -> None:
     from mlflow.entities import Param
 

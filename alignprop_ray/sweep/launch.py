@@ -141,13 +141,13 @@ def _check_same_search(sweep, uri: str, experiment: str) -> None:
     run_id = find_parent(uri, experiment, sweep.name)
     if run_id is None:
         return
-    logged = tracking.client(uri).get_run(run_id).data.params
-    for key, value in parent_params(sweep).items():
-        if key in logged and logged[key] != value[: tracking.MAX_PARAM_CHARS]:
-            raise UserError(
-                f"{key} was {logged[key]} when sweep {sweep.name!r} started (now {value}); "
-                "resume it with the same settings, or start another with --set name=..."
-            )
+    changed = tracking.changed_param(uri, run_id, parent_params(sweep))
+    if changed:
+        key, logged, now = changed
+        raise UserError(
+            f"{key} was {logged} when sweep {sweep.name!r} started (now {now}); "
+            "resume it with the same settings, or start another with --set name=..."
+        )
 
 
 def _capacity(sweep, say: Callable[[str], None]) -> int:

@@ -145,15 +145,13 @@ def _check_same_config(cfg, run_id: str, name: str) -> None:
     """Resuming under a name whose run was trained with other settings would mix two experiments."""
     from alignprop_ray import tracking
 
-    logged = tracking.client(cfg.tracking.uri).get_run(run_id).data.params
-    for key, value in cfg.flat_params().items():
-        if key.startswith(IGNORED_ON_RESUME) or key not in logged:
-            continue
-        if logged[key] != value[: tracking.MAX_PARAM_CHARS]:
-            raise UserError(
-                f"run {name!r} exists with {key}={logged[key]} (now {value}); "
-                "use another --name to start a new run"
-            )
+    params = {k: v for k, v in cfg.flat_params().items() if not k.startswith(IGNORED_ON_RESUME)}
+    changed = tracking.changed_param(cfg.tracking.uri, run_id, params)
+    if changed:
+        key, logged, now = changed
+        raise UserError(
+            f"run {name!r} exists with {key}={logged} (now {now}); use another --name to start a new run"
+        )
 
 
 def connect_ray() -> None:
