@@ -83,6 +83,12 @@ def brightness_reward(images, prompts):
     return types.SimpleNamespace(total=value, terms={"brightness": value})
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that start their own Ray instances run first, while no shared instance is up: a command
+    looking for a cluster to join must not find the session's (and 2 cores cannot host both)."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for every test that needs it (starting Ray costs 10-20 s)."""

@@ -15,6 +15,7 @@ from alignprop_ray.engine.models import load_parts
 from alignprop_ray.engine.sampler import SamplerSettings
 from alignprop_ray.engine.step import AlignPropLearner, Batch, OptimSettings
 from tests.conftest import brightness_reward
+from tests.helpers import run_ranks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = ["a cat", "a dog"]
@@ -61,3 +62,48 @@ def test_peak_cuda_memory_is_flat_in_k_only_with_checkpointing(checkpoint):
         assert growth <= 1.15, growth
     else:
         assert growth >= 1.5, growth
+
+
+def train_two_steps_on_gpu(rank: int, port: int) -> tuple[list[str], bool]:
+    """One rank of a 2-GPU run under the trainer's own GPU process group (NCCL for CUDA tensors)."""
+    import torch.distributed as dist
+
+    from alignprop_ray.engine.distributed import process_group_backend
+    from alignprop_ray.engine.step import plan_step
+    from alignprop_ray.engine.truncation import parse_truncation
+    from alignprop_ray.train.loop import check_workers_in_sync
+
+    torch.cuda.set_device(rank)
+    backend = process_group_backend(use_gpu=True)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    parts = load_parts("tiny", device=f"cuda:{rank}")
+    params = attach_lora(parts.unet, LoraSettings(rank=4, alpha=4))
+    before = [p.detach().clone() for p in params]
+    sampler = SamplerSettings(steps=6, guidance_scale=5.0)
+    learner = AlignPropLearner(
+        parts, params, brightness_reward, sampler, OptimSettings(lr=1e-2), resolution=64
+    )
+    for step in range(2):
+        batches, ks = plan_step(
+            PROMPTS,
+            parse_truncation("uniform:1:6"),
+            6,
+            step=step,
+            seed=0,
+            batch_size=2,
+            grad_accum=1,
+            rank=rank,
+            world_size=2,
+        )
+        assert learner.train_step(batches, ks).updated
+    digests = check_workers_in_sync(learner)  # raises if the ranks' LoRA weights differ
+    moved = any(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
+    dist.destroy_process_group()
+    return digests, moved
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_with_nccl_end_with_identical_lora():
+    (digests0, moved0), (digests1, moved1) = run_ranks(train_two_steps_on_gpu, 2, timeout=300)
+    assert moved0 and moved1
+    assert digests0 == digests1 and len(set(digests0)) == 1

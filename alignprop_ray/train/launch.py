@@ -85,34 +85,52 @@ def run_training(
     `tags` are set on a newly created MLflow run (a sweep passes `mlflow.parentRunId`); `callbacks` are
     Ray Train callbacks (a Tune trial passes `TuneReportCallback()` so its reports reach Tune).
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from alignprop_ray import tracking
     from alignprop_ray.prompts import load_prompts
-    from alignprop_ray.train.loop import LoopInput, train_loop
+    from alignprop_ray.train.loop import LoopInput
 
     name = name or default_name(cfg)
     loop_input = LoopInput(
         experiment=cfg.to_dict(),
-        run_id="",
+        run_id="",  # set once the MLflow run exists
         train_prompts=load_prompts(cfg.prompts.train),
         eval_prompts=load_prompts(cfg.prompts.eval),
         fail_at_step=fail_at_step,
         fail_marker=fail_marker,
     )
-    run_id, resumed = tracking.start_run(
+    loop_input.run_id, resumed = tracking.start_run(
         cfg.tracking.uri, cfg.tracking.experiment, name, cfg.flat_params(), cfg.to_yaml(), tags
     )
+    run_id = loop_input.run_id
     if resumed:
         _check_same_config(cfg, run_id, name)
-    loop_input.run_id = run_id
     connect_ray()
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+    trainer = build_trainer(cfg, name, asdict(loop_input), callbacks)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(cfg.tracking.uri, run_id, "FAILED" if not _interrupted() else "KILLED")
+        raise
+    tracking.end_run(cfg.tracking.uri, run_id)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return TrainOutcome(name, run_id, resumed, checkpoint, dict(result.metrics or {}))
+
+
+def build_trainer(cfg, name: str, loop_config: dict, callbacks: list | None = None):
+    """The TorchTrainer for experiment `cfg`: its workers, process group, storage and failure policy."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from alignprop_ray.engine.distributed import process_group_backend
+    from alignprop_ray.train.loop import train_loop
+
     scaling = cfg.scaling
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
-        train_loop_config=asdict(loop_input),
+        train_loop_config=loop_config,
+        # Not Ray's default (NCCL alone on GPUs): our step statistics and evaluation gathers are CPU data.
+        torch_config=TorchConfig(backend=process_group_backend(scaling.use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -127,14 +145,6 @@ def run_training(
             callbacks=callbacks,
         ),
     )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracking.end_run(cfg.tracking.uri, run_id, "FAILED" if not _interrupted() else "KILLED")
-        raise
-    tracking.end_run(cfg.tracking.uri, run_id)
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    return TrainOutcome(name, run_id, resumed, checkpoint, dict(result.metrics or {}))
 
 
 def _interrupted() -> bool:
@@ -155,17 +165,20 @@ def _check_same_config(cfg, run_id: str, name: str) -> None:
 
 
 def connect_ray() -> None:
-    """Join the running cluster (RAY_ADDRESS, or one started with `ray start`), else start a local one."""
+    """Join a cluster only when the user asked for one, else start a private local Ray instance.
+
+    Asked for: `RAY_ADDRESS` is set, or a cluster started with `ray start` runs on this machine. Never
+    `address="auto"`: it joins ANY local instance, including the private one of another `alignprop-ray`
+    command, which then dies under us when that command exits. An instance this process (or a notebook)
+    already started is reused.
+    """
     import ray
+
+    from alignprop_ray.compat import ray_started_cluster_address
 
     if ray.is_initialized():
         return
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
-        return
-    try:
-        ray.init(address="auto", **quiet)
-    except ConnectionError:
-        ray.init(**quiet)  # the dashboard stays on: Ray Train's state checks query it
+    address = os.environ.get("RAY_ADDRESS") or ray_started_cluster_address() or "local"
+    # the dashboard stays on: Ray Train's state checks query it
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
