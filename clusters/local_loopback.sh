@@ -115,7 +115,7 @@ start() {
     eval "$(print_env)"
     unset RAY_ADDRESS  # `ray start` must not try to join some other cluster
 
-    # One uvicorn worker and no job runner: this machine has few cores.
+    # One uvicorn worker (SQLite takes one writer) and no job runner (this machine has few cores).
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false bash "$here/mlflow_server.sh" start "$LOOPBACK_DIR/mlflow" \
         --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
         --backend-store-uri "sqlite:///$LOOPBACK_DIR/mlflow/mlflow.db" \

@@ -11,6 +11,11 @@
 # `ray up` can be re-run: `start` first stops the server it started before, then waits until the new
 # one answers /health (or prints the log and fails), so a bad flag fails `ray up` instead of failing
 # the first training run an hour later.
+#
+# A SQLite store gets one server worker process: `--workers 1` is added when no worker count is given
+# (MLflow's default is 4), and any other count is refused (exit 2). SQLite takes one writer at a time;
+# four processes writing for concurrent trials collide on its lock ("database is locked"). A
+# PostgreSQL store takes concurrent writers, so its worker count is left as given.
 set -euo pipefail
 
 usage() {
@@ -38,6 +43,39 @@ probe_address() {
     # A server bound to every interface also answers on loopback.
     [[ $host == 0.0.0.0 ]] && host=127.0.0.1
     echo "$host:$port"
+}
+
+# The value of flag $1 (long form, or short form $2) in the rest of the arguments, or nothing.
+flag_value() {
+    local long=$1 short=$2
+    shift 2
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            "$long" | "$short") echo "${2:-}"; return ;;
+            "$long"=*) echo "${1#*=}"; return ;;
+        esac
+        shift
+    done
+}
+
+# Sets server_flags: the flags, plus `--workers 1` for a SQLite store that names no worker count (see
+# the header). Like `mlflow server`, reads MLFLOW_BACKEND_STORE_URI and MLFLOW_WORKERS when the flags
+# do not say; without a store URI MLflow 3 uses sqlite:///mlflow.db.
+with_sqlite_workers() {
+    local uri workers
+    uri=$(flag_value --backend-store-uri --backend-store-uri "$@")
+    uri=${uri:-${MLFLOW_BACKEND_STORE_URI:-sqlite:///mlflow.db}}
+    workers=$(flag_value --workers -w "$@")
+    workers=${workers:-${MLFLOW_WORKERS:-}}
+    server_flags=("$@")
+    [[ $uri == sqlite:* ]] || return 0
+    if [[ -z $workers ]]; then
+        server_flags+=(--workers 1)
+    elif [[ $workers != 1 ]]; then
+        echo "mlflow_server.sh: --workers $workers with the SQLite store $uri: SQLite takes one writer;" \
+            "use --workers 1, or a PostgreSQL store for more workers" >&2
+        exit 2
+    fi
 }
 
 healthy() {
@@ -71,6 +109,8 @@ stop() {
 
 start() {
     local address
+    with_sqlite_workers "$@"
+    set -- "${server_flags[@]}"
     address=$(probe_address "$@")
     mkdir -p "$state_dir"
     stop

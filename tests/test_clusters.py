@@ -13,29 +13,58 @@ How `ray up` checks a launcher config (ray.autoscaler._private.commands._bootstr
 We run 1 and 3 and skip the network steps. Skipping 2 changes nothing for our files: the schema requires
 `resources` on every node type, and aws.yaml declares them all, so there is nothing for it to fill. A
 guard makes any socket connection during validation fail the test.
+
+KubeRay manifests go through what Ray's KubeRay autoscaler derives from them
+(`_derive_autoscaling_config_from_ray_cr`, the same validate_config at its end), so both kinds of cluster
+are compared with the shipped configs in one form: node types and the resources each offers. Every
+shipped experiment and sweep must fit one node type of each (GPU count per node, and the GPU model, hence
+its memory, where a config names one in scaling.accelerator_type).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import re
+import shlex
 import socket
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import ray
 import yaml
+from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from alignprop_ray.config import load_experiment, read_yaml
+from alignprop_ray.sweep.config import is_sweep, load_sweep
+from alignprop_ray.sweep.launch import trial_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
 RAY_VERSION = "2.60.0"
 GPU_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311-gpu"
+PROJECT_IMAGE = "alignprop-ray"  # clusters/Dockerfile, pushed as <registry>/alignprop-ray:<tag>
 ENV_VARS = ("ALIGNPROP_TRACKING_URI", "ALIGNPROP_STORAGE_PATH")
-# GPUs per AWS instance type, from the EC2 instance type pages.
-AWS_GPUS = {"g5.xlarge": 1, "g5.12xlarge": 4, "p4d.24xlarge": 8}
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+COLD_NODE_S = 600  # instance boot + ~15 GB image pull + `ray start`: several minutes
+# GPU model (Ray's accelerator_type name) and count per instance type, from the EC2 instance type pages.
+INSTANCE_GPUS = {
+    "m5.2xlarge": (None, 0),
+    "g5.xlarge": ("A10G", 1),
+    "g6e.xlarge": ("L40S", 1),
+    "g6e.12xlarge": ("L40S", 4),
+    "p4de.24xlarge": ("A100-80G", 8),
+}
+# Memory per GPU model in GB (NVIDIA data sheets).
+GPU_MEMORY_GB = {"A10G": 24, "L4": 24, "L40S": 48, "A100-40G": 40, "A100-80G": 80, "H100": 80, "H200": 141}
+ACCELERATOR = "accelerator_type:"  # prefix of the Ray resource a node of that GPU model advertises
+SHIPPED = sorted((ROOT / "sweeps").glob("*.yaml"))
+FIT_CLUSTERS = ("aws.yaml", "kuberay/raycluster.yaml")  # the clusters every shipped config must fit
 COMMAND_LISTS = (
     "initialization_commands",
     "setup_commands",
@@ -134,13 +163,21 @@ def test_launcher_config_sets_every_command_list(path):
 def test_launcher_config_pins_ray_and_exports_our_env(path):
     config = _documents(path)[0]
     text = path.read_text()
-    assert f'"ray[default,train,tune]=={RAY_VERSION}"' in " ".join(config["setup_commands"])
+    if _runs_project_image(config):  # Ray comes pinned in the image (test_project_image_...)
+        assert "--no-deps" in " ".join(config["setup_commands"]), "nodes must not reinstall dependencies"
+    else:
+        assert f'"ray[default,train,tune]=={RAY_VERSION}"' in " ".join(config["setup_commands"])
     for var in ENV_VARS:
         assert var in text, f"{path.name} never sets {var}"
     head = " ".join(config["head_start_ray_commands"])
     worker = " ".join(config["worker_start_ray_commands"])
     assert "ALIGNPROP_TRACKING_URI=http://$RAY_HEAD_IP:5000" in worker
     assert "mlflow_server.sh start" in head and "--serve-artifacts" in head
+
+
+def _runs_project_image(config: dict) -> bool:
+    image = config.get("docker", {}).get("image", "")
+    return image.rsplit("/", 1)[-1].startswith(PROJECT_IMAGE + ":")
 
 
 # Each bad copy of aws.yaml must be rejected: proof that the validation above can fail.
@@ -209,23 +246,61 @@ def test_aws_head_takes_no_training_work():
     assert "InstanceMarketOptions" not in head["node_config"], "the head must not be a spot instance"
 
 
-def test_aws_gpu_workers_scale_from_zero_with_true_gpu_counts():
+def _worker_types(config: dict) -> dict[str, dict]:
+    return {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+
+
+def _accelerators(resources: dict) -> list[str]:
+    return [key.removeprefix(ACCELERATOR) for key in resources if key.startswith(ACCELERATOR)]
+
+
+def test_aws_gpu_workers_scale_from_zero_and_advertise_their_real_gpus():
     config = _load("aws.yaml")
-    workers = {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
-    assert {w["node_config"]["InstanceType"] for w in workers.values()} >= set(AWS_GPUS)
-    for name, node_type in workers.items():
+    for name, node_type in _worker_types(config).items():
         assert node_type.get("min_workers", 0) == 0, name
-        gpus = AWS_GPUS[node_type["node_config"]["InstanceType"]]
-        assert node_type["resources"]["GPU"] == gpus, name
-    spot = [w for w in workers.values() if "InstanceMarketOptions" in w["node_config"]]
+        model, count = INSTANCE_GPUS[node_type["node_config"]["InstanceType"]]
+        assert node_type["resources"]["GPU"] == count, name
+        # the GPU model is what the autoscaler matches a config's accelerator_type against
+        assert _accelerators(node_type["resources"]) == [model], name
+    spot = [w for w in _worker_types(config).values() if "InstanceMarketOptions" in w["node_config"]]
     assert spot and all(w["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot" for w in spot)
 
 
-def test_aws_image_is_pinned_and_matches_installed_ray():
-    docker = _load("aws.yaml")["docker"]
-    assert docker["image"] == GPU_IMAGE
-    assert docker["head_image"] == f"rayproject/ray:{RAY_VERSION}-py311-cpu"
+def test_aws_gpu_node_types_hand_their_gpus_to_the_container():
+    config = _load("aws.yaml")
+    for name, node_type in config["available_node_types"].items():
+        options = node_type.get("docker", {}).get("worker_run_options", [])
+        wants_gpus = node_type["resources"].get("GPU", 0) > 0
+        assert ("--gpus all" in options) == wants_gpus, name
+    assert "--gpus all" not in config["docker"].get("run_options", []), "the head has no GPU"
+
+
+def test_aws_runs_the_project_image_on_every_node():
+    """A new GPU node pulls the image with PyTorch and the project in it instead of pip-installing them."""
+    config = _load("aws.yaml")
+    docker = config["docker"]
+    assert _runs_project_image(config)
+    assert not {"head_image", "worker_image"} & docker.keys()
+    assert not any("worker_image" in t.get("docker", {}) for t in config["available_node_types"].values())
+    registry = docker["image"].rsplit("/", 1)[0]
+    login = " ".join(config["initialization_commands"])  # on the host, before the pull
+    assert "docker login" in login and registry in login
+    assert not re.search(r"\btorch\b", " ".join(config["setup_commands"]))
     assert ray.__version__ == RAY_VERSION, "bump the cluster images, rayVersion and pins with Ray"
+
+
+def test_project_images_agree_everywhere():
+    tags = {_load("aws.yaml")["docker"]["image"].rsplit("/", 1)[1]}
+    for doc in _manifests("Deployment") + _manifests("RayCluster") + _manifests("RayJob"):
+        for container in _all_containers(doc):
+            tags.add(container["image"].rsplit("/", 1)[1])
+    assert len(tags) == 1 and tags.pop().startswith(PROJECT_IMAGE + ":")
+
+
+def test_aws_train_waits_for_a_cold_node():
+    options = " ".join(_load("aws.yaml")["docker"]["run_options"])
+    found = re.search(rf"--env {START_TIMEOUT_VAR}=(\d+)", options)
+    assert found and int(found.group(1)) >= COLD_NODE_S
 
 
 def test_aws_opens_only_ssh_to_the_internet():
@@ -238,16 +313,27 @@ def test_aws_opens_only_ssh_to_the_internet():
             assert rule["FromPort"] == rule["ToPort"] == 22, rule
 
 
-def test_aws_mlflow_and_checkpoints_share_one_bucket():
+def test_aws_mlflow_store_outlives_the_cluster():
+    """Runs in RDS PostgreSQL (created once, apart from the cluster), artifacts in the checkpoints' bucket;
+    nothing on the head that `ray down` would delete."""
     config = _load("aws.yaml")
     head = " ".join(config["head_start_ray_commands"])
-    assert "--backend-store-uri sqlite:////home/ray/mlflow/mlflow.db" in head
-    assert "--host 0.0.0.0" in head
-    artifacts = re.search(r"--artifacts-destination s3://([^/\s]+)/", head)
+    [(flags, through_script)] = mlflow_servers(head)
+    store = urlsplit(flag(flags, "--backend-store-uri"))
+    assert through_script and "--serve-artifacts" in flags and flag(flags, "--host") == "0.0.0.0"
+    assert store.scheme == "postgresql+psycopg" and store.netloc.endswith("@YOUR_RDS_ENDPOINT:5432")
+    assert store.password is None, "the password comes from PGPASSWORD, not the command line"
+    parameter = re.search(r"PGPASSWORD=\$\(.*get_parameter\(\s*Name='([^']+)'", head)
+    assert parameter, "PGPASSWORD must come from the SSM parameter"
+    artifacts = re.fullmatch(r"s3://([^/]+)/.+", flag(flags, "--artifacts-destination"))
     storage = re.search(r"ALIGNPROP_STORAGE_PATH=s3://([^/\s]+)/", " ".join(config["docker"]["run_options"]))
     assert artifacts and storage and artifacts.group(1) == storage.group(1)
-    # The database must sit on the head's host disk, mounted into the container.
-    assert any(":/home/ray/mlflow" in opt for opt in config["docker"]["head_run_options"])
+    assert not config["docker"].get("head_run_options"), "no state on the head's disk"
+    # the docs create what the config names
+    docs = (ROOT / "docs" / "clusters.md").read_text()
+    assert "aws rds create-db-instance" in docs and "--deletion-protection" in docs
+    assert f"--name {parameter.group(1)}" in docs
+    assert "YOUR_RDS_ENDPOINT" in docs and "ssm:GetParameter" in docs
 
 
 # ---------------------------------------------------------------- KubeRay manifests
@@ -257,9 +343,29 @@ def _manifests(kind: str) -> list[dict]:
     return [doc for path in MANIFESTS for doc in _documents(path) if doc["kind"] == kind]
 
 
+def _cluster_spec(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
 def _ray_containers(spec: dict) -> list[dict]:
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def _all_containers(doc: dict) -> list[dict]:
+    if doc["kind"] in ("RayCluster", "RayJob"):
+        return _ray_containers(_cluster_spec(doc))
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def kuberay_node_types(doc: dict) -> dict[str, dict]:
+    """The node types Ray's KubeRay autoscaler derives from a RayCluster or RayJob (and validates)."""
+    ray_cr = {"metadata": {"namespace": "default", **doc["metadata"]}, "spec": _cluster_spec(doc)}
+    return _derive_autoscaling_config_from_ray_cr(ray_cr)["available_node_types"]
 
 
 def check_ray_cluster_spec(spec: dict) -> None:
@@ -278,8 +384,9 @@ def check_ray_cluster_spec(spec: dict) -> None:
         assert gpus and int(gpus) >= 1, group["groupName"]
         assert resources.get("requests", {}).get("nvidia.com/gpu", gpus) == gpus
     for container in _ray_containers(spec):
-        names = {e["name"] for e in container.get("env", [])}
-        assert set(ENV_VARS) <= names, container["name"]
+        env = _env(container)
+        assert set(ENV_VARS) <= env.keys(), container["name"]
+        assert int(env[START_TIMEOUT_VAR]["value"]) >= COLD_NODE_S, container["name"]
 
 
 def test_kuberay_raycluster():
@@ -301,19 +408,266 @@ def test_kuberay_rayjob_runs_the_truncation_sweep():
         check_ray_cluster_spec(spec["rayClusterSpec"])
 
 
-def test_kuberay_images_are_built_from_the_pinned_ray_image():
+def test_kuberay_worker_groups_advertise_the_gpus_of_the_nodes_they_select():
+    for doc in _manifests("RayCluster") + _manifests("RayJob"):
+        derived = kuberay_node_types(doc)
+        for group in _cluster_spec(doc)["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            model, count = INSTANCE_GPUS[pod["nodeSelector"]["node.kubernetes.io/instance-type"]]
+            resources = derived[group["groupName"]]["resources"]
+            assert resources["GPU"] == count and _accelerators(resources) == [model], group["groupName"]
+
+
+def test_project_image_is_built_from_the_pinned_ray_image_with_the_mlflow_drivers():
     dockerfile = (CLUSTERS / "Dockerfile").read_text()
     assert re.search(rf"^FROM {re.escape(GPU_IMAGE)}$", dockerfile, re.MULTILINE)
-    assert f'"ray[default,train,tune]=={RAY_VERSION}"' in dockerfile
+    install = next(line for line in dockerfile.splitlines() if line.startswith("RUN pip install"))
+    assert f'"ray[default,train,tune]=={RAY_VERSION}"' in install
+    # S3 artifacts; the PostgreSQL driver the store URIs name (postgresql+psycopg://)
+    assert "boto3" in install and '"psycopg[binary]' in install
 
 
 def test_kuberay_mlflow_service_matches_the_tracking_uri():
     services = {doc["metadata"]["name"]: doc for doc in _manifests("Service")}
-    for spec in [d["spec"] for d in _manifests("RayCluster")] + [
-        d["spec"]["rayClusterSpec"] for d in _manifests("RayJob")
-    ]:
-        for container in _ray_containers(spec):
-            uri = next(e["value"] for e in container["env"] if e["name"] == "ALIGNPROP_TRACKING_URI")
+    for doc in _manifests("RayCluster") + _manifests("RayJob"):
+        for container in _ray_containers(_cluster_spec(doc)):
+            uri = _env(container)["ALIGNPROP_TRACKING_URI"]["value"]
             host, port = re.fullmatch(r"http://([\w-]+):(\d+)", uri).groups()
             assert host in services, f"no Service named {host}"
             assert int(port) in [p["port"] for p in services[host]["spec"]["ports"]]
+
+
+def test_kuberay_mlflow_store_is_postgresql_on_its_own_volume():
+    """The runs live in a PostgreSQL StatefulSet with a volume claim, outside every Ray cluster; MLflow
+    reaches it through its Service with the StatefulSet's user, database and password."""
+    [mlflow] = [
+        c
+        for d in _manifests("Deployment")
+        for c in _all_containers(d)
+        if c["command"][:2] == ["mlflow", "server"]
+    ]
+    flags = mlflow["command"][2:]
+    store = urlsplit(flag(flags, "--backend-store-uri"))
+    assert store.scheme == "postgresql+psycopg" and store.password is None
+    assert "--serve-artifacts" in flags and flag(flags, "--artifacts-destination").startswith("s3://")
+    services = {d["metadata"]["name"]: d for d in _manifests("Service")}
+    selector = services[store.hostname]["spec"]["selector"]
+    [database] = [d for d in _manifests("StatefulSet") if d["spec"]["selector"]["matchLabels"] == selector]
+    assert store.port in [p["port"] for p in services[store.hostname]["spec"]["ports"]]
+    claims = database["spec"]["volumeClaimTemplates"]
+    [postgres] = _all_containers(database)
+    assert {m["name"] for m in postgres["volumeMounts"]} & {c["metadata"]["name"] for c in claims}
+    env = _env(postgres)
+    assert (env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"]) == (store.username, store.path[1:])
+    secret = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert _env(mlflow)["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == secret
+    assert not _manifests("PersistentVolumeClaim"), "no SQLite volume left behind"
+
+
+# ---------------------------------------------------------------- every shipped config fits a node type
+
+
+def trial_needs(path: Path) -> dict[str, float]:
+    """What one trial of a sweep (or one run of an experiment) asks Ray for, as the sweep counts it."""
+    if is_sweep(read_yaml(path)):
+        return trial_resources(load_sweep(path, env={}))
+    return trial_resources(SimpleNamespace(reference=load_experiment(path, env={}), domains=[]))
+
+
+def cluster_node_types(name: str) -> dict[str, dict]:
+    """Resources per node type, as the autoscaler of that cluster sees them."""
+    if name.startswith("kuberay/"):
+        [doc] = _documents(CLUSTERS / name)
+        return {k: v["resources"] for k, v in kuberay_node_types(doc).items()}
+    prepared = ray_validate(_load(name))
+    return {k: v["resources"] for k, v in prepared["available_node_types"].items()}
+
+
+def fitting_types(need: dict[str, float], node_types: dict[str, dict]) -> list[str]:
+    """Node types one node of which holds all of `need`: a trial's workers on one node (PACK), so that
+    data-parallel ranks sync over the node's own links."""
+    return [name for name, offer in node_types.items() if all(offer.get(k, 0) >= v for k, v in need.items())]
+
+
+@pytest.fixture
+def hub_reachable(monkeypatch, tmp_path):
+    """As in test_config.py: hf:// weight refs count as downloadable (validation never downloads)."""
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub, "is_offline_mode", lambda: False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("cluster", FIT_CLUSTERS)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_fits_a_node_type(path, cluster, hub_reachable):
+    need = trial_needs(path)
+    if need.get("GPU"):
+        # a GPU config names its GPU model: the memory its batch was sized for is otherwise unchecked
+        assert _accelerators(need), f"{path.name}: set scaling.accelerator_type"
+    assert fitting_types(need, cluster_node_types(cluster)), f"{path.name} needs {need}; {cluster} has none"
+
+
+def test_the_rayjob_fits_the_sweep_it_runs(hub_reachable):
+    for doc in _manifests("RayJob"):
+        sweep = ROOT / doc["spec"]["entrypoint"].split()[-1]
+        node_types = {k: v["resources"] for k, v in kuberay_node_types(doc).items()}
+        assert fitting_types(trial_needs(sweep), node_types), doc["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "scaling.num_workers=8",
+        "scaling.accelerator_type=H100",
+        "scaling.resources_per_worker={GPU: 1, CPU: 13}",
+    ],
+)
+def test_fit_check_rejects_a_trial_no_node_type_holds(override, hub_reachable):
+    need = trial_resources(load_sweep(ROOT / "sweeps" / "truncation.yaml", [override], env={}))
+    for cluster in FIT_CLUSTERS:
+        assert not fitting_types(need, cluster_node_types(cluster)), (override, cluster)
+
+
+def test_stated_gpu_memory_matches_the_gpu_model():
+    """`accelerator_type: L40S  # 48 GB` in a shipped config: the comment must be true of the model."""
+    for path in SHIPPED:
+        for model, gb in re.findall(r"accelerator_type:\s*([\w-]+)\s*#\s*(\d+) GB", path.read_text()):
+            assert GPU_MEMORY_GB[model] == int(gb), f"{path.name}: {model} has {GPU_MEMORY_GB[model]} GB"
+    named = {m for path in SHIPPED for m in re.findall(r"accelerator_type:\s*([\w-]+)", path.read_text())}
+    assert named and named <= GPU_MEMORY_GB.keys()
+
+
+# ---------------------------------------------------------------- MLflow servers: SQLite gets one worker
+
+SHELL_OPERATORS = {";", "&&", "||", "|", "&", "(", ")"}
+
+
+def mlflow_servers(command: str) -> list[tuple[list[str], bool]]:
+    """Each MLflow server a shell command line starts: (its flags, whether through mlflow_server.sh)."""
+    lexer = shlex.shlex(command.replace("\\\n", " "), posix=True, punctuation_chars=";&|()")
+    lexer.whitespace_split, lexer.commenters = True, ""
+    tokens = list(lexer)
+    found = []
+    for i, token in enumerate(tokens):
+        if token == "mlflow" and tokens[i + 1 : i + 2] == ["server"]:
+            first, script = i + 2, False
+        elif token.endswith("mlflow_server.sh") and tokens[i + 1 : i + 2] == ["start"]:
+            first, script = i + 3, True  # after STATE_DIR
+        else:
+            continue
+        found.append((list(itertools.takewhile(lambda t: t not in SHELL_OPERATORS, tokens[first:])), script))
+    return found
+
+
+def flag(flags: list[str], *names: str) -> str | None:
+    for i, item in enumerate(flags):
+        if item in names and i + 1 < len(flags):
+            return flags[i + 1]
+        for name in names:
+            if item.startswith(name + "="):
+                return item.split("=", 1)[1]
+    return None
+
+
+def sqlite_with_many_workers(flags: list[str], script: bool) -> bool:
+    """A server on SQLite (MLflow's default store) that may run more than one worker process."""
+    store = flag(flags, "--backend-store-uri") or "sqlite:///mlflow.db"
+    workers = flag(flags, "--workers", "-w")
+    if not store.startswith("sqlite:"):
+        return False
+    return workers != "1" and not (script and workers is None)  # the script adds --workers 1
+
+
+def _shell_commands() -> dict[str, list[str]]:
+    """Every command that may start an MLflow server: launcher command lists, scripts (but the server
+    script itself), manifests' containers, and the shell blocks of docs/clusters.md."""
+    found: dict[str, list[str]] = {}
+    for path in LAUNCHER:
+        config = _documents(path)[0]
+        found[path.name] = [c for key in COMMAND_LISTS for c in config.get(key, [])]
+    for path in CLUSTERS.glob("*.sh"):
+        if path.name != "mlflow_server.sh":
+            found[path.name] = [path.read_text().replace("\\\n", " ")]
+    for path in MANIFESTS:
+        found[path.name] = [
+            shlex.join(c.get("command", []) + c.get("args", []))
+            for doc in _documents(path)
+            if doc["kind"] in ("Deployment", "StatefulSet", "RayCluster", "RayJob")
+            for c in _all_containers(doc)
+        ]
+    docs = (ROOT / "docs" / "clusters.md").read_text()
+    found["docs/clusters.md"] = [b.replace("\\\n", " ") for b in re.findall(r"```bash\n(.*?)```", docs, re.S)]
+    return found
+
+
+def _servers(commands: list[str]) -> list[tuple[list[str], bool]]:
+    lines = [line for command in commands for line in command.splitlines()]
+    return [
+        s
+        for line in lines
+        if "mlflow" in line and not line.lstrip().startswith("#")
+        for s in mlflow_servers(line)
+    ]
+
+
+def test_every_sqlite_mlflow_server_runs_one_worker():
+    servers = {source: _servers(commands) for source, commands in _shell_commands().items()}
+    bad = {}
+    for source, found in servers.items():
+        if many := [flags for flags, script in found if sqlite_with_many_workers(flags, script)]:
+            bad[source] = many
+    assert not bad, f"SQLite MLflow servers that may run more than one worker: {bad}"
+    # the scan sees the servers it is meant to see: SQLite on one machine, PostgreSQL on the clouds
+    stores = {
+        src: {(flag(f, "--backend-store-uri") or "sqlite:").split(":")[0] for f, _ in found}
+        for src, found in servers.items()
+    }
+    assert stores["local.yaml"] == stores["local_loopback.sh"] == {"sqlite"}
+    assert stores["aws.yaml"] == stores["shared.yaml"] == {"postgresql+psycopg"}
+
+
+@pytest.mark.parametrize(
+    "command, many",
+    [
+        ("mlflow server --backend-store-uri sqlite:///m.db --port 5000", True),
+        ("mlflow server --port 5000", True),  # MLflow's default store is SQLite
+        ("mlflow server -w 1 --backend-store-uri=sqlite:///m.db", False),
+        ("x; bash clusters/mlflow_server.sh start /tmp/s --backend-store-uri sqlite:///m.db && y", False),
+        ("bash clusters/mlflow_server.sh start /tmp/s --backend-store-uri sqlite:///m.db --workers 4", True),
+        ("mlflow server --backend-store-uri 'postgresql+psycopg://u@h:5432/db?sslmode=require' -w 8", False),
+    ],
+)
+def test_sqlite_worker_check_tells_them_apart(command, many):
+    [(flags, script)] = mlflow_servers(command)
+    assert sqlite_with_many_workers(flags, script) is many
+
+
+# ---------------------------------------------------------------- docs: what a new user needs first
+
+
+def test_docs_name_the_kuberay_version_the_manifests_need():
+    """RayJob's spec.backoffLimit appeared in KubeRay 1.2; docs and manifests must ask for that much."""
+    docs = re.findall(r"KubeRay operator \(?>= ?(\d+)\.(\d+)", (ROOT / "docs" / "clusters.md").read_text())
+    manifests = [re.search(r"KubeRay operator >= (\d+)\.(\d+)", p.read_text()) for p in MANIFESTS]
+    versions = {tuple(map(int, v)) for v in docs} | {tuple(map(int, m.groups())) for m in manifests if m}
+    assert docs and len(versions) == 1 and versions.pop() >= (1, 2)
+
+
+@pytest.mark.parametrize(
+    "needed",
+    [
+        "pip install .",  # the laptop: the alignprop-ray CLI and the pinned Ray
+        "awscli",
+        "default VPC",
+        "Running On-Demand G and VT instances",
+        "Running On-Demand P instances",
+        "default StorageClass",
+        "EBS CSI driver",
+        "docker build -f clusters/Dockerfile",
+        "aws ecr create-repository",
+        "aws rds create-db-instance",
+        "kubectl create secret generic alignprop-mlflow-db",
+    ],
+)
+def test_docs_cover_the_first_time_setup(needed):
+    assert needed in (ROOT / "docs" / "clusters.md").read_text()
