@@ -7,7 +7,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup test demo bench lint format clean
+.PHONY: setup test test-fast demo toy-model bench gpu-check lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,14 +18,29 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Everything (the README's test command and CI).
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The inner loop: unit tests without Ray and without the slow end-to-end ones (under 3 minutes on 2 cores).
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not ray and not own_ray and not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/alignprop-ray demo
 
+# Retrain the demo's committed toy-shapes model (models/toy-shapes): seeded, 1 CPU thread, about 77 minutes
+# on this 2-core box (models/toy-shapes/training_log.json has the measured times and every setting).
+toy-model: setup
+	$(PY) -m alignprop_ray.toy.train --out models/toy-shapes --seed 0
+
 bench: setup
 	bash bench/run.sh
+
+# The GPU acceptance check (CUDA, no downloads, budget 8 minutes on one H200/A100-class GPU): tests/test_gpu.py,
+# 20 SD 1.5-architecture steps at 512 px (peak memory, images/s), bench/gpu.py. GPU_CHECK_ARGS=--smoke: on CPU.
+gpu-check: setup
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check alignprop_ray tests notebooks bench

@@ -11,24 +11,55 @@ import importlib
 import os
 import sys
 
+from alignprop_ray import __version__
+from alignprop_ray.engine.families.names import AUTO, FAMILIES
 from alignprop_ray.errors import UserError
+
+DESCRIPTION = (
+    "Fine-tune text-to-image diffusion models (Stable Diffusion) on a differentiable reward with AlignProp:\n"
+    "backpropagate the reward through the last K denoising steps into LoRA adapters, on Ray Train, with\n"
+    "sweeps on Ray Tune and every run in MLflow."
+)
+FIRST_STEPS = """first steps:
+  alignprop-ray validate sweeps/tiny.yaml     check a config (one line per problem)
+  alignprop-ray train sweeps/tiny.yaml        train on the offline tiny model (CPU is enough)
+  alignprop-ray demo                          a small sweep, then: mlflow ui --backend-store-uri ...
+
+every subcommand has its own --help; configs: sweeps/*.yaml, schema: alignprop_ray/config/schema.py"""
 
 # subcommand -> "module:function"; the function takes the parsed argparse.Namespace.
 HANDLERS = {
     "train": "alignprop_ray.train.launch:cmd_train",
     "sweep": "alignprop_ray.sweep.launch:cmd_sweep",
-    "validate": "alignprop_ray.config:cmd_validate",
+    "validate": "alignprop_ray.cli:cmd_validate",
     "sample": "alignprop_ray.engine.commands:cmd_sample",
     "mix": "alignprop_ray.engine.commands:cmd_mix",
     "make-tiny-model": "alignprop_ray.engine.commands:cmd_make_tiny_model",
     "report": "alignprop_ray.report:cmd_report",
     "demo": "alignprop_ray.sweep.launch:cmd_demo",
+    "register": "alignprop_ray.registry:cmd_register",
 }
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse's own status for usage errors)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _run_name(text: str) -> str:
+    """`train --name`: the same rule as the config's `name` (it names the MLflow run and storage folder)."""
+    import re
+
+    from alignprop_ray.config.schema import ExperimentConfig
+
+    pattern = next(
+        m.pattern for m in ExperimentConfig.model_fields["name"].metadata if getattr(m, "pattern", None)
+    )
+    if not re.fullmatch(pattern, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    return text
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -43,32 +74,50 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="alignprop-ray", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="alignprop-ray",
+        description=DESCRIPTION,
+        epilog=FIRST_STEPS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train one experiment on Ray Train")
     p.add_argument("config", help="experiment YAML")
-    p.add_argument("--name", help="run name; rerunning with the same name resumes it")
+    p.add_argument("--name", type=_run_name, help="run name; rerunning with the same name resumes it")
     _add_overrides(p)
 
     p = sub.add_parser("sweep", help="run a Ray Tune sweep")
     p.add_argument("config", help="sweep YAML")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="then register the best trial's adapter as a new version of model NAME (see `register`)",
+    )
+    _add_sweep_console(p)
     _add_overrides(p)
 
     p = sub.add_parser("validate", help="validate an experiment or sweep YAML and exit")
     p.add_argument("config")
     _add_overrides(p)
 
-    p = sub.add_parser("sample", help="generate images with DDIM (same output as diffusers)")
+    p = sub.add_parser("sample", help="generate images (same output as the model's diffusers pipeline)")
     p.add_argument("--model", required=True, help="'tiny', a hub id, or a diffusers pipeline directory")
+    p.add_argument(
+        "--family",
+        default="auto",
+        choices=[AUTO, *FAMILIES],
+        help="model family; auto: from the pipeline's model_index.json (tiny: sd)",
+    )
     p.add_argument("--adapter", help="LoRA adapter directory (pytorch_lora_weights.safetensors)")
     p.add_argument("--prompt", action="append", required=True, help="repeatable")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0, help="image i of prompt j uses seed + j*n + i")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM only (Euler and flow matching: 0)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--resolution", type=int, help="pixels (default: the model's native size)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -84,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="update",
         choices=["update", "factors"],
-        help="update: exact interpolation of B@A (rank r1+r2); factors: average A and B separately (paper code)",
+        help="update: exact interpolation of the updates B@A (rank r1+r2); factors: the paper's mixing, A and B "
+        "averaged separately (update alpha^2 dW_a + (1-alpha)^2 dW_b + cross terms; docs/fidelity.md)",
     )
     p.add_argument("--out", required=True)
 
@@ -93,13 +143,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("make-tiny-model", help="write the tiny random-init pipeline as a diffusers directory")
+    p = sub.add_parser("make-tiny-model", help="write a tiny random-init pipeline as a diffusers directory")
     p.add_argument("dir")
+    p.add_argument("--family", default="sd", choices=FAMILIES, help="model family (default: sd)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("demo", help="the README demo: a small sweep on the tiny model")
+    p = sub.add_parser(
+        "demo", help="the README demo: sweeps/demo.yaml on the toy-shapes model, then its report"
+    )
     p.add_argument("--workdir", default="demo-output")
+    _add_sweep_console(p)
+
+    p = sub.add_parser(
+        "register",
+        help="put a run's adapter in MLflow's Model Registry as a model that draws images (mlflow models serve)",
+    )
+    p.add_argument("--run", required=True, help="MLflow run id of a training run, or of a sweep (its best)")
+    p.add_argument("--name", required=True, help="registered model name; each call adds a version")
+    p.add_argument("--tracking-uri", default=None, help="default: as training (ALIGNPROP_TRACKING_URI, ...)")
     return parser
+
+
+def _add_sweep_console(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ui-url",
+        metavar="URL",
+        help="address of the MLflow UI for the links printed at the end (default: the tracking server, or "
+        "http://127.0.0.1:5000 where `mlflow ui` serves a database store)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="all of Tune's console, with its TensorBoard hint and its resource line (which counts no Train "
+        "worker)",
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """`alignprop-ray validate FILE [--set k=v ...]`: print `OK: FILE (experiment|sweep)` or raise ConfigError."""
+    from alignprop_ray.config import load_experiment, read_yaml
+    from alignprop_ray.sweep.config import is_sweep, load_sweep
+
+    if is_sweep(read_yaml(args.config)):
+        load_sweep(args.config, args.overrides)
+        kind = "sweep"
+    else:
+        load_experiment(args.config, args.overrides)
+        kind = "experiment"
+    print(f"OK: {args.config} ({kind})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,10 @@ installed versions, so an upgrade that moves one breaks here, in one place, loud
 
 from __future__ import annotations
 
+import importlib.util
+import re
+from pathlib import Path
+
 
 def ray_local_instances() -> set[str]:
     """GCS addresses of every Ray instance running on this machine, read afresh from the process table.
@@ -30,3 +34,124 @@ def ray_started_cluster_address() -> str | None:
 
     address = utils.read_ray_address()
     return address if address and address in ray_local_instances() else None
+
+
+def quiet_ray_train_report_logs() -> None:
+    """Silence the INFO line Ray Train logs for every `ray.train.report` in a worker.
+
+    Ray 2.60 logs it under a logger named by the file path of `ray.train.v2._internal.execution.context`,
+    which `LoggingConfig` does not reach.
+    """
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def open_clip_arch_exists(arch: str) -> bool:
+    """Whether open_clip ships a config for `arch`, read from its `model_configs/` folder without
+    importing open_clip (which imports torch). open_clip 3.x keeps one `<arch>.json` per model there."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return (Path(next(iter(spec.submodule_search_locations))) / "model_configs" / f"{arch}.json").is_file()
+
+
+def open_clip_register_config(name: str, config: dict) -> None:
+    """Add a model config given as a dict to open_clip's registry (idempotent).
+
+    `open_clip.add_model_config` only takes JSON files on disk, so the dict goes into the registry it
+    fills: open_clip 3.x `open_clip.factory._MODEL_CONFIGS`.
+    """
+    import open_clip.factory
+
+    open_clip.factory._MODEL_CONFIGS.setdefault(name, config)
+
+
+# `MlflowClient.log_image(key=K, step=N)` writes images/<K>+step+N+timestamp+T+UUID.png with `/` in K as
+# `~` (MLflow 3.x; 2.x wrote `#` for `/` and `%` for `+`). MLflow offers no API that lists them by step.
+_LOGGED_IMAGE = re.compile(
+    r"^(?P<key>[\w~#.-]+)[+%]step[+%](?P<step>\d+)[+%]timestamp[+%]\d+[+%][\w-]+\.png$"
+)
+
+
+def mlflow_logged_image_step(file_name: str, key: str) -> int | None:
+    """The step of an image file that `log_image(key=key, step=...)` wrote, or None for any other file."""
+    match = _LOGGED_IMAGE.match(file_name)
+    if match is None or match["key"].replace("#", "~") != key.replace("/", "~"):
+        return None
+    return int(match["step"])
+
+
+def mlflow_latest_metric_steps(client, run_id: str) -> dict[str, int]:
+    """The last step a run holds for each of its metric keys, in one call.
+
+    MLflow's `get_run` returns the latest value of each key, which its SQL stores choose by (step,
+    timestamp, value), but `RunData.metrics` keeps only the values: the Metric objects with their steps
+    are MLflow 3.x's `RunData._metric_objs`.
+    """
+    return {metric.key: metric.step for metric in client.get_run(run_id).data._metric_objs}
+
+
+def ray_train_worker_start_timeout_s() -> float:
+    """How long Ray Train waits for the cluster to place a worker group on one try, in seconds.
+
+    Ray 2.60 Train V2: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, default
+    `ray.train.v2._internal.constants.DEFAULT_WORKER_GROUP_START_TIMEOUT_S` (60 s); a try that times out
+    is a controller failure, retried `FailureConfig.controller_failure_limit` times.
+    """
+    import os
+
+    from ray.train.v2._internal import constants
+
+    return float(
+        os.environ.get(
+            constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, constants.DEFAULT_WORKER_GROUP_START_TIMEOUT_S
+        )
+    )
+
+
+def ray_train_startup_timed_out(err: BaseException) -> bool:
+    """Whether a Ray Train controller failure is its worker group finding no room in the cluster in time.
+
+    Ray 2.60 Train V2: `ray.train.v2._internal.exceptions.WorkerGroupStartupTimeoutError`.
+    """
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    return isinstance(err, WorkerGroupStartupTimeoutError)
+
+
+def ray_reported_node_groups() -> list[tuple[dict[str, float], float]]:
+    """(resources, most nodes) of each node group in the cluster config an autoscaler reports to the GCS;
+    empty where none is reported (Ray 2.60's own autoscalers leave it empty).
+
+    Ray 2.60: `ray._private.state.state.get_cluster_config()`; a max_count of -1 means no limit.
+    """
+    import math
+
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    if not config or not config.node_group_configs:
+        return []
+    return [
+        (dict(group.resources), math.inf if group.max_count == -1 else group.max_count)
+        for group in config.node_group_configs
+    ]
+
+
+def ray_monitor_command(gcs_address: str) -> list[str] | None:
+    """Command line of this cluster's autoscaler monitor, if it runs on this node.
+
+    Ray 2.60 starts it on the head as `python .../autoscaler/_private/monitor.py --gcs-address=ADDRESS
+    [--autoscaling-config=FILE] ...` (autoscaler v2: autoscaler/v2/monitor.py): a private script's name.
+    """
+    import psutil
+
+    flag = f"--gcs-address={gcs_address}"
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        if flag in command and any(arg.endswith("monitor.py") for arg in command):
+            return command
+    return None

@@ -1,17 +1,36 @@
 """The metric names training logs (alignprop_ray/train/loop.py), for code that must name them without
 importing torch: sweep validation checks `tune.metric` against these. Reward terms add
-`train/reward/<term>` and `eval/reward/<term>`."""
+`train/reward/<term>` and `eval/reward/<term>`; held-out rewards (`eval.rewards`) add
+`eval/heldout/<name>`; training methods add METHOD_METRICS."""
 
 TRAIN_METRICS = (
     "train/reward",
+    # the unscaled objective the method minimized: -reward for alignprop, draft, refl; ddpo's PPO surrogate
+    # (train.loss_scale scales only what is backpropagated)
     "train/loss",
-    "train/k",
-    "train/grad_norm",
+    "train/k",  # denoising steps per image whose gradient reached LoRA (alignprop, draft: K; refl: 1)
+    "train/k0_skipped",  # batches of the step that added no gradient (alignprop drew K=0, train.k0: skip)
+    "train/grad_norm",  # of the gradient of loss_scale x loss, before clipping (what max_grad_norm bounds)
     "train/lr",
     "train/skipped_steps",
     "perf/step_seconds",
+    # Cumulative, kept across resumes, the same for every method, so rewards plot against time and samples:
+    "perf/wall_seconds",  # seconds spent in training steps (evaluation, logging, checkpoints excluded)
+    "perf/images_generated",  # denoising chains sampled from fresh noise x_T, all workers (docs/methods.md)
     "perf/images_per_second",
     "perf/peak_memory_mb",
 )
-EVAL_METRICS = ("eval/reward", "eval/diversity", "eval/diversity_across_prompts")
+# Metrics that mean something for one training method only, logged every step as train/<method>/<name>.
+METHOD_METRICS = {
+    "ddpo": ("train/ddpo/clip_fraction", "train/ddpo/approx_kl"),  # PPO diagnostics (ddpo-pytorch's)
+    "refl": ("train/refl/step",),  # the 0-based index of the step that carried gradient (mean over batches)
+}
+EVAL_METRICS = (
+    "eval/reward",
+    "eval/diversity",
+    "eval/diversity_across_prompts",
+    "eval/vendi",
+    "eval/vendi_across_prompts",
+)
 TERM_PREFIXES = ("train/reward/", "eval/reward/")
+HELDOUT_PREFIX = "eval/heldout/"

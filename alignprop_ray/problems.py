@@ -53,13 +53,14 @@ def unknown_field(dotted: str, valid: list[str] | None, origin: str = "") -> str
 
 
 def format_validation_error(
-    err: ValidationError, prefix: tuple[str, ...], root: type[BaseModel]
+    err: ValidationError, prefix: tuple[str, ...], root: type[BaseModel], label: tuple[str, ...] = ()
 ) -> list[str]:
-    """One line per pydantic error; `prefix` is the loc of what was validated inside `root`."""
+    """One line per pydantic error; `prefix` is the loc of what was validated inside `root`, and `label`
+    names where `root` itself sits (printed, e.g. `reward.aesthetic`, but not looked up in `root`)."""
     lines = []
     for error in err.errors(include_url=False):
         loc = prefix + tuple(str(part) for part in error["loc"])
-        dotted = ".".join(loc) or "(top level)"
+        dotted = ".".join(label + loc) or "(top level)"
         if error["type"] == "extra_forbidden":
             lines.append(unknown_field(dotted, fields_at(root, loc[:-1])))
         else:

@@ -2,21 +2,44 @@
 
 Runs are created by the driver (before any worker starts), so a worker restart or a rerun of the
 same command never creates a second run: workers receive the run id and only log into it.
+
+Rank 0 logs through a `BufferedLogger`: a queue that a thread sends in order, so training goes on through
+a tracking outage (up to tracking.outage_limit_s), and `RunLogger`'s idempotent calls, so neither a retry
+nor a restart that replays steps logs anything twice. RELIABILITY.md has the guarantees and their tests.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import itertools
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 NAME_TAG = "alignprop.name"  # our run name; unique within an experiment
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests child runs under their parent
+KIND_TAG = "alignprop.kind"  # "sweep" on a sweep's parent run
+SWEEP_TAG = "alignprop.sweep"  # the sweep a child run belongs to
+TRIAL_TAG = "alignprop.trial_id"  # the Tune trial of a child run
+STOP_TAG = "alignprop.stop_reason"  # why a trial ended early (collapse, NaN, scheduler, error)
+BEST_TRIAL_TAG = "alignprop.best_trial"  # on a sweep's parent run: the Tune trial id of its best trial
+BEST_RUN_TAG = "alignprop.best_run_id"  # ... and that trial's MLflow run
+# Params that may differ between machines or reruns of the same run: not compared on resume.
+IGNORED_ON_RESUME = ("tracking.", "storage.", "failure.", "name")
 MAX_PARAM_CHARS = 6000  # MLflow 3's limit on one param value
+# MLflow 3's UI opens an experiment on its GenAI view (traces) unless the experiment says it is model
+# training: the tag its "Machine learning" experiment type sets (mlflow/server/js: ExperimentKind).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
 
 
 def client(uri: str):
@@ -26,20 +49,26 @@ def client(uri: str):
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment's id, creating it with an absolute artifact location for SQLite stores.
+    """The experiment's id, creating it with an absolute artifact location for SQLite stores, and marked
+    as model development so that the MLflow UI opens it on its runs table.
 
     MLflow's default artifact root for a database store is `./mlruns` relative to whichever process
-    logs first, which for Ray workers is not the user's directory: pin it next to the database.
+    logs first, which for Ray workers is not the user's directory: pin it next to the database. An
+    experiment created before the mark existed gets it here; one whose kind the user chose keeps it.
     """
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT}
+        )
     except Exception:  # created concurrently by another trial: use theirs
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
@@ -100,47 +129,74 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
-class RunLogger:
-    """Rank 0's handle on the run: metrics, images, eval tables and the adapter.
+class TrackingError(RuntimeError):
+    """The MLflow store refused the run's logs, or kept failing for longer than tracking.outage_limit_s."""
 
-    `skip_through` is the last step already logged before a restart: training replays the steps after
-    the last checkpoint, and their metrics are not logged a second time.
+
+def table_name(step: int) -> str:
+    return f"step_{step:07d}.parquet"
+
+
+class RunLogger:
+    """Rank 0's handle on the run, sending each call to MLflow at once: metrics, images, eval tables, tags
+    and artifacts.
+
+    Every call is idempotent, so neither a worker restarted from a checkpoint (it replays the steps after
+    it) nor a retry of a call whose answer was lost logs anything twice:
+    - a metric only for a step past the last one the run holds for its key (metrics are logged in step
+      order, so the run holds every step up to that one);
+    - an image only if the run has none under its key at that step;
+    - tables, tags and artifacts overwrite themselves with the same content.
     """
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
         self.client = client(uri)
-        self.skip_through = self.last_logged_step()
+        self._last_steps: dict[str, int] | None = None  # metric key -> last step the run holds
 
-    def last_logged_step(self, keys: tuple[str, ...] = ("train/loss", "eval/reward")) -> int:
-        steps = [m.step for key in keys for m in self.client.get_metric_history(self.run_id, key)]
-        return max(steps, default=-1)
+    def forget(self) -> None:
+        """Ask the store again before the next metric: a call that failed may still have reached it."""
+        self._last_steps = None
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        import time
-
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        if step <= self.skip_through:
-            return
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        from alignprop_ray.compat import mlflow_latest_metric_steps
+
+        if self._last_steps is None:
+            self._last_steps = mlflow_latest_metric_steps(self.client, self.run_id)
+        when = timestamp_ms or int(time.time() * 1000)
+        last = self._last_steps
+        batch = [Metric(k, float(v), when, step) for k, v in metrics.items() if step > last.get(k, -1)]
+        for start in range(0, len(batch), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+        last.update((metric.key, step) for metric in batch)
 
     def log_image(self, image, key: str, step: int) -> None:
-        if step > self.skip_through:
-            self.client.log_image(self.run_id, image, key=key, step=step)
+        """`image`: a PIL image, or the path of an image file."""
+        from alignprop_ray.compat import mlflow_logged_image_step
+
+        logged = (Path(a.path).name for a in self.client.list_artifacts(self.run_id, "images"))
+        if any(mlflow_logged_image_step(name, key) == step for name in logged):
+            return
+        if isinstance(image, str | os.PathLike):
+            from PIL import Image
+
+            with Image.open(image) as opened:
+                image = opened.copy()
+        self.client.log_image(self.run_id, image, key=key, step=step)
 
     def log_table(self, table, step: int, folder: str = "eval_tables") -> None:
-        """One Parquet file per evaluation (append-only, so a restart can never half-overwrite it)."""
+        """One Parquet file per evaluation, named by its step."""
         import pyarrow.parquet as pq
 
-        if step <= self.skip_through:
-            return
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp, f"step_{step:07d}.parquet")
+            path = Path(tmp, table_name(step))
             pq.write_table(table, path)
-            self.client.log_artifact(self.run_id, str(path), folder)
+            self.log_artifact(path, folder)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_dir(self, directory: str | os.PathLike, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(directory), artifact_path)
@@ -153,3 +209,283 @@ class RunLogger:
         buffer = io.StringIO()
         json.dump(data, buffer, indent=2, sort_keys=True)
         self.client.log_text(self.run_id, buffer.getvalue(), name)
+
+
+# Between two tries of a failed call: the first wait, doubled after each failure up to the second.
+RETRY_WAIT_S = (0.5, 10.0)
+# Calls the queue holds at most: at a step every 0.1 s and an evaluation every 10 steps, 2.5 hours of logs.
+MAX_QUEUED = 100_000
+UNSENT_FILE = "calls.json"  # in the folder BufferedLogger.save_unsent writes
+_CALLS = ("log_metrics", "log_image", "log_artifact", "log_dir", "set_tags")  # what the queue may hold
+
+
+def use_own_retries() -> None:
+    """In a process that logs through BufferedLogger: MLflow's HTTP client tries each request once.
+
+    BufferedLogger retries failed calls itself, after asking the store what it already holds. MLflow's own
+    retries (7 by default, with backoff, on any method) would resend an append whose answer was lost, and
+    hold a call for minutes while the outage limit cannot act. A value the user set is kept.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+
+@dataclass
+class _Call:
+    """One queued RunLogger call: the method, its JSON-able arguments, and the spool folder of its files."""
+
+    method: str
+    args: dict[str, Any]
+    folder: str | None = None  # the files it sends: a folder of the spool
+    file_args: tuple[str, ...] = ()  # the arguments that name a file in `folder`
+
+    @classmethod
+    def from_json(cls, data: dict) -> _Call:
+        call = cls(data["method"], dict(data["args"]), data.get("folder"), tuple(data.get("file_args", ())))
+        if call.method not in _CALLS or (call.file_args and not call.folder):
+            raise ValueError(f"not a logging call: {data!r:.200}")
+        return call
+
+
+class BufferedLogger:
+    """RunLogger's calls, queued and sent in order by a background thread: training never waits on MLflow.
+
+    Files (images, tables, the adapter) are written to a spool folder when queued. A failed call is retried,
+    waiting 0.5 s, doubling up to 10 s, until the store has failed for `outage_limit_s` in a row; a call the
+    store refuses (HTTP 4xx) or a local artifact folder that is full or read-only ends it at once. Either
+    way the next call from training raises TrackingError.
+
+    A checkpoint carries what is still queued (`save_unsent`), and a worker restarted from it queues that
+    again first (`resend`): a crash loses no log that a checkpoint covers, and RunLogger drops what did
+    reach the store.
+    """
+
+    def __init__(self, uri: str, run_id: str, outage_limit_s: float, say: Callable[[str], None] = print):
+        self.uri, self.limit, self._say = uri, outage_limit_s, say
+        self._sender = RunLogger(uri, run_id)
+        self._spool = Path(tempfile.mkdtemp(prefix="alignprop-logs-"))
+        self._folders = itertools.count()
+        self._queue: deque[_Call] = deque()
+        self._changed = threading.Condition()
+        self._error: str | None = None  # why the thread gave up
+        self._failing = False  # the store failed the last try: an outage, maybe
+        self._closing = False
+        self._thread = threading.Thread(target=self._send_queued, name="alignprop-mlflow", daemon=True)
+        self._thread.start()
+
+    # --- called by training: each returns at once ---------------------------------------------------
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        values = {key: float(value) for key, value in metrics.items()}
+        when = int(time.time() * 1000)  # when the step ran, not when the store took it
+        self._put(_Call("log_metrics", {"metrics": values, "step": step, "timestamp_ms": when}))
+
+    def log_image(self, image, key: str, step: int) -> None:
+        folder = self._new_folder()
+        image.save(self._spool / folder / "image.png")
+        self._put(_Call("log_image", {"image": "image.png", "key": key, "step": step}, folder, ("image",)))
+
+    def log_table(self, table, step: int, folder: str = "eval_tables") -> None:
+        import pyarrow.parquet as pq
+
+        spooled, name = self._new_folder(), table_name(step)
+        pq.write_table(table, self._spool / spooled / name)
+        self._put(_Call("log_artifact", {"path": name, "artifact_path": folder}, spooled, ("path",)))
+
+    def log_dir(self, directory: str | os.PathLike, artifact_path: str) -> None:
+        folder = self._new_folder()
+        shutil.copytree(directory, self._spool / folder / "files")
+        args = {"directory": "files", "artifact_path": artifact_path}
+        self._put(_Call("log_dir", args, folder, ("directory",)))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._put(_Call("set_tags", {"tags": {key: str(value) for key, value in tags.items()}}))
+
+    def settle(self, timeout: float) -> None:
+        """Wait until everything queued has been sent, for at most `timeout`, and not at all while the store
+        is failing: before a report, so the store holds a step's logs before Ray or Tune act on the step
+        (a trial Tune stops is ended at once), without tying training to an outage."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._queue and not self._failing and self._error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            self._raise_if_failed()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything queued has been sent (bounded by the outage limit, or `timeout`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while self._queue and self._error is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TrackingError(f"{len(self._queue)} MLflow calls still unsent after {timeout:g} s")
+                self._changed.wait(left)
+            self._raise_if_failed()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Send everything still queued, then stop the thread and remove the spool folder."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self.flush(timeout)
+        self._thread.join()
+        shutil.rmtree(self._spool, ignore_errors=True)
+
+    def save_unsent(self, directory: str | os.PathLike) -> None:
+        """Write the calls not yet sent, with their files, into `directory` (inside a checkpoint)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._changed:  # the thread deletes a call's files under this lock once it is sent
+            calls = list(self._queue)
+            for call in calls:
+                if call.folder:
+                    shutil.copytree(self._spool / call.folder, directory / call.folder)
+        (directory / UNSENT_FILE).write_text(json.dumps([asdict(call) for call in calls]))
+
+    def resend(self, directory: str | os.PathLike) -> int:
+        """Queue the calls that `save_unsent` wrote into `directory`; how many. Call before logging."""
+        calls = read_unsent(directory)
+        for call in calls:
+            if call.folder:
+                folder = self._new_folder(create=False)
+                shutil.copytree(Path(directory) / call.folder, self._spool / folder)
+                call.folder = folder
+        with self._changed:
+            self._queue.extend(calls)
+            self._changed.notify_all()
+        return len(calls)
+
+    # --- the sending thread -----------------------------------------------------------------------------
+
+    def _new_folder(self, create: bool = True) -> str:
+        name = f"call-{next(self._folders):07d}"
+        if create:
+            (self._spool / name).mkdir()
+        return name
+
+    def _put(self, call: _Call) -> None:
+        with self._changed:
+            self._raise_if_failed()
+            if len(self._queue) >= MAX_QUEUED:
+                raise TrackingError(
+                    f"{MAX_QUEUED} MLflow calls are queued unsent ({self.uri} is not taking them)"
+                )
+            self._queue.append(call)
+            self._changed.notify_all()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise TrackingError(self._error)
+
+    def _send_queued(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue and not self._closing:
+                    self._changed.wait()
+                if not self._queue:
+                    return
+                call = self._queue[0]
+            if not self._send_until_done(call):
+                return
+            with self._changed:
+                self._queue.popleft()
+                if call.folder:
+                    shutil.rmtree(self._spool / call.folder, ignore_errors=True)
+                self._changed.notify_all()
+
+    def _send_until_done(self, call: _Call) -> bool:
+        """Send `call`, retrying through an outage; False once the logger gave up (the error is kept).
+
+        An outage is announced at its second failed try (a single failure is often a dropped keep-alive
+        connection), and its end likewise."""
+        failing_since, tries, wait = None, 0, RETRY_WAIT_S[0]
+        while True:
+            try:
+                self._send(call)
+                break
+            except Exception as err:
+                now, tries = time.monotonic(), tries + 1
+                failing_since = now if failing_since is None else failing_since
+                failed_for = now - failing_since
+                if _refused(err) or failed_for >= self.limit:
+                    self._give_up(call, err, failed_for)
+                    return False
+                self._set_failing(True)
+                if tries == 2:
+                    self._say(
+                        f"MLflow logging failed ({_one_line(err)}); retrying for up to {self.limit:.0f} s "
+                        "(tracking.outage_limit_s) while training continues"
+                    )
+                self._sender.forget()  # the failed call may have reached the store: ask it before resending
+                time.sleep(min(wait, self.limit - failed_for))
+                wait = min(2 * wait, RETRY_WAIT_S[1])
+        if failing_since is not None:
+            self._set_failing(False)
+            if tries >= 2:
+                self._say(
+                    f"MLflow logging recovered after {time.monotonic() - failing_since:.0f} s; "
+                    f"{len(self._queue)} queued calls to send"
+                )
+        return True
+
+    def _set_failing(self, failing: bool) -> None:
+        with self._changed:
+            self._failing = failing
+            self._changed.notify_all()
+
+    def _send(self, call: _Call) -> None:
+        args = dict(call.args)
+        for name in call.file_args:
+            args[name] = str(self._spool / call.folder / args[name])
+        getattr(self._sender, call.method)(**args)
+
+    def _give_up(self, call: _Call, err: Exception, failed_for: float) -> None:
+        if _refused(err):
+            why = f"MLflow could not take the run's logs ({call.method}): {_one_line(err)}"
+        else:
+            why = (
+                f"MLflow at {self.uri} failed for {failed_for:.0f} s, past tracking.outage_limit_s "
+                f"({self.limit:g} s): {_one_line(err)}"
+            )
+        with self._changed:
+            self._error = why
+            self._changed.notify_all()
+
+
+def read_unsent(directory: str | os.PathLike) -> list[_Call]:
+    """The calls `BufferedLogger.save_unsent` wrote into `directory` (none if it does not exist);
+    ValueError if the folder is damaged."""
+    directory = Path(directory)
+    if not directory.exists():
+        return []
+    try:
+        calls = [_Call.from_json(item) for item in json.loads((directory / UNSENT_FILE).read_text())]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{UNSENT_FILE}: {_one_line(err)}") from None
+    for call in calls:
+        for name in call.file_args:
+            if not (directory / call.folder / call.args[name]).exists():
+                raise ValueError(f"{call.folder}/{call.args[name]} is missing")
+    return calls
+
+
+def _refused(err: Exception) -> bool:
+    """Failures that waiting does not cure: the store refused the call (HTTP 4xx but a timeout or rate limit),
+    or the local artifact folder is full, read-only or closed to us."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return 400 <= status < 500 and status not in (408, 429)
+    return isinstance(err, OSError) and err.errno in _DISK_ERRORS
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -64,14 +64,22 @@ class UnetCallCounter:
         return calls
 
 
-def time_steps(step: Callable[[int], float | None], warmup: int, iters: int) -> list[float]:
+def time_steps(
+    step: Callable[[int], float | None],
+    warmup: int,
+    iters: int,
+    after_warmup: Callable[[], None] | None = None,
+) -> list[float]:
     """Run `warmup` untimed then `iters` timed calls of step(i); seconds per call.
 
     A step that returns a number reports its own timing (e.g. to leave out work done before the part
-    being measured); otherwise the whole call is timed.
+    being measured); otherwise the whole call is timed. `after_warmup` runs between the two (e.g. to
+    reset a peak-memory reading, so the timed steps' peak leaves out one-time costs such as compilation).
     """
     for i in range(warmup):
         step(i)
+    if after_warmup is not None:
+        after_warmup()
     times = []
     for i in range(warmup, warmup + iters):
         t0 = time.perf_counter()
@@ -134,6 +142,27 @@ class DeviceMemory:
             "peak_rss_steps_mib": status_kib("VmHWM") / 1024 if was_reset else None,
             "peak_rss_lifetime_mib": lifetime_peak_mib(),
         }
+
+
+class WarmupPeak:
+    """On CPU, splits the steps' peak RSS into warm-up (one-time costs: compilation, the budget's probe) and
+    timed steps: `reset` after the warm-up keeps the peak so far and restarts VmHWM; `report` adds
+    peak_rss_timed_mib and keeps peak_rss_steps_mib the peak of all steps. On a GPU it does nothing."""
+
+    def __init__(self, device: str):
+        self.cpu, self.warm_peak = not device.startswith("cuda"), None
+
+    def reset(self) -> None:
+        if self.cpu:
+            peak = status_kib("VmHWM") / 1024
+            self.warm_peak = peak if reset_peak_rss() else None
+
+    def report(self, report: dict) -> dict:
+        if self.warm_peak is not None and report.get("peak_rss_steps_mib") is not None:
+            timed = status_kib("VmHWM") / 1024
+            report["peak_rss_timed_mib"] = timed
+            report["peak_rss_steps_mib"] = max(self.warm_peak, timed)
+        return report
 
 
 def is_oom(err: BaseException) -> bool:

@@ -7,7 +7,8 @@ Writes a random-init Stable Diffusion 1.5-shaped diffusers directory (UNet 860M,
 encoder: time and memory do not depend on the weights), then, alternating the two sides, each in a fresh
 process: the largest batch that fits with K=50 (the worst case) by doubling, and s/step, images/s and peak
 GPU memory at batch 1 and at that batch. fp16 base weights, fp32 LoRA on both sides. K=0 is left out of
-the range because TRL cannot take a step without gradient.
+the range because TRL cannot take a step without gradient. Where --trl-python cannot import trl, only our
+side runs and the result says so (`trl`). `make gpu-check` (bench/gpu_check.py) runs a shorter version.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, small sizes: checks the code path")
     p.add_argument("--trl-python", default=sys.executable, help="interpreter that has trl 0.23.1")
     p.add_argument("--reps", type=int, default=2, help="alternating runs per side and batch")
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch the doubling tries (--smoke: 2)")
     p.add_argument("--out", default=None)
     return p.parse_args()
 
@@ -85,8 +86,19 @@ def write_sd15_random(directory: Path) -> Path:
 
 
 def run_side(
-    side: str, args, pipeline: Path, batch: int, *, k_fixed: int | None, iters: int, warmup: int, shape: dict
+    side: str,
+    args,
+    pipeline: Path,
+    batch: int,
+    *,
+    k_fixed: int | None,
+    iters: int,
+    warmup: int,
+    shape: dict,
+    k_low: int = 1,
 ) -> dict:
+    """One fresh process of `side` (ours: step_ours.py, trl: step_trl.py): `iters` timed optimizer steps
+    after `warmup`, with K fixed or drawn from k_low..T per step; its JSON, or {"oom": True}."""
     script = HERE / ("step_ours.py" if side == "ours" else "step_trl.py")
     python = sys.executable if side == "ours" else args.trl_python
     cmd = [
@@ -111,8 +123,9 @@ def run_side(
     ]
     if side == "ours":
         cmd += ["--resolution", str(shape["resolution"])]
-    cmd += ["--k", str(k_fixed)] if k_fixed is not None else ["--k-range", "1", str(shape["steps"])]
-    out = Path(args.workdir) / f"gpu-{side}-{batch}-{k_fixed}.json"
+    cmd += ["--k", str(k_fixed)] if k_fixed is not None else ["--k-range", str(k_low), str(shape["steps"])]
+    k = k_fixed if k_fixed is not None else f"{k_low}-{shape['steps']}"
+    out = Path(args.workdir) / f"gpu-{side}-{batch}-{k}.json"
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         if "out of memory" in proc.stderr.lower():
@@ -133,6 +146,13 @@ def largest_batch(side: str, args, pipeline: Path, shape: dict) -> int:
             break
         best, batch = batch, batch * 2
     return best
+
+
+def trl_missing(python: str) -> str | None:
+    """Why TRL's side cannot run with `python` (it cannot import trl), or None if it can."""
+    if subprocess.run([python, "-c", "import trl"], capture_output=True).returncode == 0:
+        return None
+    return f"not run: {python} cannot import trl (pip install -e '.[bench]')"
 
 
 def main() -> None:
@@ -159,7 +179,7 @@ def main() -> None:
             "device": "cpu",
             "dtype": "float32",
             "threads": 1,
-            "max_batch": 2,
+            "max_batch": min(args.max_batch, 2),
         }
     else:
         pipeline = write_sd15_random(workdir / "sd15-random")
@@ -171,12 +191,14 @@ def main() -> None:
             "threads": 4,
             "max_batch": args.max_batch,
         }
-    largest = {side: largest_batch(side, args, pipeline, shape) for side in ("ours", "trl")}
+    trl_note = trl_missing(args.trl_python)
+    sides = ("ours",) if trl_note else ("ours", "trl")
+    largest = {side: largest_batch(side, args, pipeline, shape) for side in sides}
     batches = sorted({1, *(b for b in largest.values() if b > 0)})
     runs = []
     for batch in batches:
         for _ in range(args.reps):
-            for side in ("ours", "trl"):
+            for side in sides:
                 if batch > largest[side]:
                     continue
                 runs.append(
@@ -191,6 +213,7 @@ def main() -> None:
             "runs": runs,
             "torch_cuda": torch.version.cuda,
             "smoke": args.smoke,
+            **({"trl": trl_note} if trl_note else {}),
         },
         args.out,
     )

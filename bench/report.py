@@ -54,20 +54,39 @@ def floor_numbers(floor: dict) -> dict:
     return {"ratio": med(ratios), "ratios": ratios}
 
 
+def trl_sides(trl: dict) -> tuple[str, ...]:
+    """The sides of section 2 in this result: ours, ours with issue 18's levers (when measured), TRL."""
+    return ("ours", "ours_levers", "trl") if trl.get("ours_levers") else ("ours", "trl")
+
+
 def trl_numbers(trl: dict) -> dict:
-    ours = [r["step_s"]["median"] for r in trl["ours"]]
-    theirs = [r["step_s"]["median"] for r in trl["trl"]]
-    paired = [a / b for a, b in zip(ours, theirs, strict=True)]
-    mem = {side: med([r["peak_rss_steps_mib"] for r in trl[side]]) for side in ("ours", "trl")}
-    life = {side: med([r["peak_rss_lifetime_mib"] for r in trl[side]]) for side in ("ours", "trl")}
+    sides = trl_sides(trl)
+    times = {side: [r["step_s"]["median"] for r in trl[side]] for side in sides}
+    ratio = {side: med(times[side]) / med(times["trl"]) for side in sides if side != "trl"}
+    paired = {
+        side: [a / b for a, b in zip(times[side], times["trl"], strict=True)]
+        for side in sides
+        if side != "trl"
+    }
+    mem = {side: med([r["peak_rss_steps_mib"] for r in trl[side]]) for side in sides}
+    timed = {side: _median_or_none([r.get("peak_rss_timed_mib") for r in trl[side]]) for side in sides}
+    life = {side: med([r["peak_rss_lifetime_mib"] for r in trl[side]]) for side in sides}
     return {
-        "ours": ours,
-        "trl": theirs,
-        "ratio": med(ours) / med(theirs),
-        "paired": paired,
+        "ours": times["ours"],
+        "trl": times["trl"],
+        "ratio": ratio["ours"],
+        "ratios": ratio,
+        "paired": paired["ours"],
+        "paired_by_side": paired,
         "mem": mem,
+        "timed": timed,
         "life": life,
     }
+
+
+def _median_or_none(values):
+    values = [v for v in values if v is not None]
+    return med(values) if values else None
 
 
 def memory_numbers(memory: dict, allocator: str) -> dict:
@@ -176,6 +195,33 @@ def summary(res: dict) -> str:
                 verdict(t["mem"]["ours"] <= t["mem"]["trl"]),
             ]
         )
+        if "ours_levers" in t["ratios"]:
+            rows.append(
+                [
+                    "2a. the same, with compile + activation budget (issue 18)",
+                    "<= 0.85x",
+                    f"{t['ratios']['ours_levers']:.2f}x",
+                    verdict(t["ratios"]["ours_levers"] <= 0.85),
+                ]
+            )
+            timed = t["timed"]
+            if timed.get("ours_levers") is not None and timed.get("trl") is not None:
+                rows.append(
+                    [
+                        "2b. the same: peak RSS during timed steps (after compile), ours vs TRL",
+                        "no more",
+                        f"{mib(timed['ours_levers'])} vs {mib(timed['trl'])}",
+                        verdict(timed["ours_levers"] <= timed["trl"]),
+                    ]
+                )
+            rows.append(
+                [
+                    "2b. the same: peak RSS of all steps incl. first-step compile, ours vs TRL",
+                    "no more",
+                    f"{mib(t['mem']['ours_levers'])} vs {mib(t['mem']['trl'])}",
+                    verdict(t["mem"]["ours_levers"] <= t["mem"]["trl"]),
+                ]
+            )
     if "memory" in res:
         short = {"default": "glibc default", "mmap128k": "mmap threshold 128 KiB", "jemalloc": "jemalloc"}
         for allocator, label in short.items():
@@ -290,53 +336,77 @@ def floor_section(floor: dict) -> str:
 
 def trl_section(trl: dict) -> str:
     t = trl_numbers(trl)
+    levers = " ".join(trl.get("levers", []))
+    labels = {
+        "ours": "alignprop-ray",
+        "ours_levers": f"alignprop-ray, `{levers}`",
+        "trl": f"TRL {trl['trl'][0].get('trl_version', '')}",
+    }
     rows = []
-    for side, label in (("ours", "alignprop-ray"), ("trl", f"TRL {trl['trl'][0].get('trl_version', '')}")):
+    for side in trl_sides(trl):
         runs = trl[side]
         medians = [r["step_s"]["median"] for r in runs]
         every = [v for r in runs for v in r["step_s"]["values"]]
         rows.append(
             [
-                label,
+                labels[side],
                 s(med(medians)),
                 spread(medians),
                 spread(every),
                 mib(med([r["peak_rss_steps_mib"] for r in runs])),
+                mib(t["timed"][side]),
                 mib(med([r["peak_rss_lifetime_mib"] for r in runs])),
                 mib(med([r["rss_after_setup_mib"] for r in runs])),
+                s(med([r["first_step_s"] for r in runs])) if "first_step_s" in runs[0] else "–",
                 runs[0]["unet_calls_per_step"][-1],
             ]
         )
-    return "\n".join(
-        [
-            "## 2. Ours vs TRL's AlignPropTrainer",
-            "",
-            f"Same pipeline directory, T={T}, fixed K={K}, batch 2, CFG 7.5, eta 0, fp32, CPU, LoRA r=4 on the "
-            "attention projections, saturation reward, AdamW lr 1e-3 / wd 1e-4, clip 1.0. TRL: "
-            f'`truncated_backprop_rand=False, truncated_backprop_timestep={T - K}`, `mixed_precision="no"`, no '
-            "trackers, no progress bars, timing `trainer.step()` only. Runs alternate ours, TRL, ours, TRL ...; "
-            "each run is a fresh process (model load and warm-up steps excluded).",
-            "",
-            table(
-                [
-                    "side",
-                    "median s/step",
-                    "spread of run medians",
-                    "all timed steps",
-                    "peak RSS (steps)",
-                    "peak RSS (process)",
-                    "RSS after load",
-                    "UNet calls / step",
-                ],
-                rows,
-            ),
-            "",
-            f"Ratio ours / TRL: **{t['ratio']:.3f}x** (paired per rep: "
-            f"{', '.join(f'{p:.3f}' for p in t['paired'])}). Peak RSS (steps) is the high-water mark after the "
-            "model is loaded (VmHWM reset with /proc/self/clear_refs); peak RSS (process) includes imports and "
-            "loading.",
+    lines = [
+        "## 2. Ours vs TRL's AlignPropTrainer",
+        "",
+        f"Same pipeline directory, T={T}, fixed K={K}, batch 2, CFG 7.5, eta 0, fp32, CPU, LoRA r=4 on the "
+        "attention projections, saturation reward, AdamW lr 1e-3 / wd 1e-4, clip 1.0. TRL: "
+        f'`truncated_backprop_rand=False, truncated_backprop_timestep={T - K}`, `mixed_precision="no"`, no '
+        "trackers, no progress bars, timing `trainer.step()` only. Runs alternate the sides; "
+        "each run is a fresh process (model load and warm-up steps excluded).",
+        "",
+        table(
+            [
+                "side",
+                "median s/step",
+                "spread of run medians",
+                "all timed steps",
+                "peak RSS (steps)",
+                "peak RSS (timed steps)",
+                "peak RSS (process)",
+                "RSS after load",
+                "first step",
+                "UNet calls / step",
+            ],
+            rows,
+        ),
+        "",
+        f"Ratio ours / TRL: **{t['ratio']:.3f}x** (paired per rep: "
+        f"{', '.join(f'{p:.3f}' for p in t['paired'])}).",
+    ]
+    if "ours_levers" in t["ratios"]:
+        runs = trl["ours_levers"]
+        kept = sorted({k for r in runs for k in r.get("kept_calls", [])})
+        probe = _median_or_none([r.get("probe_call_mib") for r in runs])
+        lines += [
+            f"With `{levers}` (issue 18): **{t['ratios']['ours_levers']:.3f}x** (paired per rep: "
+            f"{', '.join(f'{p:.3f}' for p in t['paired_by_side']['ours_levers'])}). The probe measured "
+            f"{probe:.1f} MiB of activations per UNet call, so the budget kept {', '.join(map(str, kept))} "
+            f"of the K={K} gradient calls uncheckpointed; the first step includes compilation (and the probe).",
         ]
-    )
+    lines += [
+        "",
+        "Peak RSS (steps) is the high-water mark after the model is loaded (VmHWM reset with "
+        "/proc/self/clear_refs), warm-up steps included; peak RSS (timed steps) is reset again after the "
+        "warm-up, so it leaves out one-time costs (compilation); peak RSS (process) includes imports and "
+        "loading.",
+    ]
+    return "\n".join(lines)
 
 
 def memory_section(memory: dict) -> str:
@@ -526,6 +596,9 @@ BENCH_REPS=7 BENCH_ITERS=10 bash bench/run.sh
 .venv/bin/python bench/step_ours.py --pipeline /tmp/alignprop-bench/tiny --steps 20 --k 10 --batch 2 --floor
 .venv/bin/python bench/step_trl.py  --pipeline /tmp/alignprop-bench/tiny --steps 20 --k 10 --batch 2
 .venv/bin/python bench/step_ours.py --pipeline /tmp/alignprop-bench/tiny --resolution 128 --k 20 --no-checkpoint
+.venv/bin/python bench/step_ours.py --pipeline /tmp/alignprop-bench/tiny --compile --activation-budget-mb 80
+BENCH_BUDGET_MB=80 bash bench/run.sh --only trl   # section 2 with issue 18's levers off and on
+.venv/bin/python bench/levers.py --pipeline /tmp/alignprop-bench/tiny  # the levers one at a time
 .venv/bin/python bench/ray_train.py ray --workers 1 2
 .venv/bin/python bench/gpu.py --workdir /tmp/alignprop-bench/gpu        # CUDA only
 python bench/report.py            # re-render this file from bench/results.json

@@ -3,7 +3,8 @@
     python bench/run.py --pipeline DIR [--trl-python PY] [--quick]
 
 Environment: BENCH_REPS (alternating runs per side, default 5), BENCH_ITERS (timed steps per run,
-default 8), BENCH_THREADS (torch threads for the single-process benchmarks, default: all cores).
+default 8), BENCH_THREADS (torch threads for the single-process benchmarks, default: all cores),
+BENCH_BUDGET_MB (model.activation_budget_mb of the levers-on side of section 2, default 80).
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class Bench:
         self.warmup = 1 if quick else 2
         self.threads = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
         self.py = sys.executable
+        # Issue 18's levers: model.compile and model.activation_budget_mb. The budget is what TRL's peak RSS
+        # leaves over ours on this pipeline (~100 MiB: two UNet calls' 38 MiB), so that side stays within TRL's.
+        budget = os.environ.get("BENCH_BUDGET_MB", "80")
+        self.levers = ("--compile", "--activation-budget-mb", budget)
 
     def step_cmd(self, side: str, *extra: str) -> list[str]:
         python = self.py if side == "ours" else self.args.trl_python
@@ -119,12 +124,13 @@ class Bench:
         return {"runs": runs, "phases": phases}
 
     def trl(self) -> dict:
-        """Ours and TRL alternating, each run a fresh process."""
-        ours, trl = [], []
+        """Ours (issue 18's speed levers off, then on) and TRL alternating, each run a fresh process."""
+        ours, levers, trl = [], [], []
         for _ in range(self.reps):
             ours.append(run_json(self.step_cmd("ours")))
+            levers.append(run_json(self.step_cmd("ours", *self.levers)))
             trl.append(run_json(self.step_cmd("trl")))
-        return {"ours": ours, "trl": trl}
+        return {"ours": ours, "ours_levers": levers, "trl": trl, "levers": list(self.levers)}
 
     def memory(self) -> dict:
         """Peak RSS per (K, checkpointing, allocator) at resolution 128 (64x64 latents), one fresh process each.

@@ -32,10 +32,22 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="experiment: UNet and VAE weights in channels_last (not what the engine does today)",
     )
+    p.add_argument(
+        "--compile", action="store_true", help="model.compile: the UNet's forward through torch.compile"
+    )
+    p.add_argument(
+        "--activation-budget-mb",
+        default=None,
+        help="model.activation_budget_mb: MiB (or auto) for the activations of the last gradient calls",
+    )
     p.add_argument("--floor", action="store_true", help="also time a no-grad generation before each step")
     p.add_argument("--phases", action="store_true", help="break the timed steps down into phases")
     p.add_argument("--profile", action="store_true", help="torch.profiler over the last timed step: top ops")
     return p.parse_args()
+
+
+def budget_setting(value: str | None) -> float | str | None:
+    return value if value in (None, "auto") else float(value)
 
 
 def reward_fn(images, prompts):
@@ -48,9 +60,10 @@ def main() -> None:
     common.set_threads(args.threads)
     import torch
 
+    from alignprop_ray.engine import sampler as sampler_module
     from alignprop_ray.engine.lora import LoraSettings, attach_lora
     from alignprop_ray.engine.models import load_parts
-    from alignprop_ray.engine.sampler import SamplerSettings, generate
+    from alignprop_ray.engine.sampler import SamplerSettings, generate, kept_calls
     from alignprop_ray.engine.step import AlignPropLearner, OptimSettings, plan_step
     from alignprop_ray.engine.truncation import Truncation
 
@@ -59,19 +72,39 @@ def main() -> None:
     if args.channels_last:
         parts.unet.to(memory_format=torch.channels_last)
         parts.vae.to(memory_format=torch.channels_last)
-    params = attach_lora(parts.unet, LoraSettings(rank=4, alpha=4.0), seed=0)
-    sampler = SamplerSettings(
-        steps=args.steps, guidance_scale=args.guidance, eta=0.0, checkpoint=not args.no_checkpoint
+    lora = LoraSettings(
+        rank=4, alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"), init="gaussian"
     )
-    # lr/weight decay/clipping as TRL's AlignPropConfig defaults, so both sides run the same optimizer.
-    optim = OptimSettings(lr=1e-3, weight_decay=1e-4, max_grad_norm=1.0)
+    params = attach_lora(parts.unet, lora, seed=0)
+    sampler = SamplerSettings(
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        eta=0.0,
+        negative_prompt="",
+        checkpoint=not args.no_checkpoint,
+        compile=args.compile,
+        activation_budget_mb=budget_setting(args.activation_budget_mb),
+    )
+    # lr/weight decay/clipping/betas as TRL's AlignPropConfig defaults: both sides run the same optimizer.
+    # TRL's loss is `10 - mean(reward)`, unscaled: loss_scale 1 gives the very same gradients.
+    optim = OptimSettings(
+        lr=1e-3,
+        weight_decay=1e-4,
+        loss_scale=1.0,
+        max_grad_norm=1.0,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        schedule="constant",
+        warmup_steps=0,
+        total_steps=args.iters,
+    )
     learner = AlignPropLearner(parts, params, reward_fn, sampler, optim, resolution=args.resolution)
     counter = common.UnetCallCounter(parts.unet)
     memory = common.DeviceMemory(args.device)
     setup_s = time.perf_counter() - t_setup
     rss_setup = common.status_kib("VmRSS") / 1024
     memory_reset = memory.reset()
-    floor_times, calls, phases, ks_drawn, top_ops = [], [], [], [], []
+    floor_times, calls, phases, ks_drawn, top_ops, all_times = [], [], [], [], [], []
     timer = PhaseTimer(learner, parts) if args.phases else None
 
     def step(i):
@@ -119,19 +152,30 @@ def main() -> None:
         if timer:
             phases.append(timer.stop())
         calls.append(counter.take())
-        if not result.updated and learner.scaler is None:  # fp16 loss scaling may skip a step by design
+        all_times.append(seconds)
+        # fp16 loss scaling may skip a step by design, and K=0 has no gradient to apply
+        if not result.updated and ks[0] > 0 and not learner.scaler.is_enabled():
             raise RuntimeError(f"step {i} made no update (nonfinite={result.nonfinite})")
         return seconds
 
+    warm = common.WarmupPeak(args.device)
+
     try:
-        times = common.time_steps(step, args.warmup, args.iters)
+        times = common.time_steps(step, args.warmup, args.iters, warm.reset)
     except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
         if not common.is_oom(err):
             raise
         common.emit({"side": "ours", "config": vars(args), "oom": True}, args.out)
         return
-    # T forwards, plus K recomputes in backward when checkpointing (none without it).
-    expected = [args.steps + (0 if args.no_checkpoint else k) for k in ks_drawn]
+    # T forwards, plus a recompute in backward for each checkpointed call (K of them, or without
+    # checkpointing none; with a budget the last `kept` calls keep their activations), plus the budget's
+    # one probe call in the first step.
+    probed = next(iter(sampler_module._PROBES.get(parts.denoiser, {}).values()), None)
+    kept = [kept_calls(k, sampler, probed) for k in ks_drawn]
+    expected = [
+        args.steps + (0 if args.no_checkpoint else k - m) + (i == 0 and probed is not None)
+        for i, (k, m) in enumerate(zip(ks_drawn, kept, strict=True))
+    ]
     if calls != expected:
         raise RuntimeError(f"self-check failed: {calls} UNet calls per step, expected {expected}")
     result = {
@@ -142,8 +186,12 @@ def main() -> None:
         "step_s": common.summary(times),
         "ks": ks_drawn,
         "unet_calls_per_step": calls,
+        "kept_calls": kept,
+        "probe_call_mib": probed.call_bytes / 2**20 if probed else None,
+        "first_step_s": all_times[0],
+        "warmup_s": all_times[: args.warmup],
         "rss_after_setup_mib": rss_setup,
-        **memory.report(memory_reset),
+        **warm.report(memory.report(memory_reset)),
         "latent_size": (args.resolution or parts.native_resolution) // parts.vae_scale_factor,
     }
     if args.floor:

@@ -111,8 +111,10 @@ def main() -> None:
                 raise RuntimeError(f"step {i}: TRL made no update")
             return seconds
 
+        warm = common.WarmupPeak(args.device)
+
         try:
-            times = common.time_steps(step, args.warmup, args.iters)
+            times = common.time_steps(step, args.warmup, args.iters, warm.reset)
         except RuntimeError as err:
             if not common.is_oom(err):
                 raise
@@ -134,7 +136,7 @@ def main() -> None:
             "ks": ks_drawn,
             "unet_calls_per_step": calls,
             "rss_after_setup_mib": rss_setup,
-            **memory.report(memory_reset),
+            **warm.report(memory.report(memory_reset)),
         },
         args.out,
     )

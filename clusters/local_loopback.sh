@@ -6,6 +6,7 @@
 #   clusters/local_loopback.sh start     # MLflow, Ray head, Ray worker; waits until all answer
 #   eval "$(clusters/local_loopback.sh env)"
 #   ray job submit --working-dir . -- alignprop-ray sweep sweeps/smoke.yaml
+#   clusters/local_loopback.sh restart-worker   # a worker node again, after it was lost
 #   clusters/local_loopback.sh stop      # ends exactly the processes `start` started
 #
 # The head is 127.0.0.2 and the worker 127.0.0.3: loopback addresses (all of 127.0.0.0/8 is), but not
@@ -71,14 +72,16 @@ wait_for() {
     done
 }
 
-alive_nodes_at_least() {
-    python - "$HEAD_IP:$GCS_PORT" "$1" <<'EOF'
+# alive_nodes at_least|at_most N: whether the cluster has at least (at most) N live nodes.
+alive_nodes() {
+    python - "$HEAD_IP:$GCS_PORT" "$1" "$2" <<'EOF'
 import sys
 
 import ray
 
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-sys.exit(0 if sum(n["Alive"] for n in ray.nodes()) >= int(sys.argv[2]) else 1)
+alive, bound = sum(n["Alive"] for n in ray.nodes()), int(sys.argv[3])
+sys.exit(0 if (alive >= bound if sys.argv[2] == "at_least" else alive <= bound) else 1)
 EOF
 }
 
@@ -126,14 +129,28 @@ start() {
         --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
         --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$HEAD_AGENT_PORT"
     wait_for 90 ray health-check --address "$HEAD_IP:$GCS_PORT"
-    start_node worker --node-ip-address="$WORKER_IP" --address="$HEAD_IP:$GCS_PORT" \
-        --num-cpus="$WORKER_CPUS" \
-        --dashboard-agent-listen-port="$WORKER_AGENT_PORT"
-    wait_for 90 alive_nodes_at_least 2
+    start_worker
     wait_for 60 job_api_up
     trap - EXIT
     echo "2 Ray nodes up (GCS $HEAD_IP:$GCS_PORT, jobs http://127.0.0.1:$DASHBOARD_PORT)," \
         "MLflow http://127.0.0.1:$MLFLOW_PORT, files under $LOOPBACK_DIR"
+}
+
+start_worker() {
+    start_node worker --node-ip-address="$WORKER_IP" --address="$HEAD_IP:$GCS_PORT" \
+        --num-cpus="$WORKER_CPUS" \
+        --dashboard-agent-listen-port="$WORKER_AGENT_PORT"
+    wait_for 90 alive_nodes at_least 2
+}
+
+# A worker node again after it was lost (tests/test_cluster_loopback.py kills its raylet): what is left
+# of the old one is ended first.
+restart_worker() {
+    eval "$(print_env)"
+    unset RAY_ADDRESS
+    stop_group worker
+    wait_for 90 alive_nodes at_most 1  # the head has marked the lost node dead
+    start_worker
 }
 
 stop_group() {
@@ -157,10 +174,11 @@ stop() {
 
 case ${1:-} in
     start) start ;;
+    restart-worker) restart_worker ;;
     stop) stop ;;
     env) print_env ;;
     *)
-        echo "usage: $0 start|stop|env" >&2
+        echo "usage: $0 start|restart-worker|stop|env" >&2
         exit 2
         ;;
 esac

@@ -7,8 +7,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-import types  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -35,52 +33,22 @@ def one_thread():
 
 
 @pytest.fixture
+def hub_reachable(monkeypatch):
+    """Validate as a user with network access would: hf:// weight refs count as downloadable.
+
+    Shipped GPU experiments name reward weights on the Hugging Face Hub, fetched when training starts.
+    Validation never touches the network, but with HF_HUB_OFFLINE=1 (as `make test` sets) and an empty
+    cache it rightly flags them; that is the user's machine state, not a defect of the file.
+    """
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub, "is_offline_mode", lambda: False)
+
+
+@pytest.fixture
 def tiny_parts():
     from alignprop_ray.engine.models import load_parts
 
     return load_parts("tiny")
-
-
-TRAIN_PROMPTS = ["a cat", "a dog", "a red car"]
-
-
-def tiny_learner(reward, lr: float = 1e-2, dtype: torch.dtype = torch.float32):
-    """A learner on the tiny pipeline: LoRA rank 4, 32 px, 6 DDIM steps with CFG 5."""
-    from alignprop_ray.engine.lora import LoraSettings, attach_lora
-    from alignprop_ray.engine.models import load_parts
-    from alignprop_ray.engine.sampler import SamplerSettings
-    from alignprop_ray.engine.step import AlignPropLearner, OptimSettings
-
-    parts = load_parts("tiny", dtype=dtype)
-    params = attach_lora(parts.unet, LoraSettings(rank=4, alpha=4))
-    sampler = SamplerSettings(steps=6, guidance_scale=5.0)
-    return AlignPropLearner(parts, params, reward, sampler, OptimSettings(lr=lr), resolution=32)
-
-
-def train_steps(learner, steps: int, truncation: str = "uniform:1:6", grad_accum: int = 1) -> list:
-    """`steps` optimizer steps on TRAIN_PROMPTS (batch 2, seed 0); their StepResults."""
-    from alignprop_ray.engine.step import plan_step
-    from alignprop_ray.engine.truncation import parse_truncation
-
-    results = []
-    for step in range(steps):
-        batches, ks = plan_step(
-            TRAIN_PROMPTS,
-            parse_truncation(truncation),
-            learner.sampler.steps,
-            step=step,
-            seed=0,
-            batch_size=2,
-            grad_accum=grad_accum,
-        )
-        results.append(learner.train_step(batches, ks))
-    return results
-
-
-def brightness_reward(images, prompts):
-    """Mean pixel value: the simplest differentiable reward (engine tests must not depend on the library)."""
-    value = images.mean(dim=(1, 2, 3))
-    return types.SimpleNamespace(total=value, terms={"brightness": value})
 
 
 def pytest_collection_modifyitems(config, items):

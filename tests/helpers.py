@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+import torch
 
 
 def free_port() -> int:
@@ -47,3 +50,77 @@ def run_ranks(target: Callable, world_size: int, *args, timeout: float = 240.0) 
     if errors:
         raise AssertionError(f"a rank failed:\n{errors[0]}")
     return [value for _, _, value in outcomes]
+
+
+# --- the engine on the tiny model --------------------------------------------------------------------
+
+TRAIN_PROMPTS = ["a cat", "a dog", "a red car"]
+
+
+def engine_defaults():
+    """(LoraSettings, SamplerSettings, OptimSettings) of an experiment that sets nothing: the schema's
+    defaults, mapped as training maps them. Tests change fields with `dataclasses.replace`."""
+    from alignprop_ray.config import ExperimentConfig
+    from alignprop_ray.train.loop import engine_settings
+
+    return engine_settings(ExperimentConfig(reward={"saturation": 1.0}))
+
+
+def lora_settings(**changes):
+    return dataclasses.replace(engine_defaults()[0], **changes)
+
+
+def sampler_settings(**changes):
+    return dataclasses.replace(engine_defaults()[1], **changes)
+
+
+def optim_settings(**changes):
+    return dataclasses.replace(engine_defaults()[2], **changes)
+
+
+class BrightnessReward:
+    """Mean pixel value: the simplest differentiable reward (engine tests must not depend on the library)."""
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]):
+        from alignprop_ray.rewards.base import RewardOutput
+
+        value = images.mean(dim=(1, 2, 3))
+        return RewardOutput(value, {"brightness": value})
+
+    def image_features(self, images: torch.Tensor) -> None:
+        return None
+
+
+brightness_reward = BrightnessReward()
+
+
+def tiny_learner(reward, lr: float = 1e-2, dtype: torch.dtype = torch.float32, **optim):
+    """A learner on the tiny pipeline: LoRA rank 4, 32 px, 6 DDIM steps with CFG 5."""
+    from alignprop_ray.engine.lora import attach_lora
+    from alignprop_ray.engine.models import load_parts
+    from alignprop_ray.engine.step import AlignPropLearner
+
+    parts = load_parts("tiny", dtype=dtype)
+    params = attach_lora(parts.unet, lora_settings(rank=4, alpha=4))
+    sampler = sampler_settings(steps=6, guidance_scale=5.0)
+    return AlignPropLearner(parts, params, reward, sampler, optim_settings(lr=lr, **optim), resolution=32)
+
+
+def train_steps(learner, steps: int, truncation: str = "uniform:1:6", grad_accum: int = 1) -> list:
+    """`steps` optimizer steps on TRAIN_PROMPTS (batch 2, seed 0); their StepResults."""
+    from alignprop_ray.engine.step import plan_step
+    from alignprop_ray.engine.truncation import parse_truncation
+
+    results = []
+    for step in range(steps):
+        batches, ks = plan_step(
+            TRAIN_PROMPTS,
+            parse_truncation(truncation),
+            learner.sampler.steps,
+            step=step,
+            seed=0,
+            batch_size=2,
+            grad_accum=grad_accum,
+        )
+        results.append(learner.train_step(batches, ks))
+    return results

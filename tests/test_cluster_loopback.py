@@ -1,23 +1,28 @@
-"""A real two-node Ray cluster on loopback runs the smoke sweep submitted with `ray job submit`.
+"""A real two-node Ray cluster on loopback runs the smoke sweep submitted with `ray job submit`, and a
+2-worker training run survives losing its worker node (RELIABILITY.md).
 
 Head (127.0.0.2) and worker (127.0.0.3) are separate `ray start` processes; MLflow is an `mlflow
 server` on 127.0.0.1 and is read back over its REST API. This is clusters/aws.yaml in miniature: the
-job driver runs on the head, Train workers land on both nodes, tracking goes over HTTP.
+job driver runs on the head, Train workers land on both nodes, tracking goes over HTTP. A node is lost
+by killing its raylet (SIGKILL), as when a spot instance is reclaimed.
 """
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray]
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "clusters" / "local_loopback.sh"
 
@@ -95,3 +100,150 @@ def test_smoke_sweep_submitted_as_a_job_on_two_nodes(cluster):
         assert run["info"]["status"] == "FINISHED"
         keys = {m["key"] for m in run["data"].get("metrics", [])}
         assert {"train/reward", "eval/reward", "eval/diversity"} <= keys
+
+
+# --- a lost worker node --------------------------------------------------------------------------------
+
+# Two workers of one CPU each on two one-CPU nodes: one worker on each. Checkpoints every 4 steps.
+TWO_WORKERS = [
+    "scaling.num_workers=2",
+    "model.resolution=32",
+    "sampling.steps=2",
+    "truncation=fixed:1",
+    "train.batch_size=1",
+    "prompts.train=tiny",
+    "prompts.eval=tiny",
+    "train.steps=16",
+    "train.eval_every=8",
+    "train.checkpoint_every=4",
+    "failure.max_failures=2",
+]
+JOB_TIMEOUT_S = 600  # bound on a job's end once its node is lost (~1-2 minutes here)
+
+
+def submit_train(cluster, name: str, *extra: str, env_vars: dict | None = None) -> None:
+    sets = [arg for item in [*TWO_WORKERS, f"tracking.experiment={name}", *extra] for arg in ("--set", item)]
+    runtime = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+    command = [
+        "ray",
+        "job",
+        "submit",
+        "--no-wait",
+        "--submission-id",
+        name,
+        "--working-dir",
+        str(ROOT),
+        *runtime,
+    ]
+    command += ["--", "alignprop-ray", "train", "sweeps/tiny.yaml", "--name", name, *sets]
+    done = subprocess.run(command, env=cluster, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def job_status(cluster, name: str) -> str:
+    done = subprocess.run(
+        ["ray", "job", "status", name], env=cluster, capture_output=True, text=True, timeout=60
+    )
+    found = re.search(r"Status for job '[^']+': (\w+)", done.stdout)
+    return found[1] if found else "UNKNOWN"
+
+
+def wait_for_job(cluster, name: str, timeout: float) -> tuple[str, str]:
+    """(final status, logs) of a job; the job is stopped if it runs past `timeout`."""
+    deadline, status = time.monotonic() + timeout, "UNKNOWN"
+    while time.monotonic() < deadline:
+        status = job_status(cluster, name)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(2)
+    else:
+        subprocess.run(["ray", "job", "stop", name], env=cluster, capture_output=True, timeout=60)
+    logs = subprocess.run(
+        ["ray", "job", "logs", name], env=cluster, capture_output=True, text=True, timeout=60
+    )
+    return status, logs.stdout
+
+
+def logged_steps(cluster, name: str, key: str) -> list[int]:
+    """Steps of `key` in the run called `name` (its own experiment), from the MLflow server."""
+    try:
+        found = mlflow_api(cluster, f"experiments/get-by-name?experiment_name={name}")
+        body = {"experiment_ids": [found["experiment"]["experiment_id"]], "max_results": 1}
+        run_id = mlflow_api(cluster, "runs/search", body)["runs"][0]["info"]["run_id"]
+        history = mlflow_api(
+            cluster, f"metrics/get-history?run_id={run_id}&metric_key={key}&max_results=1000"
+        )
+    except Exception:  # not created yet
+        return []
+    return sorted(int(m.get("step", 0)) for m in history.get("metrics", []))
+
+
+def run_status(cluster, name: str) -> str:
+    found = mlflow_api(cluster, f"experiments/get-by-name?experiment_name={name}")
+    body = {"experiment_ids": [found["experiment"]["experiment_id"]], "max_results": 1}
+    return mlflow_api(cluster, "runs/search", body)["runs"][0]["info"]["status"]
+
+
+def wait_for_step(cluster, name: str, step: int, timeout: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while max(logged_steps(cluster, name, "train/loss"), default=0) < step:
+        assert time.monotonic() < deadline, f"{name} did not reach step {step}"
+        assert job_status(cluster, name) in ("PENDING", "RUNNING", "UNKNOWN"), wait_for_job(cluster, name, 0)
+        time.sleep(1)
+
+
+def kill_worker_raylet(cluster) -> None:
+    """SIGKILL the worker node's raylet (its workers die with it; the head sees the node dead)."""
+    group = (Path(cluster["LOOPBACK_DIR"]) / "worker.pid").read_text().strip()
+    listed = subprocess.run(
+        ["ps", "-ww", "-o", "pid=,comm=", "-g", group], capture_output=True, text=True, timeout=10
+    )
+    raylets = [line.split()[0] for line in listed.stdout.splitlines() if line.split()[1:] == ["raylet"]]
+    assert len(raylets) == 1, listed.stdout
+    os.kill(int(raylets[0]), signal.SIGKILL)
+
+
+def restart_worker_node(cluster) -> None:
+    subprocess.run(["bash", str(SCRIPT), "restart-worker"], env=cluster, check=True, timeout=240)
+
+
+def test_a_lost_worker_node_costs_only_the_steps_since_the_last_checkpoint(cluster):
+    name = f"lost-node-{uuid.uuid4().hex[:6]}"
+    submit_train(cluster, name)
+    wait_for_step(cluster, name, 6)  # past the checkpoint of step 4
+    kill_worker_raylet(cluster)
+    restart_worker_node(cluster)  # as an autoscaler replaces a reclaimed spot node
+    status, logs = wait_for_job(cluster, name, JOB_TIMEOUT_S)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert re.search(r"resuming after step (4|8|12)\b", logs), logs[-3000:]
+    assert run_status(cluster, name) == "FINISHED"
+    assert logged_steps(cluster, name, "train/loss") == list(range(1, 17))  # each step once
+    assert logged_steps(cluster, name, "eval/reward") == [0, 8, 16]
+
+
+def test_a_lost_worker_node_that_never_comes_back_fails_within_the_wait_saying_how_to_resume(cluster):
+    name = f"node-gone-{uuid.uuid4().hex[:6]}"
+    # Ray Train's start timeout cut to 20 s, so one try of 20 s is the whole wait (default: 60 s a try).
+    submit_train(
+        cluster,
+        name,
+        "failure.wait_for_workers_s=20",
+        env_vars={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"},
+    )
+    try:
+        wait_for_step(cluster, name, 6)
+        kill_worker_raylet(cluster)
+        lost = time.monotonic()
+        status, logs = wait_for_job(cluster, name, JOB_TIMEOUT_S)
+        print(f"the run ended {time.monotonic() - lost:.0f} s after its node was lost")
+    finally:
+        restart_worker_node(cluster)  # for the tests after this one
+    assert status == "FAILED", logs[-3000:]
+    line = next(line for line in reversed(logs.splitlines()) if line.startswith("alignprop-ray train: "))
+    assert line.startswith(
+        "alignprop-ray train: training failed: the cluster had no room for the run's 2 workers within "
+        "failure.wait_for_workers_s (a lost node not replaced, or too few resources); resume from the "
+        "checkpoint of step "
+    ), line
+    assert line.endswith(f" --name {name}`"), line
+    assert run_status(cluster, name) == "FAILED"

@@ -41,8 +41,8 @@ from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscali
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from alignprop_ray.config import load_experiment, read_yaml
+from alignprop_ray.sweep.capacity import trial_resources
 from alignprop_ray.sweep.config import is_sweep, load_sweep
-from alignprop_ray.sweep.launch import trial_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
@@ -490,16 +490,13 @@ def fitting_types(need: dict[str, float], node_types: dict[str, dict]) -> list[s
 
 
 @pytest.fixture
-def hub_reachable(monkeypatch, tmp_path):
-    """As in test_config.py: hf:// weight refs count as downloadable (validation never downloads)."""
-    hub = pytest.importorskip("huggingface_hub")
-    monkeypatch.setattr(hub, "is_offline_mode", lambda: False)
+def in_tmp(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
 @pytest.mark.parametrize("cluster", FIT_CLUSTERS)
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_every_shipped_config_fits_a_node_type(path, cluster, hub_reachable):
+def test_every_shipped_config_fits_a_node_type(path, cluster, hub_reachable, in_tmp):
     need = trial_needs(path)
     if need.get("GPU"):
         # a GPU config names its GPU model: the memory its batch was sized for is otherwise unchecked

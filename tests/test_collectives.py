@@ -74,6 +74,7 @@ def train_one_step(rank: int, port: int, backend: str, tmp: str) -> tuple:
     return step.updated, metrics["eval/reward"], digests
 
 
+@pytest.mark.slow
 def test_training_collectives_run_under_the_gpu_process_group(tmp_path):
     backend = gpu_process_group(tmp_path)
     try:

@@ -6,7 +6,6 @@ from safetensors.torch import load_file
 
 from alignprop_ray.engine.lora import (
     WEIGHT_NAME,
-    LoraSettings,
     attach_lora,
     load_adapter,
     load_adapter_like_diffusers,
@@ -15,29 +14,33 @@ from alignprop_ray.engine.lora import (
     save_adapter,
 )
 from alignprop_ray.engine.models import load_parts
-from alignprop_ray.engine.sampler import SamplerSettings, generate
+from alignprop_ray.engine.sampler import generate
 from alignprop_ray.errors import UserError
+from tests.helpers import lora_settings, sampler_settings
 from tests.test_sampler import perturb
 
-SETTINGS = SamplerSettings(steps=5)
+SETTINGS = sampler_settings(steps=5)
 
 
 def trained_adapter(path, rank, alpha, seed, targets=("to_q", "to_k", "to_v", "to_out.0")):
     parts = load_parts("tiny")
-    perturb(attach_lora(parts.unet, LoraSettings(rank=rank, alpha=alpha, target_modules=targets)), seed=seed)
-    save_adapter(parts.unet, path)
+    perturb(
+        attach_lora(parts.denoiser, lora_settings(rank=rank, alpha=alpha, target_modules=targets)), seed=seed
+    )
+    save_adapter(parts.denoiser, path)
     return parts
 
 
 def sample_with(adapter):
     parts = load_parts("tiny")
-    load_adapter_like_diffusers(parts.unet, adapter)
+    load_adapter_like_diffusers(parts.denoiser, adapter)
     return generate(parts, ["a cat"], [7], SETTINGS)
 
 
 def delta_weights(adapter):
     """{module: s * B @ A}: the weight update an adapter applies (s = alpha / r)."""
-    state, config = read_adapter(adapter)
+    adapter = read_adapter(adapter)
+    state, config = adapter.state, adapter.config
     scale = float(config["lora_alpha"]) / config["r"]
     names = {k.rsplit(".lora_", 1)[0] for k in state}
     return {n: scale * state[f"{n}.lora_B.weight"] @ state[f"{n}.lora_A.weight"] for n in names}
@@ -48,8 +51,9 @@ def test_saved_file_is_the_diffusers_format(tmp_path):
     state = load_file(tmp_path / "a" / WEIGHT_NAME)
     assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in state)
     assert all(v.dtype == torch.float32 for v in state.values())
-    _, config = read_adapter(tmp_path / "a")
-    assert (config["r"], config["lora_alpha"]) == (4, 8)
+    adapter = read_adapter(tmp_path / "a")
+    assert (adapter.config["r"], adapter.config["lora_alpha"]) == (4, 8)
+    assert (adapter.prefix, adapter.family) == ("unet", "sd")
     assert not list(tmp_path.joinpath("a").glob(".tmp-*"))  # nothing half-written left behind
 
 
@@ -57,8 +61,8 @@ def test_resume_loading_restores_identical_images(tmp_path):
     original = trained_adapter(tmp_path / "a", rank=4, alpha=8, seed=0)
     expected = generate(original, ["a cat"], [7], SETTINGS)
     parts = load_parts("tiny")
-    attach_lora(parts.unet, LoraSettings(rank=4, alpha=8))
-    load_adapter(parts.unet, tmp_path / "a")
+    attach_lora(parts.denoiser, lora_settings(rank=4, alpha=8))
+    load_adapter(parts.denoiser, tmp_path / "a")
     assert torch.equal(generate(parts, ["a cat"], [7], SETTINGS), expected)
     assert torch.allclose(sample_with(tmp_path / "a"), expected, atol=1e-5)
 
@@ -66,9 +70,9 @@ def test_resume_loading_restores_identical_images(tmp_path):
 def test_resume_refuses_a_different_rank(tmp_path):
     trained_adapter(tmp_path / "a", rank=4, alpha=8, seed=0)
     parts = load_parts("tiny")
-    attach_lora(parts.unet, LoraSettings(rank=8, alpha=8))
+    attach_lora(parts.denoiser, lora_settings(rank=8, alpha=8))
     with pytest.raises(UserError, match="rank/alpha"):
-        load_adapter(parts.unet, tmp_path / "a")
+        load_adapter(parts.denoiser, tmp_path / "a")
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
@@ -89,8 +93,7 @@ def test_mix_interpolates_the_weight_update_exactly(tmp_path):
     for name, mixed in dm.items():
         expected = 0.3 * da.get(name, 0) + 0.7 * db.get(name, 0)
         assert torch.allclose(mixed, expected, atol=1e-6)
-    _, config = read_adapter(tmp_path / "mix")
-    assert config["r"] == 6
+    assert read_adapter(tmp_path / "mix").config["r"] == 6
 
 
 def test_factor_averaging_is_not_the_update_interpolation(tmp_path):

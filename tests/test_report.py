@@ -28,7 +28,13 @@ SWEEP = "sweep-trunc"
 SWEEP_TAGS = {"alignprop.kind": "sweep"}  # as alignprop_ray.sweep.tracking tags a parent run
 STOP_REASON = "collapse: eval/diversity 0.03 < 0.05 after step 12"
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "compare_runs.ipynb"
-PLOT_FILES = ["reward_vs_step.png", "reward_vs_diversity.png", "reward_terms.png", "k_histogram.png"]
+PLOT_FILES = [
+    "reward_vs_step.png",
+    "reward_vs_diversity.png",
+    "heldout_rewards.png",
+    "reward_terms.png",
+    "k_histogram.png",
+]
 
 
 @dataclass
@@ -44,14 +50,25 @@ class Trial:
     evaluate: bool = True
     status: str = "FINISHED"
     rank: int = 4
+    heldout: tuple[str, ...] = ()  # held-out rewards (eval.rewards) it evaluates
     expected: dict[str, float] = field(default_factory=dict)  # final eval values, filled when logged
 
 
 def trials() -> list[Trial]:
     return [
-        Trial("fixed1", "fixed:1", 1e-3, {"saturation": 1.0}),
+        Trial("fixed1", "fixed:1", 1e-3, {"saturation": 1.0}, heldout=("hpsv2",)),
         Trial("uniform-mix", "uniform:0:10", 1e-3, {"contrast": 0.7, "saturation": 0.3}, rate=1.5),
-        Trial("full-collapse", "full", 1e-2, {"saturation": 1.0}, eval_every=4, rate=3.0, stop_at=12, rank=8),
+        Trial(
+            "full-collapse",
+            "full",
+            1e-2,
+            {"saturation": 1.0},
+            eval_every=4,
+            rate=3.0,
+            stop_at=12,
+            rank=8,
+            heldout=("hpsv2", "pickscore"),
+        ),
         Trial(
             "fixed10-failed", "fixed:10", 3e-3, {"saturation": 1.0}, steps=5, evaluate=False, status="FAILED"
         ),
@@ -108,8 +125,16 @@ def eval_metrics(trial: Trial, step: int) -> dict[str, float]:
         "eval/reward": sum(trial.weights[t] * v for t, v in terms.items()),
         "eval/diversity": diversity(trial, step),
         "eval/diversity_across_prompts": 0.5,
+        "eval/vendi": 1 + 3 * diversity(trial, step) / 0.3,
+        "eval/vendi_across_prompts": 4.0,
     }
-    return metrics | {f"eval/reward/{t}": v for t, v in terms.items()}
+    # held-out rewards fall as the trained one rises: over-optimization
+    heldout = {f"eval/heldout/{name}": heldout_value(trial, i, step) for i, name in enumerate(trial.heldout)}
+    return metrics | heldout | {f"eval/reward/{t}": v for t, v in terms.items()}
+
+
+def heldout_value(trial: Trial, index: int, step: int) -> float:
+    return 0.27 + 0.01 * index - 0.02 * trial.rate * step / 20
 
 
 def train_metrics(trial: Trial, step: int, rng: np.random.Generator) -> dict[str, float]:
@@ -213,6 +238,27 @@ def test_load_runs_tables(store):
         eval_metrics(store["trials"]["fixed1"], 0)["eval/reward"]
     )
     assert set(varying_params(runs)) == {"model.lora.rank", "train.eval_every", "train.steps"}
+    collapse, fixed1 = store["trials"]["full-collapse"], store["trials"]["fixed1"]
+    assert by_name.loc["full-collapse", "heldout"] == ["hpsv2", "pickscore"]
+    assert by_name.loc["uniform-mix", "heldout"] == []
+    assert by_name.loc["full-collapse", "final_heldout/pickscore"] == pytest.approx(
+        heldout_value(collapse, 1, 12)
+    )
+    assert by_name.loc["fixed1", "base_heldout/hpsv2"] == pytest.approx(heldout_value(fixed1, 0, 0))
+    assert math.isnan(by_name.loc["fixed1", "final_heldout/pickscore"])  # not evaluated by that run
+    assert by_name.loc["fixed1", "final_eval_vendi"] == pytest.approx(fixed1.expected["eval/vendi"])
+    shown = summary_table(runs).set_index("run")
+    columns = list(shown.columns)  # held-out rewards right after the trained one
+    assert columns[columns.index("final eval/reward") + 1 :][:4] == [
+        "base eval/heldout/hpsv2",
+        "final eval/heldout/hpsv2",
+        "base eval/heldout/pickscore",
+        "final eval/heldout/pickscore",
+    ]
+    assert shown.loc["full-collapse", "final eval/heldout/hpsv2"] == pytest.approx(
+        heldout_value(collapse, 0, 12)
+    )
+    assert "final eval/vendi" in columns
 
     k = history[(history["key"] == "train/k")].groupby("name")["step"].agg(["min", "max", "count"])
     assert k.loc["full-collapse"].tolist() == [1, 12, 12]
@@ -254,6 +300,7 @@ def test_report_cli_writes_plots_and_page(store, tmp_path, capsys):
     assert len(grids) == 6  # base and last grid of the three runs that evaluated
     assert all(f"eval_grids/{g}" in page for g in grids)
     assert (out / "runs.csv").read_text().count("\n") == 1 + len(store["trials"])
+    assert "final eval/heldout/pickscore" in page and "final eval/vendi" in page
 
 
 def test_report_skips_plots_without_data(store, tmp_path):
@@ -263,6 +310,7 @@ def test_report_skips_plots_without_data(store, tmp_path):
     names = {p.name for p in written}
     assert {"reward_vs_step.png", "reward_vs_diversity.png", "k_histogram.png", "index.html"} <= names
     assert "reward_terms.png" not in names and "reward_terms.png" not in (tmp_path / "index.html").read_text()
+    assert "heldout_rewards.png" not in names  # its run evaluates no held-out reward
 
 
 def test_report_tolerates_sparse_runs(store, tmp_path):
@@ -309,6 +357,7 @@ def test_report_unreadable_store(tmp_path, capsys, store_kind, message):
     assert path.exists() == (store_kind == "garbage")  # reading never creates a store
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end(store, tmp_path, monkeypatch):
     """Executes the notebook in a kernel of this interpreter (a kernelspec written for the test)."""
     import nbformat

@@ -20,15 +20,10 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import InterpolationMode
 
 from alignprop_ray.errors import UserError
-from alignprop_ray.rewards import (
-    RewardMixture,
-    available_rewards,
-    build_reward,
-    diversity,
-    parse_reward_spec,
-    validate_reward_spec,
-)
+from alignprop_ray.rewards import available_rewards, parse_reward_spec, validate_reward_spec
 from alignprop_ray.rewards.aesthetic import AestheticHead
+from alignprop_ray.rewards.diversity import diversity
+from alignprop_ray.rewards.mixture import RewardMixture, build_reward
 from alignprop_ray.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipPreprocess
 from alignprop_ray.rewards.registry import get_entry
 
@@ -85,7 +80,7 @@ def test_registry_lists_every_reward_sorted():
     assert names == sorted(names) and set(LEARNED + OFFLINE) <= set(names)
     assert not get_entry("jpeg_compressibility").differentiable
     assert all(get_entry(n).differentiable for n in names if n != "jpeg_compressibility")
-    assert all(get_entry(n).summary for n in names)  # the docstring says what each rewards
+    assert all(get_entry(n).summary for n in names)  # one line on what each rewards
 
 
 @pytest.mark.parametrize(
@@ -109,10 +104,9 @@ def test_spec_parsing_weights_objectives_and_dotted_overrides():
         {"aesthetic.weight": 0.25, "aesthetic": {"weight": 3, "target": 10, "arch": "tiny"}, "saturation": 2}
     )
     assert problems == []
-    by_name = {t.name: t for t in terms}
-    assert by_name["aesthetic"].weight == 0.25  # the dotted key wins over the nested value
-    assert (by_name["aesthetic"].objective, by_name["aesthetic"].target) == ("target", 10.0)
-    assert (by_name["saturation"].weight, by_name["saturation"].objective) == (2.0, "maximize")
+    assert terms["aesthetic"].weight == 0.25  # the dotted key wins over the nested value
+    assert (terms["aesthetic"].mode, terms["aesthetic"].target) == ("target", 10.0)
+    assert (terms["saturation"].weight, terms["saturation"].mode) == (2.0, "maximize")
 
 
 @pytest.mark.parametrize(
@@ -130,15 +124,15 @@ def test_spec_parsing_weights_objectives_and_dotted_overrides():
             "reward.jpeg_compressibility: not differentiable, cannot be an AlignProp training objective (use it as an eval metric)",
         ),
         ({"saturation": "lots"}, "reward.saturation: expected a weight or a mapping"),
-        ({"saturation": {"weight": float("nan")}}, "reward.saturation.weight: expected a finite number"),
-        ({"saturation": {"weight": True}}, "reward.saturation.weight: expected a finite number"),
+        ({"saturation": {"weight": float("nan")}}, "reward.saturation.weight: must be a finite number"),
+        ({"saturation": {"weight": True}}, "reward.saturation.weight: must be a number, not a boolean"),
         (
             {"saturation": {"objective": "target"}},
             "reward.saturation.target: required with objective: target",
         ),
         (
             {"saturation": {"objective": "minimize"}},
-            "reward.saturation.objective: expected one of maximize, target",
+            "reward.saturation.objective: must be one of 'maximize' or 'target' (got 'minimize')",
         ),
         (
             {"saturation": {"objective": "maximize", "target": 1}},
@@ -146,14 +140,17 @@ def test_spec_parsing_weights_objectives_and_dotted_overrides():
         ),
         (
             {"saturation": {"gamma": 2}},
-            "reward.saturation.gamma: unknown option (valid: weight, objective, target)",
+            "reward.saturation.gamma: unknown field (valid: weight, objective, target)",
         ),
-        ({"aesthetic": {"arch": "tiny", "seed": "one"}}, "reward.aesthetic.seed: expected int, got 'one'"),
+        (
+            {"aesthetic": {"arch": "tiny", "seed": "one"}},
+            "reward.aesthetic.seed: input should be a valid integer",
+        ),
         (
             {"clip_score": {"arch": "ViT-Q-99", "path": "x.pt"}},
             "reward.clip_score.arch: unknown open_clip architecture",
         ),
-        ({"pickscore": {"arch": "clip-g"}}, "reward.pickscore.arch: expected clip-h or tiny"),
+        ({"pickscore": {"arch": "clip-g"}}, "reward.pickscore.arch: must be one of 'clip-h' or 'tiny'"),
     ],
 )
 def test_bad_specs_are_rejected_with_one_line_naming_the_field(spec, expected):
@@ -204,8 +201,8 @@ def test_uncached_hub_weights_are_reported_when_offline(monkeypatch):
 def test_validation_is_cheap_it_imports_no_model_library():
     code = (
         "import sys; from alignprop_ray.rewards import validate_reward_spec as v; "
-        "v({'aesthetic': 1.0, 'hpsv2': {'arch': 'tiny'}, 'pickscore': 1, 'saturation': 1}); "
-        "print([m for m in ('open_clip', 'transformers') if m in sys.modules])"
+        "v({'aesthetic': 1.0, 'hpsv2': {'arch': 'tiny'}, 'pickscore': 1, 'saturation': 1, 'hue': 1}); "
+        "print([m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

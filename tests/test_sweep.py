@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from alignprop_ray import cli
-from alignprop_ray.config import is_sweep, read_yaml
+from alignprop_ray.config import read_yaml
 from alignprop_ray.errors import ConfigError
-from alignprop_ray.sweep.config import load_sweep, parse_sweep
+from alignprop_ray.sweep.config import is_sweep, load_sweep, parse_sweep
 from alignprop_ray.sweep.space import Domain, apply_point, check_field
 from alignprop_ray.sweep.stoppers import STOP_REASON, CollapseRule, TrialStopper, nan_reason
 from alignprop_ray.sweep.summary import best_row, format_table, pareto_front
@@ -50,13 +50,6 @@ SWEEP = {
 def in_tmp(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-@pytest.fixture
-def hub_reachable(monkeypatch):
-    """As in test_config.py: hf:// weight refs count as downloadable (validation never downloads)."""
-    hub = pytest.importorskip("huggingface_hub")
-    monkeypatch.setattr(hub, "is_offline_mode", lambda: False)
 
 
 def changed(dotted: str, value) -> dict:
@@ -366,6 +359,7 @@ def test_every_sweep_field_is_documented():
 # --- the local MLflow server in front of SQLite ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_local_mlflow_server_serves_the_sqlite_store(tmp_path):
     from mlflow import MlflowClient
 

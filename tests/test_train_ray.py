@@ -1,8 +1,10 @@
 """Ray Train end to end on the tiny model: sync, MLflow record, fault recovery, resume, determinism.
 
-Two training runs share one Ray instance: a clean one and one whose rank-1 worker is killed once.
+Two training runs share one Ray instance: a clean one and one whose rank-1 worker is killed once. Tests
+marked `ray` use them (or Ray itself); the others check the driver's logic without starting Ray.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +17,6 @@ from alignprop_ray.config import load_experiment
 from alignprop_ray.errors import UserError
 from alignprop_ray.metrics import TRAIN_METRICS
 
-pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 
@@ -61,6 +62,7 @@ def history(client, run_id, key):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.ray
 def test_one_mlflow_run_per_training_run_with_params(runs):
     _, cfg, clean, faulty = runs
     client = mlflow_client(cfg)
@@ -74,6 +76,7 @@ def test_one_mlflow_run_per_training_run_with_params(runs):
     assert run.data.tags["alignprop.name"] == "clean"
 
 
+@pytest.mark.ray
 def test_every_metric_at_its_steps(runs):
     _, cfg, clean, _ = runs
     client = mlflow_client(cfg)
@@ -83,6 +86,7 @@ def test_every_metric_at_its_steps(runs):
         assert [s for s, _ in history(client, clean.run_id, key)] == [0, 3, 6], key
 
 
+@pytest.mark.ray
 def test_reward_rises_and_workers_stay_in_sync(runs):
     _, cfg, clean, _ = runs
     client = mlflow_client(cfg)
@@ -95,6 +99,7 @@ def test_reward_rises_and_workers_stay_in_sync(runs):
     assert len(digests) == 2 and digests[0] == digests[1]  # bit-identical LoRA on both workers
 
 
+@pytest.mark.ray
 def test_artifacts_grid_table_and_a_diffusers_loadable_adapter(runs, tiny_dir, tmp_path):
     import pyarrow.parquet as pq
     import torch
@@ -115,6 +120,7 @@ def test_artifacts_grid_table_and_a_diffusers_loadable_adapter(runs, tiny_dir, t
     assert torch.isfinite(next(p for n, p in pipe.unet.named_parameters() if "lora_B" in n)).all()
 
 
+@pytest.mark.ray
 def test_killed_worker_resumes_into_the_same_run_without_duplicates(runs):
     _, cfg, clean, faulty = runs
     client = mlflow_client(cfg)
@@ -127,6 +133,7 @@ def test_killed_worker_resumes_into_the_same_run_without_duplicates(runs):
     assert history(client, faulty.run_id, "eval/reward") == history(client, clean.run_id, "eval/reward")
 
 
+@pytest.mark.ray
 def test_rerun_with_the_same_name_resumes_and_refuses_other_settings(runs):
     from alignprop_ray.train.launch import run_training
 
@@ -221,3 +228,26 @@ def test_the_train_controller_polls_faster_than_rays_2s_unless_the_user_says(tmp
     launch.run_training(tiny_config(tmp_path), name="poll")
     assert seen["poll"] == (preset or launch.REPORT_POLL_S)
     assert float(launch.REPORT_POLL_S) < 2.0
+
+
+@pytest.mark.ray
+def test_a_run_shorter_than_its_intervals_evaluates_and_checkpoints_at_its_last_step(ray_session, tmp_path):
+    """train.steps below eval_every and checkpoint_every is valid: the last step always does both."""
+    from alignprop_ray.train.launch import run_training
+
+    cfg = tiny_config(tmp_path, "train.steps=2", "train.eval_every=10", "train.checkpoint_every=5")
+    outcome = run_training(cfg, name="short")
+    client = mlflow_client(cfg)
+    assert [s for s, _ in history(client, outcome.run_id, "eval/reward")] == [0, 2]  # base model + last step
+    assert json.loads((Path(outcome.checkpoint) / "meta.json").read_text())["step"] == 2
+    assert (Path(outcome.checkpoint) / "adapter").is_dir()
+
+
+@pytest.mark.ray
+def test_a_worker_runs_torch_on_the_cpus_it_was_given(ray_session):
+    import ray
+
+    from alignprop_ray.train.loop import use_assigned_cpus
+
+    threads = ray.get([ray.remote(num_cpus=n)(use_assigned_cpus).remote() for n in (1, 2)])
+    assert threads == [1, 2]

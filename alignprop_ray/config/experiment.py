@@ -11,11 +11,11 @@ from typing import Annotated, Any
 from pydantic import TypeAdapter, ValidationError
 
 from alignprop_ray.config.checks import run_checks
-from alignprop_ray.config.overrides import apply_env, collect_overrides, read_yaml
+from alignprop_ray.config.overrides import apply_env, collect_overrides, read_yaml, tracking_uri_from_env
 from alignprop_ray.config.paths import PathContext
-from alignprop_ray.config.problems import format_validation_error, section_model, unknown_field
 from alignprop_ray.config.schema import PATHS_KEY, ExperimentConfig
 from alignprop_ray.errors import ConfigError
+from alignprop_ray.problems import format_validation_error, section_model, unknown_field
 
 
 def load_experiment(
@@ -43,6 +43,7 @@ def parse_experiment(
     if not isinstance(data, dict):
         raise ConfigError(["(top level): must be a mapping of sections (model:, train:, ...)"])
     merged, problems = collect_overrides(apply_env(data, env), overrides, ExperimentConfig)
+    _fill_tracking_uri(merged, data, env)
     context = (
         {PATHS_KEY: PathContext(Path(base_dir) if base_dir is not None else None)} if check_files else None
     )
@@ -50,9 +51,36 @@ def parse_experiment(
     problems += section_problems + run_checks(sections)
     if problems:
         raise ConfigError(problems)
-    if sections["truncation"] is None:  # the paper's randomized truncation over the whole chain
-        sections["truncation"] = f"uniform:0:{sections['sampling'].steps}"
     return ExperimentConfig.model_validate(sections)
+
+
+def tracking_uri_source(
+    path: str | os.PathLike, overrides: Iterable[str] = (), env: Mapping[str, str] = os.environ
+) -> str:
+    """Where the experiment file's tracking.uri comes from, in words (for the run header)."""
+    data = read_yaml(Path(path).expanduser())
+    merged, _ = collect_overrides(apply_env(data, env), overrides, ExperimentConfig)
+    return _fill_tracking_uri(merged, data, env)
+
+
+def _fill_tracking_uri(merged: dict[str, Any], data: dict[str, Any], env: Mapping[str, str]) -> str:
+    """Where tracking.uri comes from: the command line (--set), the file, the environment, or the default.
+
+    Precedence: --set > the experiment file > ALIGNPROP_TRACKING_URI > MLFLOW_TRACKING_URI > default.
+    An environment value is written into `merged`.
+    """
+    tracking = merged.get("tracking")
+    if isinstance(tracking, dict) and "uri" in tracking:
+        in_file = isinstance(data.get("tracking"), dict) and data["tracking"].get("uri") == tracking["uri"]
+        return "the config file" if in_file else "--set"
+    found = tracking_uri_from_env(env)
+    if found is None:
+        return "the default"
+    if tracking is None:
+        tracking = merged["tracking"] = {}
+    if isinstance(tracking, dict):  # otherwise the section's own validation reports it
+        tracking["uri"] = found[0]
+    return found[1]
 
 
 def _validate_sections(data: dict[str, Any], context: dict | None) -> tuple[dict[str, Any], list[str]]:

@@ -15,14 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, PlainValidator
 
-from alignprop_ray.config.problems import section_model, unknown_field
 from alignprop_ray.config.schema import ExperimentConfig
 from alignprop_ray.errors import ConfigError, UserError
+from alignprop_ray.problems import section_model, unknown_field
 
-# Cluster-wide settings a user should not have to write into every experiment file.
-ENV_OVERRIDES = {"ALIGNPROP_TRACKING_URI": "tracking.uri", "ALIGNPROP_STORAGE_PATH": "storage.path"}
+# A cluster-wide setting that overrides the experiment file (clusters point checkpoints at shared storage).
+ENV_OVERRIDES = {"ALIGNPROP_STORAGE_PATH": "storage.path"}
+# Where runs are logged when neither the command line nor the file says, first match wins: ours (set by
+# our cluster configs), then MLflow's own (which an MLflow user already has), then the schema default.
+TRACKING_URI_ENV = ("ALIGNPROP_TRACKING_URI", "MLFLOW_TRACKING_URI")
+
+
+def tracking_uri_from_env(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """(uri, variable) of the first TRACKING_URI_ENV variable set (and non-empty), else None."""
+    return next(((env[var], var) for var in TRACKING_URI_ENV if env.get(var)), None)
 
 
 class _Loader(yaml.SafeLoader):
@@ -153,9 +161,12 @@ def check_field_path(
 
 
 def free_form(annotation: Any) -> bool:
-    """True for fields that hold arbitrary mappings (`reward`, `truncation`, `resources_per_worker`)."""
+    """True for fields that hold arbitrary mappings (`reward`, `resources_per_worker`) or parse their
+    own (`truncation`, whose PlainValidator takes `{kind: uniform, low: 0, high: 50}`)."""
     if annotation is Any or typing.get_origin(annotation) is dict:
         return True
+    if typing.get_origin(annotation) is typing.Annotated:
+        return any(isinstance(m, PlainValidator) for m in annotation.__metadata__)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return any(free_form(arg) for arg in typing.get_args(annotation))
     return False

@@ -17,9 +17,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from alignprop_ray.errors import UserError
+from alignprop_ray.presets import TINY, looks_like_path
 from alignprop_ray.prompts import builtin_sets, read_prompt_file
 
-TINY = "tiny"
 # org/name on the Hugging Face hub (or a legacy single name); letters, digits, '-', '_', '.'.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 TRACKING_SCHEMES = ("sqlite", "http", "https", "databricks")
@@ -49,11 +49,6 @@ class PathContext:
 
     def looked_in(self) -> str:
         return " and ".join(str(d) for d in self.search_dirs())
-
-
-def looks_like_path(spec: str) -> bool:
-    """True for `./x`, `/x`, `~/x` or `a/b/c`; a bare `org/name` is a hub id."""
-    return spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
 def resolve_pretrained(spec: str, paths: PathContext) -> str:

@@ -10,34 +10,62 @@ resolved and checked, and cross-field rules (K <= T, intervals, reward names) ap
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import math
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic.dataclasses import dataclass as settings_dataclass
 
 from alignprop_ray.config import paths as _paths
+from alignprop_ray.engine.families.names import AUTO, FAMILIES, check_family, local_model_index
+from alignprop_ray.engine.methods.names import METHODS
+from alignprop_ray.engine.truncation import Truncation, parse_truncation
+from alignprop_ray.fields import Float, Int
+from alignprop_ray.presets import TINY
 
 PATHS_KEY = "paths"  # validation-context key holding a PathContext
 
 
-def _no_bool(value: Any) -> Any:
-    if isinstance(value, bool):  # YAML `yes`/`true` must not become 1
-        raise ValueError(f"must be a number, not a boolean (got {value!r})")
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_no_bool)]
-Float = Annotated[float, BeforeValidator(_no_bool)]
+# Parsed from its YAML forms once, here; written back in its short form (`uniform:0:50`) everywhere.
+TruncationField = Annotated[
+    Truncation,
+    PlainValidator(parse_truncation),
+    PlainSerializer(Truncation.describe, return_type=str),
+    WithJsonSchema({"type": "string"}),
+]
 Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+def _activation_budget(value: Any) -> float | str | None:
+    """model.activation_budget_mb: MiB >= 0, `auto` or null, with one message for anything else."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    raise ValueError(f"must be a number of MiB >= 0, auto or null (got {value!r})")
+
+
+ActivationBudget = Annotated[
+    float | str | None,
+    PlainValidator(_activation_budget),
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"const": "auto"}, {"type": "null"}]}),
+]
 
 
 def _context_paths(info: ValidationInfo) -> _paths.PathContext | None:
@@ -57,10 +85,12 @@ class LoraConfig(Section):
         description="LoRA alpha; the update is scaled by alpha / rank. Default: equal to rank (scale 1, as the "
         "paper's LoRA, which had no alpha)",
     )
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+    # null: the model family's attention projections, listed once in engine/families/names.py (LORA_TARGETS)
+    target_modules: list[str] | None = Field(
+        None,
         min_length=1,
-        description="UNet module names (peft target_modules) that get an adapter: the attention projections",
+        description="denoiser module names (peft target_modules) that get an adapter; default (null): the "
+        "family's attention projections (docs/model_families.md)",
     )
     # gaussian: diffusers' LoRA training scripts; B starts at zero either way, so step 0 is the base model.
     init: Literal["gaussian", "default"] = Field(
@@ -77,12 +107,21 @@ class LoraConfig(Section):
 class ModelConfig(Section):
     pretrained: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        description="'tiny' (offline test model), a hub id (org/name) or a local diffusers pipeline directory",
+        description="'tiny' (offline test model of the family), a hub id (org/name) or a local diffusers "
+        "pipeline directory",
+    )
+    # Kept as written (auto is not replaced by what was detected): whether a hub model is in the local cache
+    # must not change the logged params a resumed run is compared against.
+    family: Literal[(AUTO, *FAMILIES)] = Field(
+        AUTO,
+        description="model family: sd (SD 1.x/2.x), sdxl, sd3 (SD3/3.5); auto: read from the pipeline's "
+        "model_index.json (tiny: sd)",
     )
     resolution: Annotated[Int, Field(gt=0, multiple_of=8)] | None = Field(
         None,
-        description="image side in pixels, a multiple of 8 (the VAE's downsampling); default: the model's "
-        "native size (512 for SD 1.5)",
+        description="image side in pixels, a multiple of 8 (the VAE's downsampling; 16 for sd3, whose "
+        "transformer takes 2x2 latent patches); default: the model's native size (512 for SD 1.5, 1024 for "
+        "SDXL and SD3)",
     )
     # float32 by default so every model works everywhere (CPU too, and bit-comparable with diffusers); the paper
     # ran the frozen base in fp16: set float16/bfloat16 on GPUs (sweeps/sd15_aesthetic.yaml does).
@@ -94,12 +133,48 @@ class ModelConfig(Section):
         True,
         description="checkpoint each UNet call that carries gradient (memory O(latents x K), not O(activations x K))",
     )
+    # Both are speed levers that leave the math alone: compile changes kernels (same images within fp
+    # tolerance), the budget only which calls are recomputed in backward (the gradient is the same).
+    compile: bool = Field(
+        False,
+        description="wrap the denoiser (UNet/transformer) in torch.compile: compiled once per worker on the "
+        "first step (minutes), cached on disk across restarts by torch's inductor cache; pays off on long runs",
+    )
+    activation_budget_mb: ActivationBudget = Field(
+        None,
+        description="MiB of device memory for the activations of gradient-carrying denoiser calls: the last "
+        "calls whose activations fit are kept (no recompute in backward), the others checkpointed, decided "
+        "per batch from K; a call's size is measured once per run by a probe. auto: free device memory at the "
+        "probe less a margin (10% of total). null: checkpoint them all (needs gradient_checkpointing: true)",
+    )
 
     @field_validator("pretrained")
     @classmethod
     def _resolve_pretrained(cls, value: str, info: ValidationInfo) -> str:
         context = _context_paths(info)
         return _paths.resolve_pretrained(value, context) if context else value
+
+    @field_validator("family")
+    @classmethod
+    def _family_matches_the_pipeline(cls, value: str, info: ValidationInfo) -> str:
+        """An explicit family must be the one in the pipeline's model_index.json (when it is on this machine)."""
+        pretrained = info.data.get("pretrained")
+        if pretrained and pretrained != TINY:
+            check_family(value, pretrained, local_model_index(pretrained))
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _no_float16_sdxl(cls, value: str, info: ValidationInfo) -> str:
+        pretrained, family = info.data.get("pretrained"), info.data.get("family")
+        if value == "float16" and family is not None and pretrained is not None:
+            index = local_model_index(pretrained) if pretrained != TINY else None
+            if check_family(family, pretrained, index) == "sdxl":
+                raise ValueError(
+                    "float16 with an SDXL model: SDXL's VAE overflows in float16 (diffusers upcasts it to "
+                    "float32 at every decode); use bfloat16"
+                )
+        return value
 
 
 class SamplingConfig(Section):
@@ -111,6 +186,146 @@ class SamplingConfig(Section):
     negative_prompt: str = Field("", description="prompt of the unconditional branch of guidance")
 
 
+# --- training methods: `method: NAME`, or `method: {name: NAME, <its settings>}` ---------------------------
+# One mapping per method (rather than a section per method) so that a sweep's grid over `method` carries each
+# method's settings with it, and a setting of another method is an unknown key, not a silent no-op.
+# Defaults follow each method's reference code; docs/methods.md.
+
+_METHOD = ConfigDict(extra="forbid", validate_default=True)
+
+
+@settings_dataclass(config=_METHOD)
+class AlignPropMethod:
+    """AlignProp: backprop through the last K steps, K drawn per batch from `truncation:` (K=0: train.k0)."""
+
+    name: Literal["alignprop"] = "alignprop"
+
+
+@settings_dataclass(config=_METHOD)
+class DraftMethod:
+    """DRaFT (Clark et al. 2023): DRaFT-K, or DRaFT-LV with lv_samples."""
+
+    name: Literal["draft"] = "draft"
+    k: Int = Field(
+        1,
+        ge=1,
+        description="DRaFT-K: gradient through the last k steps, every batch (truncation fixed:k); "
+        "1 = DRaFT-1, the paper's recommendation",
+    )
+    lv_samples: Int | None = Field(
+        None,
+        ge=1,
+        description="DRaFT-LV: sample without gradient, then backprop the last step from this many re-noised "
+        "copies of the final latent and average their reward gradients (the paper: 2); k is then 1. "
+        "null: DRaFT-K",
+    )
+
+
+@settings_dataclass(config=_METHOD)
+class ReflMethod:
+    """ReFL (Xu et al. 2023, ImageReward): score the x0 predicted by one step with gradient."""
+
+    name: Literal["refl"] = "refl"
+    # ImageReward's ReFL: 40 steps, gradient at a step drawn from 30..39; the default is that share of T.
+    step_range: tuple[Int, Int] | None = Field(
+        None,
+        description="[low, high]: 0-based index of the one step that carries gradient, drawn uniformly per "
+        "batch; the steps before it run without gradient and its x0 prediction is scored. Default: "
+        "[3T/4 rounded down, T-1] (ImageReward: 30..39 of 40)",
+    )
+
+
+@settings_dataclass(config=_METHOD)
+class DdpoMethod:
+    """DDPO (Black et al. 2023), PPO-clip on the DDIM chain's log-probabilities; trains on any reward."""
+
+    name: Literal["ddpo"] = "ddpo"
+    # Defaults: kvablack/ddpo-pytorch config/base.py.
+    eta: Float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="DDIM eta of the training samples (the policy's noise; evaluation keeps sampling.eta)",
+    )
+    clip_range: Float = Field(1e-4, gt=0, description="PPO ratio clip epsilon")
+    adv_clip_max: Float = Field(
+        10.0, gt=0, description="advantages are clipped to [-adv_clip_max, adv_clip_max]"
+    )
+    timestep_fraction: Float = Field(
+        1.0, gt=0, le=1, description="share of the T steps trained on per batch (int(T x fraction) of them)"
+    )
+    inner_epochs: Int = Field(
+        1,
+        ge=1,
+        description="optimizer steps per sampled round: the first samples the batches, the next ones reuse them "
+        "(the PPO ratio is 1 on the first; clipping acts from the second)",
+    )
+    per_prompt_stats: bool = Field(
+        True, description="normalize each reward by its prompt's recent rewards (else by the whole batch's)"
+    )
+    stat_buffer: Int = Field(16, ge=1, description="rewards kept per prompt (per_prompt_stats)")
+    stat_min_count: Int = Field(
+        16, ge=1, description="rewards a prompt needs before its own statistics replace the batch's"
+    )
+
+
+METHOD_TYPES = {"alignprop": AlignPropMethod, "draft": DraftMethod, "refl": ReflMethod, "ddpo": DdpoMethod}
+assert tuple(METHOD_TYPES) == METHODS
+MethodConfig = AlignPropMethod | DraftMethod | ReflMethod | DdpoMethod
+
+
+def method_settings(kind: type) -> list[str]:
+    """The settings of a method type, `name` excluded."""
+    return [f.name for f in dataclasses.fields(kind) if f.name != "name"]
+
+
+def parse_method(value: Any) -> MethodConfig:
+    """`ddpo` or `{name: ddpo, clip_range: 1.0e-3}` -> the method's settings; every problem one pydantic error."""
+    if isinstance(value, tuple(METHOD_TYPES.values())):
+        return value
+    fields = {"name": value} if isinstance(value, str) else value
+    if not isinstance(fields, dict):
+        raise ValueError(f"expected a method name or {{name: ..., <settings>}}, got {value!r}")
+    name = fields.get("name")
+    if name is None:
+        raise ValueError(
+            f"name the method with its settings, e.g. {{name: draft, k: 2}} (one of {', '.join(METHODS)})"
+        )
+    if name not in METHOD_TYPES:
+        close = difflib.get_close_matches(str(name), METHODS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint} (valid: {', '.join(METHODS)})")
+    kind = METHOD_TYPES[name]
+    known = {key: v for key, v in fields.items() if key == "name" or key in method_settings(kind)}
+    problems = [
+        {"type": "value_error", "loc": (key,), "input": v, "ctx": {"error": _not_a_setting(name, key)}}
+        for key, v in fields.items()
+        if key not in known
+    ]
+    try:
+        parsed = TypeAdapter(kind).validate_python(known)
+    except ValidationError as err:
+        problems += [{k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in err.errors()]
+    if problems:
+        raise ValidationError.from_exception_data("method", problems)
+    return parsed
+
+
+def _not_a_setting(name: str, key: str) -> ValueError:
+    owners = [other for other, kind in METHOD_TYPES.items() if key in method_settings(kind)]
+    own = method_settings(METHOD_TYPES[name])
+    where = f" (a setting of {', '.join(owners)})" if owners else ""
+    return ValueError(f"not a setting of method {name}{where}; {name}'s settings: {', '.join(own) or 'none'}")
+
+
+MethodField = Annotated[
+    Any,  # a MethodConfig; `Any` keeps the field free-form for dotted overrides (`--set method.k=2`)
+    PlainValidator(parse_method),
+    PlainSerializer(dataclasses.asdict, return_type=dict),
+    WithJsonSchema({"anyOf": [{"type": "string", "enum": list(METHODS)}, {"type": "object"}]}),
+]
+
+
 class PromptsConfig(Section):
     train: str = Field("animals", description="training prompts: a built-in set name or a text file path")
     eval: str = Field(
@@ -119,7 +334,8 @@ class PromptsConfig(Section):
     eval_seeds: Int = Field(
         4,
         ge=2,
-        description="images per eval prompt, with fixed seeds; >= 2 so within-prompt diversity is defined",
+        description="images per eval prompt, each with its own fixed seed (image j of prompt i: 10000 + i x "
+        "eval_seeds + j, the same at every evaluation); >= 2 so within-prompt diversity is defined",
     )
 
     @field_validator("train", "eval")
@@ -135,20 +351,62 @@ class TrainConfig(Section):
     batch_size: Int = Field(2, ge=1, description="images generated per worker per forward/backward pass")
     grad_accum: Int = Field(1, ge=1, description="passes accumulated per optimizer step (per worker)")
     lr: Float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA parameters (the paper: 1e-3)")
+    lr_schedule: Literal["constant", "linear_warmup", "cosine"] = Field(
+        "constant",
+        description="constant (the paper); linear_warmup: lr x (step + 1) / warmup_steps, then lr; cosine: the "
+        "same warmup, then a half cosine down to 0 at the last step. Stepped once per optimizer step",
+    )
+    warmup_steps: Int = Field(
+        0, ge=0, description="optimizer steps of linear warm-up (linear_warmup, cosine)"
+    )
     weight_decay: Float = Field(
         0.1, ge=0, description="AdamW weight decay (the paper's aesthetic/HPS configs: 0.1)"
+    )
+    adam_betas: tuple[Float, Float] = Field(
+        (0.9, 0.999), description="AdamW (beta1, beta2) (the paper's code: 0.9, 0.999)"
+    )
+    adam_eps: Float = Field(1e-8, gt=0, description="AdamW epsilon (the paper's code: 1e-8, torch's default)")
+    # The official code backpropagates loss_coeff x loss (0.01 in its aesthetic and HPS configs) and clips that
+    # gradient at 5.0. Adam cancels a constant loss scale, but not the clip: with the scale at 1 the same 5.0
+    # would clip 100x tighter. docs/fidelity.md.
+    loss_scale: Float = Field(
+        0.01,
+        gt=0,
+        description="the objective (minus the reward mixture) is multiplied by this before backward, so "
+        "max_grad_norm and adam_eps act on the gradient of loss_scale x objective (the paper's code: "
+        "loss_coeff 0.01); train/loss logs the unscaled objective",
     )
     max_grad_norm: Float | None = Field(
         5.0,
         gt=0,
-        description="clip the global LoRA gradient norm to this (the paper: 5.0); null: no clipping",
+        description="clip the global norm of the LoRA gradient of loss_scale x objective to this (train/grad_norm "
+        "is that norm before clipping); null: no clipping. 5.0 with loss_scale 0.01 is the paper's code's update "
+        "(config/align_prop.py aesthetic/hps: max_grad_norm 5.0, loss_coeff 0.01): a clip at 500 on the "
+        "gradient of the unscaled objective",
+    )
+    # skip: today's behaviour and the distribution as written; redraw: K | K >= 1 (engine/truncation.py).
+    k0: Literal["skip", "redraw"] = Field(
+        "skip",
+        description="what a batch that draws K=0 (no step carries gradient) does: skip: its images are scored "
+        "but add no gradient (a step whose batches all drew K=0 makes no update; train/k0_skipped counts "
+        "such batches); redraw: K is drawn again until K >= 1",
     )
     seed: Int = Field(42, description="base random seed (the paper: 42)")
     eval_every: Int = Field(
-        10, ge=1, description="evaluate on the eval prompts every this many optimizer steps"
+        10,
+        ge=1,
+        description="evaluate on the eval prompts every this many optimizer steps, and at the last step",
     )
     checkpoint_every: Int = Field(
-        10, ge=1, description="report a Ray checkpoint every this many optimizer steps"
+        10, ge=1, description="report a Ray checkpoint every this many optimizer steps, and at the last step"
+    )
+    max_wall_seconds: Float | None = Field(
+        None,
+        gt=0,
+        description="end training at the first step after which perf/wall_seconds (seconds spent in training "
+        "steps; evaluation, logging and checkpoints excluded; kept across resumes) reaches this; that step "
+        "evaluates and checkpoints like the last one. null: train.steps alone. Gives every method the same "
+        "compute budget in a comparison (sweeps/methods.yaml)",
     )
     max_nonfinite_in_row: Int = Field(
         3,
@@ -164,15 +422,32 @@ class ScalingConfig(Section):
     resources_per_worker: dict[str, Annotated[Float, Field(ge=0)]] | None = Field(
         None, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}; default: Ray's (1 CPU, +1 GPU)"
     )
+    # What a config's memory assumptions (per-GPU batch, K) need, said where Ray can enforce it.
+    accelerator_type: str | None = Field(
+        None,
+        min_length=1,
+        description="GPU model every worker needs, as Ray names it (A10G, L40S, A100-80G, ...): workers "
+        "only go to nodes advertising the resource accelerator_type:<name>; None: any GPU",
+    )
 
 
 class TrackingConfig(Section):
     uri: str = Field(
         "sqlite:///mlflow.db",
         description="MLflow tracking URI: sqlite:///FILE (relative to the cwd; one machine only), "
-        "http(s)://HOST for a shared server, or databricks. Env: ALIGNPROP_TRACKING_URI",
+        "http(s)://HOST for a shared server, or databricks. Precedence: --set, this file, "
+        "ALIGNPROP_TRACKING_URI, MLFLOW_TRACKING_URI, this default",
     )
     experiment: str = Field("alignprop", min_length=1, description="MLflow experiment name")
+    # 30 minutes: a tracking server restarted by hand or by its supervisor is back well within it, and
+    # training keeps going meanwhile (rank 0 queues its logs); the issue's floor is a 5-minute outage.
+    outage_limit_s: Float = Field(
+        1800.0,
+        gt=0,
+        description="seconds the MLflow store may keep failing before the run stops with an error; until "
+        "then training continues and rank 0 queues its metrics, images and tables, sent when the store is "
+        "back (RELIABILITY.md)",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -201,9 +476,53 @@ class StorageConfig(Section):
         return _paths.resolve_storage_path(value, context)
 
 
+class DiversityConfig(Section):
+    """The feature space of the eval diversity metrics: fixed here, never taken from the training reward, so
+    runs trained on different rewards report comparable diversity."""
+
+    space: Literal["pixels", "clip"] = Field(
+        "pixels",
+        description="pixels: images area-downsampled to 32x32 (no weights); clip: unit image embeddings of the "
+        "open_clip model `arch` with weights `path`",
+    )
+    arch: str = Field(
+        "ViT-L-14-quickgelu", description="open_clip architecture (space: clip), or `tiny` for tests"
+    )
+    path: str | None = Field(
+        None,
+        description="open_clip checkpoint (space: clip): a path or hf:// ref, e.g. "
+        "hf://timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors; not with arch: tiny",
+    )
+    seed: Int = Field(0, description="random init with arch: tiny")
+
+
+class EvalConfig(Section):
+    """What each evaluation measures besides the trained reward (prompts and seeds: the prompts: section)."""
+
+    # Reward over-optimization shows as a trained reward that rises while rewards it never saw fall.
+    rewards: dict[str, Any] = Field(
+        default_factory=dict,
+        description="held-out rewards: evaluated on the eval images, never trained on, logged as "
+        "eval/heldout/<name> (the raw value); written like reward: terms without weight/objective/target, "
+        "e.g. {hpsv2: {path: ...}, pickscore: {path: ...}}",
+    )
+    diversity: DiversityConfig = Field(
+        default_factory=DiversityConfig,
+        description="feature space of eval/diversity, eval/diversity_across_prompts, eval/vendi and "
+        "eval/vendi_across_prompts",
+    )
+
+
 class FailureConfig(Section):
     max_failures: Int = Field(
         2, ge=-1, description="worker-group restarts from the last checkpoint; -1: unlimited"
+    )
+    # 15 minutes: time for an autoscaler to replace a lost spot node. Ray Train alone would wait forever.
+    wait_for_workers_s: Float = Field(
+        900.0,
+        gt=0,
+        description="seconds a run waits for the cluster to have room for all its workers when they start or "
+        "restart (a lost node not yet replaced); then it fails, saying how to resume",
     )
 
 
@@ -219,11 +538,17 @@ class ExperimentConfig(Section):
     sampling: SamplingConfig = Field(
         default_factory=SamplingConfig, description="DDIM sampling with guidance"
     )
-    # Default (null): uniform:0:T, the paper's randomized truncation over the whole chain, resolved on load.
-    truncation: Any = Field(
+    method: MethodField = Field(
+        "alignprop",
+        description="training method: alignprop, draft, refl or ddpo, or {name: ..., <its settings>} "
+        "(e.g. {name: draft, lv_samples: 2}); docs/methods.md",
+    )
+    truncation: TruncationField | None = Field(
         None,
-        description="distribution of K, the trailing DDIM steps that carry gradient: 'fixed:K', "
-        "'uniform:LOW:HIGH', 'normal:MEAN:STD', 'full', or a mapping {kind: ...}. Default: uniform:0:T",
+        description="method alignprop: distribution of K, the trailing DDIM steps that carry gradient, drawn "
+        "once per batch: 'fixed:K', 'uniform:LOW:HIGH', 'normal:MEAN:STD', 'full', 'gaussian_index:MEAN:STD' "
+        "(the paper's v2 code); or 'per_step:LOW:HIGH' (the v1 code and TRL: step i carries gradient iff "
+        "i >= its own draw from LOW..HIGH); or a mapping {kind: ...}. Default: uniform:0:T. K=0: train.k0",
     )
     reward: dict[str, Any] = Field(
         description="reward mixture, reward name -> weight or settings, e.g. {aesthetic: 1.0, hpsv2: 0.5}"
@@ -233,6 +558,9 @@ class ExperimentConfig(Section):
     )
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="optimization, evaluation, checkpoints"
+    )
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="held-out rewards and the diversity feature space"
     )
     scaling: ScalingConfig = Field(
         default_factory=ScalingConfig, description="Ray Train workers and resources"
@@ -246,12 +574,21 @@ class ExperimentConfig(Section):
         """Images per optimizer step: workers x per-worker batch x accumulation."""
         return self.scaling.num_workers * self.train.batch_size * self.train.grad_accum
 
-    def truncation_spec(self):
-        """The parsed truncation (``alignprop_ray.engine.truncation.Truncation``)."""
-        from alignprop_ray.engine.truncation import parse_truncation
+    @model_validator(mode="after")
+    def _truncation_defaults_to_the_whole_chain(self) -> ExperimentConfig:
+        """Unset: uniform:0:T, the paper's randomized truncation over all T = sampling.steps steps (AlignProp
+        only: the other methods do not read it, and log none)."""
+        if self.truncation is None and isinstance(self.method, AlignPropMethod):
+            self.truncation = Truncation("uniform", low=0, high=self.sampling.steps)
+        return self
 
-        spec = self.truncation if self.truncation is not None else f"uniform:0:{self.sampling.steps}"
-        return parse_truncation(spec)
+    @model_validator(mode="after")
+    def _refl_range_defaults_to_the_last_quarter(self) -> ExperimentConfig:
+        """ReFL unset: [3T/4, T-1], the share of the chain ImageReward draws from (30..39 of 40)."""
+        if isinstance(self.method, ReflMethod) and self.method.step_range is None:
+            steps = self.sampling.steps
+            self.method = dataclasses.replace(self.method, step_range=(3 * steps // 4, steps - 1))
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML/JSON-able data (absolute paths, defaults filled in)."""
@@ -262,9 +599,7 @@ class ExperimentConfig(Section):
 
     def flat_params(self) -> dict[str, str]:
         """Dotted keys -> strings, for MLflow params; truncation in its canonical short form."""
-        data = self.to_dict()
-        data["truncation"] = self.truncation_spec().describe()
-        return dict(_flatten(data))
+        return dict(_flatten(self.to_dict()))
 
 
 def _flatten(data: Any, prefix: str = ""):

@@ -13,14 +13,17 @@ from alignprop_ray.errors import UserError
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from alignprop_ray.engine.models import save_tiny_model
 
-    out = save_tiny_model(args.dir, seed=args.seed)
-    print(f"wrote the tiny pipeline (seed {args.seed}) to {out}")
+    _check_seeds(args.seed, 1)
+    _check_out_dir(Path(args.dir), "dir")
+    out = save_tiny_model(args.dir, seed=args.seed, family=args.family)
+    print(f"wrote the tiny {args.family} pipeline (seed {args.seed}) to {out}")
     return 0
 
 
 def cmd_mix(args: argparse.Namespace) -> int:
     from alignprop_ray.engine.lora import mix_adapters
 
+    _check_out_dir(Path(args.out), "--out")
     out = mix_adapters(args.adapter_a, args.adapter_b, args.alpha, args.out, method=args.method)
     print(
         f"wrote {args.alpha:g} * {args.adapter_a} + {1 - args.alpha:g} * {args.adapter_b} to {out} ({args.method})"
@@ -31,17 +34,24 @@ def cmd_mix(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from alignprop_ray.engine.images import write_images
     from alignprop_ray.engine.lora import load_adapter_like_diffusers
     from alignprop_ray.engine.models import DTYPES, load_parts
     from alignprop_ray.engine.sampler import SamplerSettings, generate
+    from alignprop_ray.engine.schedulers import check_eta
 
     _check_sample_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    parts = load_parts(args.model, DTYPES[args.dtype], device)
+    parts = load_parts(args.model, DTYPES[args.dtype], device, family=args.family)
     if args.adapter:
-        load_adapter_like_diffusers(parts.unet, args.adapter)
+        load_adapter_like_diffusers(parts.denoiser, args.adapter)
+    check_eta(parts.scheduler, args.eta)  # before the progress bar starts: the error is then one line
     settings = SamplerSettings(
-        steps=args.steps, guidance_scale=args.guidance, eta=args.eta, negative_prompt=args.negative_prompt
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        eta=args.eta,
+        negative_prompt=args.negative_prompt,
+        checkpoint=False,  # sampling only: no gradient, nothing to checkpoint
     )
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
@@ -81,28 +91,41 @@ def _check_sample_args(args: argparse.Namespace) -> None:
             else ">= 0"
         )
         raise UserError(f"{bad[0]} must be {rule}, got {value}")
+    count = len(args.prompt) * args.n
+    _check_seeds(args.seed, count)
+    out = Path(args.out)
+    if count == 1 or args.grid:  # one PNG at --out (engine/images.py:write_images)
+        from PIL import Image
+
+        if out.is_dir():
+            raise UserError(f"--out {out} is a directory; give an image path (e.g. {out / 'image.png'})")
+        if out.suffix.lower() not in Image.registered_extensions():
+            raise UserError(f"--out {out}: give an image file name (.png, .jpg, ...)")
+    elif out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; {count} images need a folder (or --grid)")
+    _check_no_file_above(out, "--out")
 
 
-def write_images(images: torch.Tensor, out: str, grid: bool = False, nrow: int = 1) -> list[Path]:
-    """One image -> PNG at `out`; several -> a grid PNG at `out` (grid=True) or numbered PNGs in folder `out`."""
-    from torchvision.utils import make_grid
-
-    out_path = Path(out)
-    if len(images) == 1 or grid:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        picture = images[0] if len(images) == 1 else make_grid(images, nrow=max(nrow, 1), padding=2)
-        to_pil(picture).save(out_path)
-        return [out_path]
-    out_path.mkdir(parents=True, exist_ok=True)
-    paths = [out_path / f"{i:04d}.png" for i in range(len(images))]
-    for image, path in zip(images, paths, strict=True):
-        to_pil(image).save(path)
-    return paths
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
-def to_pil(image: torch.Tensor):
-    """A [0, 1] (3, H, W) tensor as a PIL image, rounded exactly like diffusers' `numpy_to_pil`."""
-    from PIL import Image
+def _check_seeds(seed: int, count: int) -> None:
+    """`seed` .. `seed + count - 1` must all be seeds torch takes."""
+    low, high = SEED_RANGE
+    if not low <= seed <= high - (count - 1):
+        raise UserError(f"--seed must be in [-2**63, 2**64 - {count}], got {seed}")
 
-    array = (image.detach().float().cpu().permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    return Image.fromarray(array)
+
+def _check_out_dir(path: Path, option: str) -> None:
+    """An output folder must be a folder or creatable: not a file, nor below one."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file; give a directory")
+    _check_no_file_above(path, option)
+
+
+def _check_no_file_above(path: Path, option: str) -> None:
+    for part in path.parents:
+        if part.exists():
+            if not part.is_dir():
+                raise UserError(f"{option} {path}: {part} is a file, not a directory")
+            return

@@ -1,63 +1,228 @@
-"""Differentiable DDIM sampling with classifier-free guidance and truncated, checkpointed backprop.
+"""Differentiable sampling with classifier-free guidance and truncated, checkpointed backprop, for every family.
 
-`generate(..., k=K)` runs T DDIM steps. Steps 0 .. T-K-1 run under `torch.no_grad()` (no graph, no
-activations kept). The last K steps run with autograd; each UNet call there is wrapped in a
-non-reentrant `torch.utils.checkpoint`, so only its inputs are kept and its activations are recomputed
-during backward: memory grows with K by one latent per step, not by one UNet's activations per step.
+`generate(..., k=K)` runs T solver steps. Steps 0 .. T-K-1 run under `torch.no_grad()` (no graph, no
+activations kept). The last K steps run with autograd; each of their denoiser calls is wrapped in a
+non-reentrant `torch.utils.checkpoint` (by default; `checkpointed` picks which), so only its inputs are
+kept and its activations are recomputed during backward: memory grows with K by one latent per step, not
+by one denoiser's activations per step. With an activation budget (model.activation_budget_mb) only what
+memory requires is checkpointed: the last calls whose activations fit keep them (`checkpoint_plan`, sized
+by a one-time `probe`). `compile` runs the denoiser through torch.compile (`models.compile_denoiser`).
 
-The math is diffusers' own (DDIMScheduler.step, the pipeline's prompt encoding, latents from
-`randn_tensor` with one CPU generator per image), so with eta=0 the output equals
-`StableDiffusionPipeline` with a DDIM scheduler for the same seeds.
+The loop is built from step-level primitives that training methods compose: `encode`, `initial_latents`,
+`start`, `guided_prediction` (one denoiser call with guidance), `solver_step` (one scheduler step),
+`predict_x0`, `decode`. What differs between model families (engine/families/) is asked of the family;
+the math is diffusers' own (each pipeline's prompt encoding, `scheduler.step`, latents from
+`randn_tensor` with one CPU generator per image), so with eta=0 the output equals the family's diffusers
+pipeline for the same seeds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from alignprop_ray.engine.models import DiffusionParts
+from alignprop_ray.engine import schedulers
+from alignprop_ray.engine.families.base import Conditioning, DiffusionParts
+from alignprop_ray.engine.models import compile_denoiser
+from alignprop_ray.errors import UserError
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    steps: int = 50
-    guidance_scale: float = 7.5
-    eta: float = 0.0
-    negative_prompt: str = ""
-    checkpoint: bool = True  # checkpoint every UNet call that carries gradient
+    """Sampling; every value comes from the experiment config (sampling: and model: sections)."""
+
+    steps: int
+    guidance_scale: float
+    eta: float  # DDIM only; 0 for the other schedulers
+    negative_prompt: str  # "" = none: the pipeline's own unconditional branch
+    # checkpoint the denoiser calls that carry gradient: all of them, or with a budget those that don't fit
+    checkpoint: bool
+    # model.compile and model.activation_budget_mb. engine_settings always sets both; the defaults (eager, no
+    # budget) only spare the sampler's other callers (toy model, registry, CLI sampling) from naming them.
+    compile: bool = False  # run the denoiser through torch.compile (models.compile_denoiser)
+    activation_budget_mb: float | str | None = None  # MiB, "auto" or None: see checkpoint_plan
 
 
-def encode_prompts(parts: DiffusionParts, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-    """CLIP text embeddings as StableDiffusionPipeline.encode_prompt computes them (no grad: frozen)."""
-    tokens = parts.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=parts.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        return parts.text_encoder(tokens.input_ids.to(device))[0]
+def encode(
+    parts: DiffusionParts, prompts: Sequence[str], settings: SamplerSettings, resolution: int
+) -> Conditioning:
+    """The denoiser's conditioning for `prompts`, [uncond; cond] when guidance is on (no grad)."""
+    guided = settings.guidance_scale > 1.0
+    negative = settings.negative_prompt or None
+    return parts.family.encode(parts, list(prompts), negative, guided, resolution)
 
 
 def initial_latents(
-    parts: DiffusionParts,
-    generators: list[torch.Generator],
-    resolution: int,
-    device: torch.device,
-    dtype: torch.dtype,
+    parts: DiffusionParts, generators: list[torch.Generator], resolution: int
 ) -> torch.Tensor:
     """x_T for each image from its own CPU generator (diffusers' `randn_tensor` convention)."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    multiple = parts.vae_scale_factor * getattr(parts.denoiser.config, "patch_size", 1)
+    if resolution % multiple:
+        raise UserError(
+            f"resolution {resolution} must be a multiple of {multiple} for this {parts.family.name} model"
+        )
     size = resolution // parts.vae_scale_factor
-    shape = (len(generators), parts.unet.config.in_channels, size, size)
-    latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-    return latents * parts.scheduler.init_noise_sigma
+    shape = (len(generators), parts.denoiser.config.in_channels, size, size)
+    noise = randn_tensor(shape, generator=generators, device=parts.device, dtype=parts.dtype)
+    return parts.family.initial_latents(noise, parts.scheduler)
+
+
+def start(parts: DiffusionParts, steps: int) -> torch.Tensor:
+    """Set the scheduler up for a new chain of `steps` steps; its timesteps, first to last."""
+    return schedulers.set_timesteps(parts.scheduler, steps, parts.device)
+
+
+def guided_prediction(
+    parts: DiffusionParts,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning,
+    guidance_scale: float,
+    checkpointed: bool = False,
+) -> torch.Tensor:
+    """One denoiser call at t on the doubled batch [uncond; cond], combined with classifier-free guidance.
+
+    The scheduler's input scaling runs outside the checkpoint: it reads the scheduler's step index, which
+    has moved on by the time backward recomputes the call.
+    """
+    scaled = parts.family.model_input(parts.scheduler, latents, t)
+    if checkpointed:
+        return checkpoint(_guided_call, parts, scaled, t, cond, guidance_scale, use_reentrant=False)
+    return _guided_call(parts, scaled, t, cond, guidance_scale)
+
+
+def _guided_call(
+    parts: DiffusionParts, scaled: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance_scale: float
+) -> torch.Tensor:
+    """The denoiser on [uncond; cond] (or cond alone) and the guidance combination: what a checkpoint wraps."""
+    model_input = torch.cat([scaled] * 2) if cond.guided else scaled
+    prediction = parts.family.denoise(parts.denoiser, model_input, t, cond)
+    if not cond.guided:
+        return prediction
+    uncond, text = prediction.chunk(2)
+    return uncond + guidance_scale * (text - uncond)
+
+
+def solver_step(
+    parts: DiffusionParts,
+    prediction: torch.Tensor,
+    t: torch.Tensor,
+    latents: torch.Tensor,
+    eta: float,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """x_t -> x_(t-1) with the pipeline's scheduler (differentiable)."""
+    return schedulers.step(parts.scheduler, prediction, t, latents, eta, generators)
+
+
+def predict_x0(
+    parts: DiffusionParts, prediction: torch.Tensor, t: torch.Tensor, latents: torch.Tensor
+) -> torch.Tensor:
+    """The clean latents predicted at t from x_t and the (guided) prediction (differentiable)."""
+    return schedulers.predict_x0(parts.scheduler, prediction, t, latents)
+
+
+def decode(parts: DiffusionParts, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode to [0, 1] images (the pipelines' postprocess: x / 2 + 0.5, clamped)."""
+    vae = parts.vae
+    image = vae.decode(parts.family.vae_input(vae, latents).to(vae.dtype), return_dict=False)[0]
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+def checkpoint_plan(
+    k: int, settings: SamplerSettings, checkpointed: Sequence[bool] | None, keep: int = 0
+) -> list[bool]:
+    """For each of the K gradient-carrying steps (first to last): whether its denoiser call is checkpointed.
+
+    None: with `settings.checkpoint` off, none of them; with it on, all but the last `keep` (the calls an
+    activation budget has room for, `kept_calls`), which keep their activations and skip the recompute in
+    backward. K is drawn per batch, so the split is too. Which calls are checkpointed changes memory and
+    time only, never the gradient.
+    """
+    if checkpointed is None:
+        if not settings.checkpoint:
+            return [False] * k
+        keep = min(max(keep, 0), k)
+        return [True] * (k - keep) + [False] * keep
+    plan = [bool(c) for c in checkpointed]
+    if len(plan) != k:
+        raise ValueError(f"checkpointed has {len(plan)} entries; K={k} steps carry gradient")
+    return plan
+
+
+# "auto" leaves this fraction of the device's total memory free for what else a step allocates (the
+# recompute of a checkpointed call, the VAE decode's graph, the reward model, allocator fragmentation).
+AUTO_MARGIN = 0.10
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one probe measured (once per run, per denoiser and input shape)."""
+
+    call_bytes: int  # what autograd keeps for backward from one uncheckpointed denoiser call
+    free_bytes: int  # free device memory less AUTO_MARGIN of the total, when the probe ran (the auto budget)
+
+
+def kept_calls(k: int, settings: SamplerSettings, probe: Probe | None) -> int:
+    """How many of the last `k` gradient-carrying calls fit in `settings.activation_budget_mb` (0: no budget)."""
+    budget = settings.activation_budget_mb
+    if budget is None or probe is None or not settings.checkpoint:
+        return 0
+    budget_bytes = probe.free_bytes if budget == "auto" else int(float(budget) * 2**20)
+    return min(k, max(budget_bytes, 0) // max(probe.call_bytes, 1))
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free device memory less AUTO_MARGIN of the total (CUDA: the driver's free memory plus what torch's
+    caching allocator holds unused; CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    else:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        free, total = info["MemAvailable"], info["MemTotal"]
+    return int(free - AUTO_MARGIN * total)
+
+
+_PROBES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Probe]] = weakref.WeakKeyDictionary()
+
+
+def probe(
+    parts: DiffusionParts, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance_scale: float
+) -> Probe:
+    """Measure, not estimate, the activations of one uncheckpointed denoiser call on inputs shaped like
+    `latents`, and the free device memory: once per denoiser and input (shape, dtype, autocast), cached.
+
+    The probe is one call with gradient under a saved-tensors hook that adds up the storages autograd saves
+    for backward (each once; the frozen weights, which exist anyway, are left out); its output is discarded.
+    It runs under the step's autocast and compile settings, so it sees what the step's calls will save.
+    """
+    key = (tuple(latents.shape), latents.dtype, cond.guided, torch.is_autocast_enabled(latents.device.type))
+    cache = _PROBES.setdefault(parts.denoiser, {})
+    if key not in cache:
+        weights = {
+            w.untyped_storage().data_ptr() for w in (*parts.denoiser.parameters(), *parts.denoiser.buffers())
+        }
+        saved: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            _guided_call(parts, latents.detach(), t, cond, guidance_scale)
+        cache[key] = Probe(sum(saved.values()), free_memory_bytes(latents.device))
+    return cache[key]
 
 
 def generate(
@@ -65,74 +230,64 @@ def generate(
     prompts: Sequence[str],
     seeds: Sequence[int],
     settings: SamplerSettings,
-    k: int = 0,
+    k: int | Sequence[bool] = 0,
     resolution: int | None = None,
-    on_step=None,
+    on_step: Callable[[int], None] | None = None,
+    checkpointed: Sequence[bool] | None = None,
 ) -> torch.Tensor:
-    """Images in [0, 1], shape (B, 3, H, W); gradient flows through the last `k` denoising steps only.
+    """Images in [0, 1], shape (B, 3, H, W); gradient flows through the last `k` solver steps only.
 
-    With k = 0 the whole call runs without autograd and the result carries no graph.
+    `k` may instead be a mask with one bool per step (the `per_step` truncation): step i's denoiser call
+    carries gradient where it is True, and from the first True step on the solver steps keep the latents'
+    graph, as detaching the noise prediction (the AlignProp v1 code's way) does. With no gradient step the
+    whole call runs without autograd and the result carries no graph. `checkpointed[j]` says whether the
+    j-th gradient-carrying step's denoiser call is checkpointed (default: see `checkpoint_plan`).
     `on_step(i)` is called after each step (progress bars).
     """
     steps = settings.steps
-    if not 0 <= k <= steps:
-        raise ValueError(f"K={k} must be in [0, {steps}]")
+    mask = _grad_mask(k, steps)
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt is required")
-    unet_param = next(parts.unet.parameters())
-    device, dtype = unet_param.device, parts.unet.dtype
+    schedulers.check_eta(parts.scheduler, settings.eta)
+    if settings.compile:
+        compile_denoiser(parts.denoiser)
     resolution = resolution or parts.native_resolution
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
-    cond = encode_prompts(parts, prompts, device)
-    guided = settings.guidance_scale > 1.0
-    if guided:
-        uncond = encode_prompts(parts, [settings.negative_prompt] * len(prompts), device)
-        cond = torch.cat([uncond, cond])
-    cond = cond.to(dtype)
-
-    scheduler = parts.scheduler
-    scheduler.set_timesteps(steps, device=device)
-    latents = initial_latents(parts, generators, resolution, device, dtype)
-    first_grad_step = steps - k
-    for i, t in enumerate(scheduler.timesteps):
-        with_grad = i >= first_grad_step
-        with nullcontext() if with_grad else torch.no_grad():
-            noise = _guided_noise(
-                parts.unet,
-                latents,
-                t,
-                cond,
-                settings.guidance_scale,
-                guided,
-                checkpointed=with_grad and settings.checkpoint,
+    cond = encode(parts, prompts, settings, resolution)
+    timesteps = start(parts, steps)
+    latents = initial_latents(parts, generators, resolution)
+    measured = None
+    if (
+        checkpointed is None
+        and settings.checkpoint
+        and settings.activation_budget_mb is not None
+        and any(mask)
+    ):
+        measured = probe(parts, latents, timesteps[0], cond, settings.guidance_scale)
+    plan = iter(checkpoint_plan(sum(mask), settings, checkpointed, kept_calls(sum(mask), settings, measured)))
+    tracked = False  # whether the latents carry a graph yet (from the first gradient step on)
+    for i, t in enumerate(timesteps):
+        tracked |= mask[i]
+        with nullcontext() if mask[i] else torch.no_grad():
+            prediction = guided_prediction(
+                parts, latents, t, cond, settings.guidance_scale, checkpointed=mask[i] and next(plan)
             )
-            latents = scheduler.step(
-                noise, t, latents, eta=settings.eta, generator=generators, return_dict=False
-            )[0]
+        with nullcontext() if tracked else torch.no_grad():
+            latents = solver_step(parts, prediction, t, latents, settings.eta, generators)
         if on_step is not None:
             on_step(i)
-    with nullcontext() if k > 0 else torch.no_grad():
+    with nullcontext() if tracked else torch.no_grad():
         return decode(parts, latents)
 
 
-def _guided_noise(unet, latents, t, cond, guidance_scale: float, guided: bool, checkpointed: bool):
-    """One UNet call on the doubled batch [uncond; cond], combined with classifier-free guidance."""
-
-    def call(latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        model_input = torch.cat([latents] * 2) if guided else latents
-        noise = unet(model_input, t, encoder_hidden_states=cond, return_dict=False)[0]
-        if not guided:
-            return noise
-        noise_uncond, noise_text = noise.chunk(2)
-        return noise_uncond + guidance_scale * (noise_text - noise_uncond)
-
-    if checkpointed:
-        return checkpoint(call, latents, cond, use_reentrant=False)
-    return call(latents, cond)
-
-
-def decode(parts: DiffusionParts, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode to [0, 1] images (the pipeline's postprocess: x / 2 + 0.5, clamped)."""
-    image = parts.vae.decode(latents / parts.vae.config.scaling_factor, return_dict=False)[0]
-    return (image / 2 + 0.5).clamp(0, 1)
+def _grad_mask(k: int | Sequence[bool], steps: int) -> list[bool]:
+    """Per step, whether its denoiser call carries gradient: the last `k`, or the mask as given."""
+    if isinstance(k, int):
+        if not 0 <= k <= steps:
+            raise ValueError(f"K={k} must be in [0, {steps}]")
+        return [i >= steps - k for i in range(steps)]
+    mask = [bool(m) for m in k]
+    if len(mask) != steps:
+        raise ValueError(f"the gradient mask has {len(mask)} entries; sampling has {steps} steps")
+    return mask

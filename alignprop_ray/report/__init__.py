@@ -7,6 +7,7 @@ write_report("sqlite:///mlflow.db", "smoke", "report/")     # PNGs + index.html
 from alignprop_ray.report.data import load_runs, resolve_experiment, summary_table, varying_params
 from alignprop_ray.report.page import cmd_report, write_report
 from alignprop_ray.report.plots import (
+    plot_heldout_rewards,
     plot_k_histograms,
     plot_reward_curves,
     plot_reward_terms,
@@ -16,6 +17,7 @@ from alignprop_ray.report.plots import (
 __all__ = [
     "cmd_report",
     "load_runs",
+    "plot_heldout_rewards",
     "plot_k_histograms",
     "plot_reward_curves",
     "plot_reward_terms",

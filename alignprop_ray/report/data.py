@@ -16,13 +16,10 @@ from typing import Any
 import pandas as pd
 
 from alignprop_ray.errors import UserError
-from alignprop_ray.metrics import TERM_PREFIXES
-from alignprop_ray.tracking import NAME_TAG, PARENT_TAG
+from alignprop_ray.metrics import HELDOUT_PREFIX, TERM_PREFIXES
+from alignprop_ray.rewards.spec import split_key
+from alignprop_ray.tracking import KIND_TAG, NAME_TAG, PARENT_TAG, STOP_TAG
 
-URI_ENV = "ALIGNPROP_TRACKING_URI"
-DEFAULT_URI = "sqlite:///mlflow.db"
-STOP_TAG = "alignprop.stop_reason"  # set by the sweep's stoppers (collapse, NaN)
-KIND_TAG = "alignprop.kind"  # "sweep" on a sweep's parent run (alignprop_ray.sweep.tracking)
 MAX_LISTED = 20  # experiment names an error message lists
 UNSET = "(unset)"  # the truncation of a run that logged no `truncation` param
 
@@ -31,6 +28,8 @@ FINAL_KEYS = {
     "final_eval_reward": "eval/reward",
     "final_eval_diversity": "eval/diversity",
     "final_eval_diversity_across_prompts": "eval/diversity_across_prompts",
+    "final_eval_vendi": "eval/vendi",
+    "final_eval_vendi_across_prompts": "eval/vendi_across_prompts",
     "final_train_reward": "train/reward",
 }
 # The first request to a tracking server fails fast: MLflow's default retries take minutes to give up.
@@ -43,8 +42,13 @@ HISTORY_COLUMNS = ["run_id", "name", "truncation", "key", "step", "value", "time
 
 
 def resolve_uri(tracking_uri: str | None) -> str:
-    """The explicit URI, else $ALIGNPROP_TRACKING_URI, else `sqlite:///mlflow.db` (as training uses)."""
-    return tracking_uri or os.environ.get(URI_ENV) or DEFAULT_URI
+    """The explicit URI, else $ALIGNPROP_TRACKING_URI, else $MLFLOW_TRACKING_URI, else the default that
+    training uses (the same order as training, which also looks at its config file first)."""
+    from alignprop_ray.config import TrackingConfig
+    from alignprop_ray.config.overrides import tracking_uri_from_env
+
+    found = tracking_uri_from_env(os.environ)
+    return tracking_uri or (found[0] if found else TrackingConfig().uri)
 
 
 def open_store(tracking_uri: str | None):
@@ -57,7 +61,7 @@ def open_store(tracking_uri: str | None):
     uri = resolve_uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(
-            f"no MLflow store at {uri.removeprefix('sqlite:///')} (pass --tracking-uri or set {URI_ENV})"
+            f"no MLflow store at {uri.removeprefix('sqlite:///')} (pass --tracking-uri, or set ALIGNPROP_TRACKING_URI or MLFLOW_TRACKING_URI)"
         )
     try:
         client = MlflowClient(tracking_uri=uri)
@@ -179,7 +183,7 @@ def reward_label(params: dict[str, str]) -> str:
     for key, value in sorted(params.items()):  # `<name>.objective` sorts before `<name>.weight`
         if not key.startswith("reward."):
             continue
-        name, _, field = key.removeprefix("reward.").partition(".")
+        name, field = split_key(key.removeprefix("reward."))
         if field in ("", "weight"):
             weights[name] = value
         else:
@@ -207,19 +211,32 @@ def _wanted(metric_keys: Iterable[str], prefixes: Sequence[str] | None) -> list[
 
 
 def _add_finals(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
-    """Columns from the histories: final_* values, base_eval_reward, last_step and reward terms."""
+    """Columns from the histories: final_* values, base_eval_reward, last_step, reward terms, and per
+    held-out reward <name> (`heldout` lists them) `base_heldout/<name>` and `final_heldout/<name>`."""
     # the value at the last step, NaN included (GroupBy.last would skip back to an earlier finite value)
     last = history.groupby(["run_id", "key"]).tail(1).set_index(["run_id", "key"])["value"]
+    base = history[history["step"] == 0].set_index(["run_id", "key"])["value"]
     for column, key in FINAL_KEYS.items():
         runs[column] = [last.get((run_id, key), math.nan) for run_id in runs["run_id"]]
-    base = history[(history["key"] == "eval/reward") & (history["step"] == 0)].set_index("run_id")["value"]
-    runs["base_eval_reward"] = [base.get(run_id, math.nan) for run_id in runs["run_id"]]
+    runs["base_eval_reward"] = [base.get((run_id, "eval/reward"), math.nan) for run_id in runs["run_id"]]
+    keys = history.groupby("run_id")["key"].unique()
+    runs["heldout"] = [heldout_rewards(keys.get(run_id, [])) for run_id in runs["run_id"]]
+    for name in sorted({name for names in runs["heldout"] for name in names}):
+        for column, values in (("base", base), ("final", last)):
+            key = HELDOUT_PREFIX + name
+            runs[f"{column}_heldout/{name}"] = [
+                values.get((run_id, key), math.nan) for run_id in runs["run_id"]
+            ]
     train = history[history["key"].str.startswith("train/")].groupby("run_id")["step"].max()
     runs["last_step"] = [int(train[r]) if r in train else None for r in runs["run_id"]]
     runs["last_step"] = runs["last_step"].astype("Int64")
-    terms = history.groupby("run_id")["key"].unique()
-    runs["terms"] = [reward_terms(terms.get(run_id, [])) for run_id in runs["run_id"]]
+    runs["terms"] = [reward_terms(keys.get(run_id, [])) for run_id in runs["run_id"]]
     return runs
+
+
+def heldout_rewards(keys: Iterable[str]) -> list[str]:
+    """The held-out reward names among metric keys (`eval/heldout/<name>`)."""
+    return sorted({k.removeprefix(HELDOUT_PREFIX) for k in keys if k.startswith(HELDOUT_PREFIX)})
 
 
 def reward_terms(keys: Iterable[str]) -> list[str]:
@@ -258,7 +275,13 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
             "last step": runs["last_step"],
             "base eval/reward": runs["base_eval_reward"],
             "final eval/reward": runs["final_eval_reward"],
+            **{
+                f"{when} eval/heldout/{name}": runs[f"{when}_heldout/{name}"]
+                for name in sorted({name for names in runs["heldout"] for name in names})
+                for when in ("base", "final")
+            },
             "final eval/diversity": runs["final_eval_diversity"],
+            "final eval/vendi": runs["final_eval_vendi"],
             "status": runs["status"],
             "stop reason": runs["stop_reason"],
         }

@@ -15,13 +15,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from alignprop_ray.compat import mlflow_logged_image_step
 from alignprop_ray.errors import UserError
 from alignprop_ray.report.data import env_defaults, load_runs, open_store, summary_table
 from alignprop_ray.report.plots import (
+    plot_heldout_rewards,
     plot_k_histograms,
     plot_reward_curves,
     plot_reward_terms,
     plot_reward_vs_diversity,
+    plot_reward_vs_images,
+    plot_reward_vs_time,
 )
 
 # (file, plot, title, caption); a plot without data (e.g. no mixtures) is left out of the page.
@@ -42,6 +46,28 @@ PLOTS: list[tuple[str, Callable, str, str]] = [
         "left is less within-prompt diversity (mode collapse).",
     ),
     (
+        "heldout_rewards.png",
+        plot_heldout_rewards,
+        "Trained vs held-out rewards",
+        "The trained reward (eval/reward) beside each held-out reward (eval.rewards: evaluated on the same "
+        "eval images, never trained on), one line per run; step 0 is the base model. A trained reward that "
+        "rises while held-out ones fall is reward over-optimization.",
+    ),
+    (
+        "reward_vs_time.png",
+        plot_reward_vs_time,
+        "Eval reward vs training time",
+        "Each evaluation at the wall-clock seconds its run had spent in training steps (evaluation, logging "
+        "and checkpoints excluded), one color per training method; 0 is the base model.",
+    ),
+    (
+        "reward_vs_images.png",
+        plot_reward_vs_images,
+        "Eval reward vs images generated",
+        "Each evaluation at the number of images (denoising chains from fresh noise, all workers) its run had "
+        "sampled for training, one color per training method.",
+    ),
+    (
         "reward_terms.png",
         plot_reward_terms,
         "Reward terms of mixtures",
@@ -55,9 +81,7 @@ PLOTS: list[tuple[str, Callable, str, str]] = [
     ),
 ]
 GRIDS_DIR = "eval_grids"
-# mlflow.log_image(key="eval/images", step=N) files: images/eval~images+step+N+timestamp+T+UUID.png
-# (MLflow before 3.x wrote `#` for `/` and `%` for `+`).
-GRID_FILE = re.compile(r"^eval[~#]images[+%]step[+%](?P<step>\d+)[+%]timestamp[+%]\d+[+%][\w-]+\.png$")
+GRID_KEY = "eval/images"  # the image key training logs its eval grids under (train/loop.py)
 DPI = 110
 
 
@@ -82,6 +106,7 @@ def write_report(tracking_uri: str | None, experiment: str | None, out_dir: str 
 
 def write_report_files(runs: pd.DataFrame, history: pd.DataFrame, out: Path) -> list[Path]:
     """write_report on tables already loaded by `load_runs` (PNGs first, index.html last)."""
+    out.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     written = write_plots(runs, history, out)
     grids = fetch_eval_grids(open_store(runs.attrs["tracking_uri"]), runs, out)
@@ -95,7 +120,11 @@ def write_report_files(runs: pd.DataFrame, history: pd.DataFrame, out: Path) -> 
 def _check_out(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    for part in out.parents:  # created only once the runs are read: bad input leaves nothing behind
+        if part.exists():
+            if not part.is_dir():
+                raise UserError(f"--out {out}: {part} is a file, not a directory")
+            break
     return out
 
 
@@ -137,9 +166,9 @@ def fetch_eval_grids(client, runs: pd.DataFrame, out: Path) -> dict[str, list[tu
 def _fetch_run_grids(client, run_id: str, slug: str, folder: Path) -> list[tuple[int, Path]]:
     found = {}
     for artifact in client.list_artifacts(run_id, "images"):
-        match = GRID_FILE.match(Path(artifact.path).name)
-        if match:
-            found.setdefault(int(match["step"]), artifact.path)
+        step = mlflow_logged_image_step(Path(artifact.path).name, GRID_KEY)
+        if step is not None:
+            found.setdefault(step, artifact.path)
     steps = sorted(found)
     chosen = sorted({steps[0], steps[-1]}) if steps else []
     folder.mkdir(parents=True, exist_ok=True)

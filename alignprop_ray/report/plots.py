@@ -3,7 +3,8 @@
 Figures are built with `matplotlib.figure.Figure`, not pyplot: no backend is selected and no global
 figure list grows, so the same functions serve the CLI (saved as PNG) and notebooks (`display(fig)`).
 Runs are colored by truncation distribution (the paper's central ablation); runs that share one are
-told apart by line style.
+told apart by line style. The cost plots (reward against wall-clock time and against images generated)
+color by training method instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from alignprop_ray.metrics import HELDOUT_PREFIX
 from alignprop_ray.report.data import metric
 
 LINESTYLES = ("-", "--", ":", "-.")
@@ -30,7 +32,7 @@ def truncation_order(spec: str) -> tuple:
     """Sort key: fixed:K by K, then uniform/normal ranges, then full, then anything else."""
     numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", spec)]
     kind = spec.split(":", 1)[0]
-    rank = {"fixed": 0, "uniform": 1, "normal": 2, "full": 3}.get(kind, 4)
+    rank = {"fixed": 0, "uniform": 1, "normal": 2, "gaussian_index": 3, "full": 4}.get(kind, 5)
     return (rank, numbers, spec)
 
 
@@ -63,15 +65,16 @@ def smooth(values: pd.Series) -> pd.Series:
 
 
 def plot_reward_curves(runs: pd.DataFrame, history: pd.DataFrame) -> Figure | None:
-    """train/reward (smoothed), eval/reward and eval/diversity against step, one line per run."""
+    """train/reward (smoothed), eval/reward, eval/diversity and eval/vendi against step, one line per run."""
     panels = [
         ("train/reward", "train/reward (smoothed; raw faint)"),
         ("eval/reward", "eval/reward"),
         ("eval/diversity", "eval/diversity (falls on collapse)"),
+        ("eval/vendi", "eval/vendi (distinct images per prompt)"),
     ]
     if not history["key"].isin([key for key, _ in panels[:2]]).any():
         return None
-    fig = Figure(figsize=(15, 4.4), layout="constrained")
+    fig = Figure(figsize=(19, 4.4), layout="constrained")
     axes = fig.subplots(1, len(panels))
     styles = run_styles(runs)
     for ax, (key, title) in zip(axes, panels, strict=True):
@@ -185,6 +188,30 @@ def _draw_trajectory(ax: Axes, history: pd.DataFrame, run, color: tuple) -> None
     )
 
 
+def plot_heldout_rewards(runs: pd.DataFrame, history: pd.DataFrame) -> Figure | None:
+    """The trained eval/reward beside each held-out reward (eval.rewards) against step, one panel each, for
+    the runs that logged held-out rewards: over-optimization shows as the first rising while others fall."""
+    with_heldout = runs[runs["heldout"].map(len) > 0] if "heldout" in runs else runs.iloc[:0]
+    if with_heldout.empty:
+        return None
+    names = sorted({name for names in with_heldout["heldout"] for name in names})
+    panels = [("eval/reward", "eval/reward (trained)")]
+    panels += [(HELDOUT_PREFIX + name, f"{HELDOUT_PREFIX}{name} (never trained on)") for name in names]
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.6 * ncols + 3, 4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    styles = run_styles(runs)  # colors as in the other plots
+    for ax, (key, title) in zip(axes, panels, strict=False):
+        for run in with_heldout.itertuples():
+            draw_metric(ax, history, key, run, styles[run.run_id], smoothed=False)
+        _finish_axes(ax, title, key)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    _legend(fig, with_heldout, styles)
+    return fig
+
+
 def plot_reward_terms(runs: pd.DataFrame, history: pd.DataFrame) -> Figure | None:
     """One panel per reward term of the runs with more than one term (mixtures): train (smoothed) and eval."""
     mixtures = runs[runs["terms"].map(len) > 1]
@@ -232,4 +259,84 @@ def plot_k_histograms(runs: pd.DataFrame, history: pd.DataFrame, ncols: int = 4)
         ax.set_ylabel("training steps")
     for ax in axes[len(with_k) :]:
         ax.set_visible(False)
+    return fig
+
+
+# --- cost: eval reward against training time and samples, one color per method ---------------------------
+
+METHOD_ORDER = ("alignprop", "draft", "refl", "ddpo")
+
+
+def method_label(params: dict) -> str:
+    """A run's method as its params name it: `alignprop`, `draft-K1`, `draft-LV2`, `refl`, `ddpo`; runs
+    logged before methods existed are alignprop."""
+    name = params.get("params.method.name")
+    if not isinstance(name, str):
+        return "alignprop"
+    if name == "draft":
+        lv = params.get("params.method.lv_samples")
+        return (
+            f"draft-LV{lv}"
+            if isinstance(lv, str) and lv != "null"
+            else f"draft-K{params.get('params.method.k')}"
+        )
+    return name
+
+
+def method_labels(runs: pd.DataFrame) -> dict[str, str]:
+    """run_id -> `method_label`."""
+    return {row["run_id"]: method_label(row) for row in runs.to_dict("records")}
+
+
+def method_order(label: str) -> tuple:
+    base = label.split("-", 1)[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), label)
+
+
+def reward_at_cost(history: pd.DataFrame, run_id: str, cost_key: str) -> pd.DataFrame:
+    """A run's evaluations with the cumulative cost at each: columns step, cost, reward. The step-0
+    evaluation (the base model) costs 0; evaluations at steps whose cost was not logged are left out."""
+    reward = metric(history, "eval/reward", run_id)[["step", "value"]].rename(columns={"value": "reward"})
+    cost = metric(history, cost_key, run_id)[["step", "value"]].rename(columns={"value": "cost"})
+    cost = pd.concat([pd.DataFrame({"step": [0], "cost": [0.0]}), cost[cost["step"] > 0]])
+    joined = reward.merge(cost, on="step").sort_values("step")
+    return joined[joined["reward"].map(math.isfinite)][["step", "cost", "reward"]].reset_index(drop=True)
+
+
+def plot_reward_vs_time(runs: pd.DataFrame, history: pd.DataFrame) -> Figure | None:
+    """eval/reward against perf/wall_seconds (time spent in training steps), one color per method."""
+    return _reward_vs_cost(
+        runs, history, "perf/wall_seconds", "training wall-clock seconds (perf/wall_seconds)"
+    )
+
+
+def plot_reward_vs_images(runs: pd.DataFrame, history: pd.DataFrame) -> Figure | None:
+    """eval/reward against perf/images_generated (chains sampled from noise), one color per method."""
+    return _reward_vs_cost(runs, history, "perf/images_generated", "images generated (perf/images_generated)")
+
+
+def _reward_vs_cost(runs: pd.DataFrame, history: pd.DataFrame, cost_key: str, xlabel: str) -> Figure | None:
+    if not (history["key"] == cost_key).any():
+        return None
+    labels = method_labels(runs)
+    groups = sorted(set(labels.values()), key=method_order)
+    cmap = matplotlib.colormaps["tab10"]
+    colors = {label: cmap(i % 10) for i, label in enumerate(groups)}
+    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    ax = fig.subplots()
+    seen: dict[str, int] = {}
+    for run in runs.sort_values("name").itertuples():
+        points = reward_at_cost(history, run.run_id, cost_key)
+        if len(points) < 2:
+            continue
+        label = labels[run.run_id]
+        index = seen[label] = seen.get(label, -1) + 1
+        style = {"color": colors[label], "linestyle": LINESTYLES[index % len(LINESTYLES)]}
+        ax.plot(points["cost"], points["reward"], **style, marker="o", markersize=3, linewidth=1.4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("eval/reward")
+    ax.set_title(f"eval/reward against {cost_key}, one color per method (line style: run)", fontsize=10)
+    ax.grid(alpha=0.3)
+    shown = [label for label in groups if label in seen]
+    ax.legend([Line2D([], [], color=colors[label]) for label in shown], shown, fontsize=8, title="method")
     return fig

@@ -8,24 +8,15 @@ rating; AlignProp's aesthetic objective is the ``target`` form ``-|10 - score|``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from alignprop_ray.presets import TINY
 from alignprop_ray.rewards.base import Reward
-from alignprop_ray.rewards.clip_models import OpenClipEncoder, load_open_clip, open_clip_arch_exists
-from alignprop_ray.rewards.registry import TINY, RewardOptions, register_reward
-from alignprop_ray.rewards.weights import WeightsSource, check_ref, load_state_dict, load_strict, resolve_file
-
-HEAD_SOURCE = WeightsSource(
-    "the LAION aesthetic head sac+logos+ava1-l14-linearMSE.pth",
-    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth",
-)
-CLIP_L14_SOURCE = WeightsSource(
-    "the OpenAI CLIP ViT-L/14 weights for open_clip, open_clip_model.safetensors",
-    "hf://timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors",
-)
+from alignprop_ray.rewards.clip_models import OpenClipEncoder, load_open_clip
+from alignprop_ray.rewards.options import CLIP_L14_SOURCE, HEAD_SOURCE, AestheticTerm
+from alignprop_ray.rewards.weights import load_state_dict, load_strict, resolve_file
 
 
 class AestheticHead(nn.Module):
@@ -66,26 +57,7 @@ class AestheticReward(Reward):
         return self.encoder.image_embeds(images)
 
 
-@dataclass(frozen=True)
-class AestheticOptions(RewardOptions):
-    path: str | None = None  # the head .pth (local path or hf:// ref); random init with arch: tiny if unset
-    clip_path: str | None = None  # open_clip ViT-L/14 OpenAI weights; unused with arch: tiny
-    arch: str = "ViT-L-14-quickgelu"  # OpenAI's ViT-L/14 uses QuickGELU; `tiny` for offline tests
-    seed: int = 0  # random init of whatever is not loaded (tiny towers, head without path)
-
-    def check(self) -> list[str]:
-        if self.arch == TINY:
-            return check_ref("path", self.path, HEAD_SOURCE) if self.path else []
-        if not open_clip_arch_exists(self.arch):
-            return [f"arch: unknown open_clip architecture {self.arch!r} (or 'tiny')"]
-        return check_ref("path", self.path, HEAD_SOURCE) + check_ref(
-            "clip_path", self.clip_path, CLIP_L14_SOURCE
-        )
-
-
-@register_reward("aesthetic", options=AestheticOptions)
-def aesthetic(options: AestheticOptions, *, device: torch.device, dtype: torch.dtype) -> Reward:
-    """LAION aesthetic predictor v2 on CLIP ViT-L/14: how beautiful the image looks (learned)."""
+def aesthetic(options: AestheticTerm, *, device: torch.device, dtype: torch.dtype) -> Reward:
     tiny = options.arch == TINY
     clip_file = None if tiny else resolve_file("clip_path", options.clip_path, CLIP_L14_SOURCE)
     encoder = load_open_clip(
@@ -96,7 +68,7 @@ def aesthetic(options: AestheticOptions, *, device: torch.device, dtype: torch.d
     return AestheticReward(encoder, head.to(device).requires_grad_(False).eval())
 
 
-def _load_head(options: AestheticOptions, input_size: int) -> AestheticHead:
+def _load_head(options: AestheticTerm, input_size: int) -> AestheticHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         head = AestheticHead(input_size)

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
+
+
+class RewardOutput(NamedTuple):
+    total: Tensor  # (B,) weighted objective to MAXIMIZE (the training loss is -total.mean())
+    terms: dict[str, Tensor]  # raw per-term reward values (B,), before weighting and objective
+
+
+class RewardModel(Protocol):
+    """What training and evaluation need of a reward (a `RewardMixture` is one)."""
+
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> RewardOutput:
+        """Images in [0, 1], (B, 3, H, W), and one prompt per image -> the objective and each term (B,)."""
+
+    def image_features(self, images: Tensor) -> Tensor | None:
+        """Unit-norm embeddings (B, D) for the diversity metrics, or None (pixels are used instead)."""
 
 
 class Reward(nn.Module):

@@ -11,7 +11,6 @@ validating a config must not pay for that.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -23,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignprop_ray.compat import open_clip_register_config
+from alignprop_ray.presets import TINY
 from alignprop_ray.rewards.preprocess import ClipPreprocess, ResizeMode
-from alignprop_ray.rewards.registry import TINY
 from alignprop_ray.rewards.weights import WeightsError, load_state_dict, load_strict
 
 # Registered with open_clip at runtime. embed_dim is 768 like ViT-L/14, so the aesthetic head keeps
@@ -144,23 +144,9 @@ def _pooled(out: object) -> Tensor:
     return out if isinstance(out, Tensor) else out.pooler_output  # type: ignore[attr-defined]
 
 
-def open_clip_arch_exists(arch: str) -> bool:
-    """Whether open_clip ships a config for ``arch``, checked on disk without importing open_clip."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    return (Path(next(iter(spec.submodule_search_locations))) / "model_configs" / f"{arch}.json").is_file()
-
-
 def register_tiny_open_clip() -> str:
-    """Add the tiny config to open_clip's model registry (idempotent); returns its name.
-
-    ``open_clip.add_model_config`` only takes JSON files on disk, so the dict goes into the registry it
-    fills, ``open_clip.factory._MODEL_CONFIGS``.
-    """
-    import open_clip.factory
-
-    open_clip.factory._MODEL_CONFIGS.setdefault(TINY_OPEN_CLIP, _TINY_OPEN_CLIP_CFG)
+    """Add the tiny config to open_clip's model registry (idempotent); returns its name."""
+    open_clip_register_config(TINY_OPEN_CLIP, _TINY_OPEN_CLIP_CFG)
     return TINY_OPEN_CLIP
 
 

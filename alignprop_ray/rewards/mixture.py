@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from alignprop_ray.errors import UserError
-from alignprop_ray.rewards.base import Reward
+from alignprop_ray.rewards.base import Reward, RewardOutput
+from alignprop_ray.rewards.options import RewardTerm
 from alignprop_ray.rewards.registry import get_entry
-from alignprop_ray.rewards.spec import TermSpec, parse_reward_spec
+from alignprop_ray.rewards.spec import parse_reward_spec
 from alignprop_ray.rewards.weights import WeightsError
-
-
-class RewardOutput(NamedTuple):
-    total: Tensor  # (B,) weighted objective to MAXIMIZE (the training loss is -total.mean())
-    terms: dict[str, Tensor]  # raw per-term reward values (B,), before weighting and objective
 
 
 class RewardMixture(nn.Module):
@@ -27,20 +23,20 @@ class RewardMixture(nn.Module):
     without autograd; the total is differentiable w.r.t. the images when every weighted term is.
     """
 
-    def __init__(self, specs: Sequence[TermSpec], rewards: dict[str, Reward]):
+    def __init__(self, terms: Mapping[str, RewardTerm], rewards: dict[str, Reward]):
         super().__init__()
-        self.specs = list(specs)
+        self.terms = dict(terms)
         self.rewards = nn.ModuleDict(rewards)
         self.requires_grad_(False)
         self.train(False)
 
     @property
     def term_names(self) -> list[str]:
-        return [s.name for s in self.specs]
+        return list(self.terms)
 
     @property
     def differentiable(self) -> bool:
-        return all(self.rewards[s.name].differentiable for s in self.specs if s.weight != 0)
+        return all(self.rewards[name].differentiable for name, t in self.terms.items() if t.weight != 0)
 
     def train(self, mode: bool = True) -> RewardMixture:
         """Reward models stay in eval mode (dropout off) whatever the caller's mode."""
@@ -53,10 +49,10 @@ class RewardMixture(nn.Module):
             )
         total = torch.zeros(images.shape[0], device=images.device, dtype=torch.float32)
         terms: dict[str, Tensor] = {}
-        for spec in self.specs:
-            value = self._term(spec.name, images, prompts).to(images.device)
-            terms[spec.name] = value
-            total = total + spec.weight * objective(spec, value)
+        for name, term in self.terms.items():
+            value = self._term(name, images, prompts).to(images.device)
+            terms[name] = value
+            total = total + term.weight * objective(term, value)
         return RewardOutput(total, terms)
 
     def _term(self, name: str, images: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -76,12 +72,9 @@ class RewardMixture(nn.Module):
         return None
 
 
-def objective(spec: TermSpec, value: Tensor) -> Tensor:
+def objective(term: RewardTerm, value: Tensor) -> Tensor:
     """The quantity a term maximizes: ``r``, or ``-|target - r|`` (the paper's aesthetic objective)."""
-    if spec.objective == "target":
-        assert spec.target is not None
-        return -(spec.target - value).abs()
-    return value
+    return -(term.target - value).abs() if term.mode == "target" else value
 
 
 def build_reward(
@@ -96,11 +89,21 @@ def build_reward(
         raise UserError("; ".join(problems))
     device = torch.device(device)
     rewards: dict[str, Reward] = {}
-    for term in terms:
-        entry = get_entry(term.name)
-        assert entry is not None
-        try:
-            rewards[term.name] = entry.factory(term.options, device=device, dtype=dtype)
-        except WeightsError as err:
-            raise UserError(f"reward.{term.name}.{err.option}: {err.message}") from err
+    for name, term in terms.items():
+        rewards[name] = _build_term(name, term, device, dtype)
     return RewardMixture(terms, rewards).to(device)
+
+
+def _build_term(name: str, term: RewardTerm, device: torch.device, dtype: torch.dtype) -> Reward:
+    entry = get_entry(name)
+    if entry.plugin:
+        from alignprop_ray.rewards.plugins import PluginError, load_plugin
+
+        try:
+            return load_plugin(entry.factory, term, device=device, dtype=dtype)
+        except PluginError as err:
+            raise UserError(f"reward.{name}: {err}") from None
+    try:
+        return entry.load_factory()(term, device=device, dtype=dtype)
+    except WeightsError as err:
+        raise UserError(f"reward.{name}.{err.option}: {err.message}") from err

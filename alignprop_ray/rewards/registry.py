@@ -1,115 +1,121 @@
-"""Rewards by name: each is a factory with one typed signature, plus its typed options.
+"""Every reward by name: the built-ins, readable without torch, and plugins.
 
-A factory is ``factory(options, *, device, dtype) -> Reward``; ``options`` is an instance of the reward's
-``RewardOptions`` dataclass, whose fields are the YAML keys that may sit next to ``weight`` in the spec
-(``{aesthetic: {weight: 1.0, path: ...}}``). ``RewardOptions.check`` finds problems such as missing weight
-files without loading anything, so ``alignprop-ray validate`` stays cheap.
+A built-in entry names its factory by import path (``module:function``), so validating a config imports
+neither torch nor any model library: the factory's module is imported when the reward is built. A factory
+is ``factory(term, *, device, dtype) -> Reward``, where ``term`` is the validated term of the reward's
+options model (alignprop_ray/rewards/options.py): its ``weight``/``objective``/``target`` and its own
+options, e.g. ``{aesthetic: {weight: 1.0, path: ...}}``.
+
+A plugin is a user's reward outside this package (alignprop_ray/rewards/plugins.py has its contract): a
+config names it by import path (``reward: {my_pkg.rewards:sharpness: 1.0}``), or by the name an installed
+package registers in the ``alignprop_ray.rewards`` entry-point group.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
-from collections.abc import Callable, Mapping
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
-import torch
-
-from alignprop_ray.rewards.base import Reward
-
-TINY = "tiny"  # the `arch` value that selects a seeded random-init miniature of a learned reward
-
-
-@dataclass(frozen=True)
-class RewardOptions:
-    """Options of a reward that takes none. Subclasses add typed fields with defaults."""
-
-    def check(self) -> list[str]:
-        """Problems found without loading weights, each ``"<option>: <message>"``."""
-        return []
-
-
-class RewardFactory(Protocol):
-    def __call__(self, options: Any, *, device: torch.device, dtype: torch.dtype) -> Reward: ...
+from alignprop_ray.rewards import options as opt
 
 
 @dataclass(frozen=True)
 class RewardEntry:
     name: str
-    factory: RewardFactory
-    options: type[RewardOptions]
-    differentiable: bool
-    summary: str  # first line of the factory's docstring: what the reward rewards
+    factory: str  # "module:function"
+    summary: str  # what the reward rewards, in one line (shown in docs/rewards.md and errors)
+    options: type[opt.RewardTerm] = opt.RewardTerm
+    differentiable: bool = True  # only differentiable rewards can be training objectives
+    plugin: bool = False  # checked by calling it (plugins.check_plugin), which imports torch
+
+    def load_factory(self) -> Callable:
+        module, _, function = self.factory.partition(":")
+        return getattr(importlib.import_module(module), function)
 
 
-_REGISTRY: dict[str, RewardEntry] = {}
+_SIMPLE, _CLIP = "alignprop_ray.rewards.simple", "alignprop_ray.rewards.clip_rewards"
+_ENTRIES = [
+    RewardEntry(
+        "saturation",
+        f"{_SIMPLE}:saturation",
+        "Mean chroma: vivid, saturated colors (offline, differentiable).",
+    ),
+    RewardEntry(
+        "contrast",
+        f"{_SIMPLE}:contrast",
+        "Standard deviation of luma: global contrast (offline, differentiable).",
+    ),
+    RewardEntry(
+        "sharpness",
+        f"{_SIMPLE}:sharpness",
+        "Mean absolute Laplacian of luma: edge energy (offline, differentiable; noise also scores).",
+    ),
+    RewardEntry(
+        "compressibility",
+        f"{_SIMPLE}:compressibility",
+        "Minus estimated JPEG bits per DCT coefficient: small files (offline, differentiable surrogate).",
+    ),
+    RewardEntry(
+        "jpeg_compressibility",
+        f"{_SIMPLE}:jpeg_compressibility",
+        "Minus true JPEG size in kB at quality 95 (offline, NOT differentiable: eval metric only).",
+        differentiable=False,
+    ),
+    RewardEntry(
+        "hue",
+        "alignprop_ray.rewards.colour:hue",
+        "Mean chroma toward a target hue (option `colour`): the whole image shifts to it (offline, differentiable).",
+        opt.HueTerm,
+    ),
+    RewardEntry(
+        "aesthetic",
+        "alignprop_ray.rewards.aesthetic:aesthetic",
+        "LAION aesthetic predictor v2 on CLIP ViT-L/14: how beautiful the image looks (learned).",
+        opt.AestheticTerm,
+    ),
+    RewardEntry(
+        "hpsv2",
+        f"{_CLIP}:hpsv2",
+        "HPS v2 / v2.1 human preference score: how much people would prefer the image for its prompt (learned).",
+        opt.HpsTerm,
+    ),
+    RewardEntry(
+        "clip_score",
+        f"{_CLIP}:clip_score",
+        "Cosine of CLIP image and prompt embeddings: text-image alignment with any open_clip model (learned).",
+        opt.OpenClipTerm,
+    ),
+    RewardEntry(
+        "pickscore",
+        f"{_CLIP}:pickscore",
+        "PickScore: Pick-a-Pic human preference for the image given its prompt, logit-scaled (learned).",
+        opt.PickScoreTerm,
+    ),
+]
+_REGISTRY = {entry.name: entry for entry in _ENTRIES}
 
 
-def register_reward(
-    name: str, *, options: type[RewardOptions] = RewardOptions, differentiable: bool = True
-) -> Callable[[RewardFactory], RewardFactory]:
-    """Decorator adding a factory to the registry under ``name``."""
-
-    def add(factory: RewardFactory) -> RewardFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} is already registered")
-        summary = (factory.__doc__ or name).strip().splitlines()[0]
-        _REGISTRY[name] = RewardEntry(name, factory, options, differentiable, summary)
-        return factory
-
-    return add
+ENTRY_POINT_GROUP = "alignprop_ray.rewards"
 
 
 def available_rewards() -> list[str]:
-    """Registered reward names, sorted."""
-    return sorted(_REGISTRY)
+    """Built-in reward names and those of installed plugin packages, sorted."""
+    return sorted({*_REGISTRY, *_entry_points()})
 
 
 def get_entry(name: str) -> RewardEntry | None:
-    return _REGISTRY.get(name)
-
-
-def option_names(cls: type[RewardOptions]) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def parse_options(cls: type[RewardOptions], raw: Mapping[str, Any]) -> tuple[RewardOptions | None, list[str]]:
-    """Typed options from a YAML mapping; problems are ``"<option>: <message>"`` lines."""
-    hints = typing.get_type_hints(cls)
-    known = option_names(cls)
-    values: dict[str, Any] = {}
-    problems: list[str] = []
-    for key, value in raw.items():
-        if key not in known:
-            valid = ", ".join(["weight", "objective", "target", *known])
-            problems.append(f"{key}: unknown option (valid: {valid})")
-            continue
-        try:
-            values[key] = _coerce(value, hints[key])
-        except TypeError as err:
-            problems.append(f"{key}: {err}")
-    if problems:
-        return None, problems
-    options = cls(**values)
-    return options, options.check()
-
-
-def _coerce(value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a simple annotation (str, int, float, bool, X | None)."""
-    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    if value is None and type(None) in allowed:
+    """The built-in reward `name`, else the plugin at import path `name` (``module:attr``), else the
+    plugin an installed package registers as `name`; None if there is none."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    target = name if ":" in name else _entry_points().get(name)
+    if target is None:
         return None
-    if isinstance(value, bool):  # YAML `yes` is a bool, never a number or a path
-        if bool in allowed:
-            return value
-    elif int in allowed and isinstance(value, int):
-        return value
-    elif float in allowed and isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    elif str in allowed and isinstance(value, str):
-        return value
-    names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
-    raise TypeError(f"expected {names}, got {value!r}")
+    return RewardEntry(name, target, f"plugin {target}", opt.PluginTerm, plugin=True)
+
+
+def _entry_points() -> dict[str, str]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from alignprop_ray.rewards.base import Reward, luma
-from alignprop_ray.rewards.registry import RewardOptions, register_reward
+from alignprop_ray.rewards.options import RewardTerm
 
 JPEG_QUALITY = 95  # DDPO's JPEG-size reward uses quality 95; the surrogate uses the same tables
 
@@ -154,31 +154,22 @@ def _ac_bits(channels: Tensor, q: Tensor) -> Tensor:
     return bits.mean(dim=tuple(range(1, bits.ndim)))
 
 
-@register_reward("saturation")
-def saturation(options: RewardOptions, *, device: torch.device, dtype: torch.dtype) -> Reward:
-    """Mean chroma: vivid, saturated colors (offline, differentiable)."""
+# The factories, by the names alignprop_ray/rewards/registry.py gives them.
+def saturation(term: RewardTerm, *, device: torch.device, dtype: torch.dtype) -> Reward:
     return Saturation()
 
 
-@register_reward("contrast")
-def contrast(options: RewardOptions, *, device: torch.device, dtype: torch.dtype) -> Reward:
-    """Standard deviation of luma: global contrast (offline, differentiable)."""
+def contrast(term: RewardTerm, *, device: torch.device, dtype: torch.dtype) -> Reward:
     return Contrast()
 
 
-@register_reward("sharpness")
-def sharpness(options: RewardOptions, *, device: torch.device, dtype: torch.dtype) -> Reward:
-    """Mean absolute Laplacian of luma: edge energy (offline, differentiable; noise also scores)."""
+def sharpness(term: RewardTerm, *, device: torch.device, dtype: torch.dtype) -> Reward:
     return Sharpness()
 
 
-@register_reward("compressibility")
-def compressibility(options: RewardOptions, *, device: torch.device, dtype: torch.dtype) -> Reward:
-    """Minus estimated JPEG bits per DCT coefficient: small files (offline, differentiable surrogate)."""
+def compressibility(term: RewardTerm, *, device: torch.device, dtype: torch.dtype) -> Reward:
     return CompressibilitySurrogate()
 
 
-@register_reward("jpeg_compressibility", differentiable=False)
-def jpeg_compressibility(options: RewardOptions, *, device: torch.device, dtype: torch.dtype) -> Reward:
-    """Minus true JPEG size in kB at quality 95 (offline, NOT differentiable: eval metric only)."""
+def jpeg_compressibility(term: RewardTerm, *, device: torch.device, dtype: torch.dtype) -> Reward:
     return JpegCompressibility()

@@ -10,55 +10,51 @@ Accepted forms (YAML)::
 
 A term contributes ``weight * r`` (``objective: maximize``, the default) or ``-weight * |target - r|``
 (``objective: target``, the paper's aesthetic objective; implied when ``target`` is given). Weights may be
-negative (penalties). A non-differentiable reward may sit in a training mixture only with weight 0, where
-it is computed and logged but adds nothing to the objective.
+negative (penalties). A non-differentiable reward may sit in the training mixture of a method that
+backpropagates the reward (alignprop, draft, refl) only with weight 0, where it is computed and logged but
+adds nothing to the objective; ddpo needs only reward values and trains on any. Each term is validated by its reward's
+pydantic model (alignprop_ray/rewards/options.py); problems read like the config's, one line each.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from alignprop_ray.rewards.registry import RewardOptions, available_rewards, get_entry, parse_options
+from pydantic import ValidationError
 
-OBJECTIVES = ("maximize", "target")
-
-
-@dataclass(frozen=True)
-class TermSpec:
-    """One validated term of a reward mixture."""
-
-    name: str
-    weight: float
-    objective: str  # "maximize" or "target"
-    target: float | None
-    options: RewardOptions
+from alignprop_ray.problems import format_validation_error
+from alignprop_ray.rewards.options import RewardTerm
+from alignprop_ray.rewards.registry import available_rewards, get_entry
 
 
-def validate_reward_spec(spec: Any, *, for_training: bool = True) -> list[str]:
+def validate_reward_spec(
+    spec: Any, *, for_training: bool = True, gradient_method: str | None = "AlignProp"
+) -> list[str]:
     """All problems with a ``reward:`` spec, one line each, starting with the dotted field name.
 
-    Loads no weights (it checks that weight files exist). ``for_training`` rejects non-differentiable
-    terms with a nonzero weight, since AlignProp needs gradients.
+    Loads no weights (it checks that weight files exist). ``for_training`` with a `gradient_method` (the
+    training method's name, when it backpropagates the reward) rejects non-differentiable terms with a
+    nonzero weight; None: the method needs reward values only (DDPO).
     """
-    return parse_reward_spec(spec, for_training=for_training)[1]
+    return parse_reward_spec(spec, for_training=for_training, gradient_method=gradient_method)[1]
 
 
-def parse_reward_spec(spec: Any, *, for_training: bool = True) -> tuple[list[TermSpec], list[str]]:
-    """(terms, problems); terms are only meaningful when problems is empty."""
+def parse_reward_spec(
+    spec: Any, *, for_training: bool = True, gradient_method: str | None = "AlignProp"
+) -> tuple[dict[str, RewardTerm], list[str]]:
+    """({name: validated term}, problems); the terms are only meaningful when problems is empty."""
     raw, problems = _term_mappings(spec)
-    terms: list[TermSpec] = []
+    terms: dict[str, RewardTerm] = {}
+    needs_gradient = gradient_method if for_training else None
     for name, fields in raw.items():
-        term, term_problems = _parse_term(name, fields, for_training)
+        term, term_problems = _parse_term(name, fields, needs_gradient)
         problems += term_problems
         if term is not None:
-            terms.append(term)
-    valid_names = f"valid: {', '.join(available_rewards())}"
+            terms[name] = term
     if not raw and not problems:
-        problems.append(f"reward: no reward terms ({valid_names})")
-    elif raw and all(fields.get("weight", 1.0) == 0 for fields in raw.values()):
+        problems.append(f"reward: no reward terms (valid: {', '.join(available_rewards())})")
+    elif terms and len(terms) == len(raw) and all(t.weight == 0 for t in terms.values()):
         problems.append("reward: total weight is zero")
     return terms, problems
 
@@ -73,8 +69,8 @@ def _term_mappings(spec: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
         ]
     terms: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
-    for key, value in sorted(spec.items(), key=lambda kv: "." in str(kv[0])):  # plain keys first
-        name, _, field = str(key).partition(".")
+    for key, value in sorted(spec.items(), key=lambda kv: bool(split_key(str(kv[0]))[1])):  # plain first
+        name, field = split_key(str(key))
         fields = terms.setdefault(name, {})
         if field:
             fields[field] = value
@@ -89,43 +85,38 @@ def _term_mappings(spec: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
     return terms, problems
 
 
-def _parse_term(name: str, fields: dict[str, Any], for_training: bool) -> tuple[TermSpec | None, list[str]]:
+def split_key(key: str) -> tuple[str, str]:
+    """`aesthetic.weight` -> (aesthetic, weight); a plugin's import path keeps its dots:
+    `my_pkg.rewards:hue.weight` -> (my_pkg.rewards:hue, weight)."""
+    if ":" in key:
+        module, _, rest = key.partition(":")
+        attr, _, field = rest.partition(".")
+        return f"{module}:{attr}", field
+    name, _, field = key.partition(".")
+    return name, field
+
+
+def _parse_term(
+    name: str, fields: dict[str, Any], gradient_method: str | None
+) -> tuple[RewardTerm | None, list[str]]:
     entry = get_entry(name)
     if entry is None:
         return None, [f"reward.{name}: unknown reward (valid: {', '.join(available_rewards())})"]
-    fields = dict(fields)
-    weight, problems = _number(name, "weight", fields.pop("weight", 1.0))
-    objective, target, objective_problems = _objective(name, fields)
-    problems += objective_problems
-    options, option_problems = parse_options(entry.options, fields)
-    problems += [f"reward.{name}.{p}" for p in option_problems]
-    if for_training and not entry.differentiable and weight not in (None, 0):
+    try:
+        term = entry.options.model_validate(fields)
+    except ValidationError as err:
+        return None, format_validation_error(err, (), entry.options, label=("reward", name))
+    problems = [f"reward.{name}.{problem}" for problem in term.check()]
+    differentiable = entry.differentiable
+    if entry.plugin and not problems:  # a plugin is checked by calling it: this imports torch
+        from alignprop_ray.rewards.plugins import probe_plugin
+
+        problem, differentiable = probe_plugin(entry.factory, term)
+        problems += [f"reward.{name}: {problem}"] if problem else []
+    if gradient_method and not differentiable and term.weight != 0 and not problems:
+        article = "an" if gradient_method[0] in "AEIOU" else "a"
         problems.append(
-            f"reward.{name}: not differentiable, cannot be an AlignProp training objective (use it as an eval metric)"
+            f"reward.{name}: not differentiable, cannot be {article} {gradient_method} training objective "
+            "(use it as an eval metric); method ddpo trains on any reward"
         )
-    if problems or options is None or weight is None:
-        return None, problems
-    return TermSpec(name, weight, objective, target, options), []
-
-
-def _objective(name: str, fields: dict[str, Any]) -> tuple[str, float | None, list[str]]:
-    """Pop ``objective`` and ``target``; giving a target implies ``objective: target``."""
-    objective = fields.pop("objective", "target" if "target" in fields else "maximize")
-    target, problems = _number(name, "target", fields.pop("target", None), optional=True)
-    if objective not in OBJECTIVES:
-        problems.append(
-            f"reward.{name}.objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}"
-        )
-    elif objective == "maximize" and target is not None:
-        problems.append(f"reward.{name}.target: only used with objective: target")
-    elif objective == "target" and target is None and not problems:
-        problems.append(f"reward.{name}.target: required with objective: target")
-    return objective, target, problems
-
-
-def _number(name: str, field: str, value: Any, *, optional: bool = False) -> tuple[float | None, list[str]]:
-    if value is None and optional:
-        return None, []
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value), []
-    return None, [f"reward.{name}.{field}: expected a finite number, got {value!r}"]
+    return (None, problems) if problems else (term, [])

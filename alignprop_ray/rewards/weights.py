@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from alignprop_ray.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where weights are loaded: checking a reference needs none of it
+    import torch
 
 HUB_PREFIX = "hf://"
 
@@ -114,6 +116,8 @@ def load_state_dict(option: str, path: Path) -> dict[str, torch.Tensor]:
 
     ``torch.load`` runs with ``weights_only=True``: files that need arbitrary classes are refused.
     """
+    import torch
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

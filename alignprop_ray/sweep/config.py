@@ -26,14 +26,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from alignprop_ray.config import ExperimentConfig, parse_experiment, read_yaml
 from alignprop_ray.config.overrides import collect_overrides, parse_value
-from alignprop_ray.config.problems import format_validation_error
 from alignprop_ray.errors import ConfigError, UserError
 from alignprop_ray.metrics import EVAL_METRICS, TERM_PREFIXES, TRAIN_METRICS
+from alignprop_ray.problems import format_validation_error
+from alignprop_ray.rewards.spec import split_key
 from alignprop_ray.sweep.space import Domain, apply_point, parse_space
 
 SWEEP_KEYS = ("name", "base", "space", "tune", "stop")
+MARKERS = ("tune", "space")  # top-level keys that mark a sweep file rather than an experiment
 MAX_COMBINATIONS = 64  # grid/choice combinations checked one by one; beyond, each field is checked alone
 Mode = Literal["max", "min"]
+
+
+def is_sweep(data: dict) -> bool:
+    """True for a sweep file (top-level `tune:` or `space:`), False for an experiment file."""
+    return any(key in data for key in MARKERS)
 
 
 class _Section(BaseModel):
@@ -71,7 +78,8 @@ class TuneSettings(_Section):
     max_concurrent_trials: int | None = Field(
         None,
         ge=1,
-        description="trials at once; default: what the cluster's resources allow for one trial's workers",
+        description="trials at once; default: every trial, as many as the largest cluster the autoscaler "
+        "may build holds (docs/clusters.md)",
     )
     # The trial only drives a TorchTrainer (its workers hold the CPUs/GPUs): by default it asks for no CPU
     # (plus a token of memory, since Tune needs a non-empty request), so 2 CPUs serve 2 one-CPU workers.
@@ -349,8 +357,8 @@ def _pin_paths(base: dict, reference: ExperimentConfig) -> dict:
 
 def known_metrics(reference: ExperimentConfig | None, base: dict | None, domains: list[Domain]) -> set[str]:
     terms = set(reference.reward) if reference is not None else set((base or {}).get("reward") or {})
-    terms |= {d.field.split(".")[1] for d in domains if d.field.startswith("reward.") and "." in d.field}
-    terms = {t.split(".")[0] for t in terms}
+    terms |= {d.field.removeprefix("reward.") for d in domains if d.field.startswith("reward.")}
+    terms = {split_key(t)[0] for t in terms}
     return {*TRAIN_METRICS, *EVAL_METRICS, *(p + t for p in TERM_PREFIXES for t in terms)}
 
 

@@ -13,66 +13,86 @@ from __future__ import annotations
 import argparse
 import contextlib
 import posixpath
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from alignprop_ray.errors import UserError
+from alignprop_ray.sweep import capacity
+from alignprop_ray.sweep.console import print_outcome, tune_console
+from alignprop_ray.sweep.summary import SweepOutcome
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 2**20}  # Tune needs a non-empty request; the workers hold the CPUs
 TRAIN_RUNS = "train_runs"
 
 
-@dataclass
-class SweepOutcome:
-    name: str
-    parent_run_id: str
-    tracking_uri: str
-    experiment_path: str
-    rows: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    pareto: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def interrupted(self) -> bool:
-        return any(r["status"] in ("pending", "running", "paused") for r in self.rows)
-
-    @property
-    def exit_code(self) -> int:
-        if self.interrupted:
-            return 130
-        return 1 if any(r["status"] == "error" for r in self.rows) else 0
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     from alignprop_ray.sweep.config import load_sweep
 
+    ui_url = _ui_url(args)
+    if args.register:
+        from alignprop_ray.registry import check_model_name
+
+        check_model_name(args.register)
     sweep = load_sweep(args.config, args.overrides)
-    outcome = run_sweep(sweep, resume=args.resume)
-    print_outcome(outcome, sweep, resume_command=f"alignprop-ray sweep {args.config} --resume")
-    return outcome.exit_code
+    with tune_console(verbose=args.verbose):
+        outcome = run_sweep(sweep, resume=args.resume)
+    resume = f"alignprop-ray sweep {args.config} --resume"
+    print_outcome(outcome, sweep, resume_command=resume, ui_url=ui_url)
+    return _register_best(outcome, args.register) if args.register else outcome.exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The smoke sweep on the tiny model, everything written under --workdir; rerunning resumes it."""
+    """sweeps/demo.yaml (AlignProp on the toy-shapes model), then its report, everything written under
+    --workdir; rerunning resumes the sweep."""
+    from alignprop_ray.report import write_report
     from alignprop_ray.sweep.config import load_sweep
 
     workdir = Path(args.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    sweep = load_sweep(smoke_file(), [f"tracking.uri={uri}", f"storage.path={workdir / 'runs'}"])
-    outcome = run_sweep(sweep, resume=can_resume(sweep))
-    print_outcome(outcome, sweep, resume_command=f"alignprop-ray demo --workdir {args.workdir}")
+    ui_url = _ui_url(args)
+    overrides = [f"base.tracking.uri={uri}", f"base.storage.path={workdir / 'runs'}"]
+    sweep = load_sweep(shipped_sweep("demo.yaml"), overrides)
+    with tune_console(verbose=args.verbose):
+        outcome = run_sweep(sweep, resume=can_resume(sweep))
+    resume = f"alignprop-ray demo --workdir {args.workdir}"
+    print_outcome(outcome, sweep, resume_command=resume, ui_url=ui_url)
     print(f"MLflow store: {workdir / 'mlflow.db'} (artifacts: {workdir / 'mlartifacts'})")
+    if not outcome.interrupted:
+        write_report(uri, sweep.reference.tracking.experiment, workdir / "report")
+        print(
+            f"report (first and last eval images of each trial, curves): {workdir / 'report' / 'index.html'}"
+        )
     return outcome.exit_code
 
 
-def smoke_file() -> Path:
+def _ui_url(args: argparse.Namespace) -> str | None:
+    from alignprop_ray.sweep.tracking import check_ui_url
+
+    return check_ui_url(args.ui_url) if args.ui_url else None
+
+
+def _register_best(outcome: SweepOutcome, name: str) -> int:
+    """`sweep --register NAME`: the best trial's adapter as a new version of model NAME."""
+    from alignprop_ray.registry import register
+
+    best = outcome.best
+    if outcome.interrupted or not best or not best.get("run_id"):
+        why = "the sweep was interrupted" if outcome.interrupted else "no trial has a result to rank"
+        print(f"\nnot registered as {name!r}: {why}", file=sys.stderr)
+        return outcome.exit_code or 1
+    print()
+    register(outcome.tracking_uri, best["run_id"], name)
+    return outcome.exit_code
+
+
+def shipped_sweep(name: str) -> Path:
+    """sweeps/NAME of the clone this package runs from (or of the cwd)."""
     for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        if (root / "sweeps" / "smoke.yaml").is_file():
-            return root / "sweeps" / "smoke.yaml"
-    raise UserError("sweeps/smoke.yaml not found: run the demo from a clone of the repository")
+        if (root / "sweeps" / name).is_file():
+            return root / "sweeps" / name
+    raise UserError(f"sweeps/{name} not found: run the demo from a clone of the repository")
 
 
 def experiment_path(sweep) -> str:
@@ -95,10 +115,10 @@ def run_sweep(sweep, *, resume: bool = False, say: Callable[[str], None] = print
     path = experiment_path(sweep)
     _check_state(sweep, path, uri, experiment, resume)
     connect_ray()
-    concurrency = sweep.config.tune.max_concurrent_trials or _capacity(sweep, say)
+    concurrency, why = capacity.concurrency(sweep, say)
     tracking.ensure_experiment(uri, experiment)  # before any server: pins the artifact folder
     parent_id, _ = sweep_tracking.start_parent(uri, experiment, sweep, _sweep_yaml(sweep))
-    say(_header(sweep, path, uri, parent_id, concurrency, resume))
+    say(_header(sweep, path, uri, parent_id, concurrency, why, resume))
     try:
         with _trial_tracking_uri(uri, concurrency, path) as trial_uri:
             _fit(sweep, path, parent_id, trial_uri, concurrency, resume)
@@ -150,42 +170,6 @@ def _check_same_search(sweep, uri: str, experiment: str) -> None:
         )
 
 
-def _capacity(sweep, say: Callable[[str], None]) -> int:
-    """How many trials the cluster can run at once: its resources over one trial's workers' needs."""
-    import ray
-
-    need = trial_resources(sweep)
-    total = ray.cluster_resources()
-    fits = [int(total.get(key, 0) // amount) for key, amount in need.items() if amount > 0]
-    capacity = min(fits) if fits else 1
-    if capacity < 1:
-        say(
-            f"note: the cluster has {_fmt(total, need)} now, one trial needs {need}: trials wait for "
-            "resources (an autoscaler may add them); set tune.max_concurrent_trials to plan for more"
-        )
-        return 1
-    return capacity
-
-
-def trial_resources(sweep) -> dict[str, float]:
-    """Resources of one trial's Train workers (the most workers any searched value asks for)."""
-    scaling = sweep.reference.scaling
-    workers = max(
-        [
-            scaling.num_workers,
-            *(int(v) for d in sweep.domains if d.field == "scaling.num_workers" for v in d.candidates()),
-        ]
-    )
-    per_worker = dict(scaling.resources_per_worker or {"CPU": 1.0})
-    if scaling.use_gpu:
-        per_worker.setdefault("GPU", 1.0)
-    return {key: amount * workers for key, amount in per_worker.items()}
-
-
-def _fmt(total: dict, need: dict) -> str:
-    return ", ".join(f"{key}: {total.get(key, 0):g}" for key in need) or "no resources"
-
-
 def _sweep_yaml(sweep) -> str:
     import yaml
 
@@ -194,15 +178,16 @@ def _sweep_yaml(sweep) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def _header(sweep, path: str, uri: str, parent_id: str, concurrency: int, resume: bool) -> str:
+def _header(sweep, path: str, uri: str, parent_id: str, concurrency: int, why: str, resume: bool) -> str:
     tune = sweep.config.tune
     count = sweep.trial_count()
     space = "; ".join(f"{d.field} {d.describe()}" for d in sweep.domains)
     return "\n".join(
         [
             f"# sweep {sweep.name}{' (resumed)' if resume else ''}: {count} trials ({tune.algorithm}"
-            f"{', ' + tune.scheduler if tune.scheduler != 'none' else ''}), up to {concurrency} at a time; "
-            f"each trial: {trial_resources(sweep)}",
+            f"{', ' + tune.scheduler if tune.scheduler != 'none' else ''}), up to {concurrency} at a time "
+            f"({why}); "
+            f"each trial: {capacity.trial_resources(sweep)}",
             f"#   space: {space}",
             f"#   objective: {', '.join(f'{m} ({o})' for m, o in zip(tune.metrics, tune.modes, strict=True))}",
             f"#   MLflow: parent run {parent_id}, experiment {sweep.reference.tracking.experiment!r}, {uri}",
@@ -327,6 +312,7 @@ def _run_config(sweep):
 def _finish(sweep, path: str, uri: str, experiment: str, parent_id: str) -> SweepOutcome:
     from ray.tune import ExperimentAnalysis
 
+    from alignprop_ray import tracking
     from alignprop_ray.sweep import summary
     from alignprop_ray.sweep.tracking import finish_parent
 
@@ -335,16 +321,17 @@ def _finish(sweep, path: str, uri: str, experiment: str, parent_id: str) -> Swee
     settings = sweep.config.tune
     best = summary.best_row(rows, *settings.best_metric)
     pareto = summary.pareto_front(rows, settings.metrics, settings.modes) if settings.objectives else []
-    outcome = SweepOutcome(sweep.name, parent_id, uri, path, rows, best, pareto)
+    experiment_id = tracking.client(uri).get_experiment_by_name(experiment).experiment_id
+    outcome = SweepOutcome(sweep.name, parent_id, uri, path, rows, best, pareto, experiment_id)
     status = "KILLED" if outcome.interrupted else ("FAILED" if outcome.exit_code else "FINISHED")
-    finish_parent(uri, parent_id, rows, best, pareto, status)
+    finish_parent(uri, parent_id, rows, best, pareto, status, [d.field for d in sweep.domains])
     return outcome
 
 
 def _child_runs(uri: str, experiment: str, parent_id: str) -> dict[str, str]:
     """Trial id -> MLflow run id of the sweep's child runs."""
     from alignprop_ray import tracking
-    from alignprop_ray.sweep.tracking import TRIAL_TAG
+    from alignprop_ray.tracking import TRIAL_TAG
 
     client = tracking.client(uri)
     found = client.get_experiment_by_name(experiment)
@@ -352,26 +339,3 @@ def _child_runs(uri: str, experiment: str, parent_id: str) -> dict[str, str]:
         [found.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{parent_id}'", max_results=10_000
     )
     return {run.data.tags[TRIAL_TAG]: run.info.run_id for run in runs if TRIAL_TAG in run.data.tags}
-
-
-def print_outcome(outcome: SweepOutcome, sweep, resume_command: str) -> None:
-    from alignprop_ray.sweep.summary import format_table
-
-    print("\n" + format_table(outcome.rows, sweep))
-    metric, _ = sweep.config.tune.best_metric
-    if outcome.pareto:
-        names = ", ".join(r["trial"] for r in outcome.pareto)
-        print(f"\nPareto front ({', '.join(sweep.config.tune.metrics)}): {names}")
-    if outcome.best:
-        best = outcome.best
-        value = best.get(metric)
-        print(f"\nbest trial: {best['trial']} ({metric} {'-' if value is None else f'{value:.4g}'})")
-        print(f"best adapter: {best['adapter'] or '(no checkpoint)'}")
-        if best.get("run_id"):
-            print(f"  also in MLflow: runs:/{best['run_id']}/adapter")
-    if outcome.interrupted:
-        print(f"\ninterrupted: continue with `{resume_command}`")
-    print(
-        f"\nMLflow: parent run {outcome.parent_run_id}; compare trials with "
-        f"`mlflow ui --backend-store-uri {outcome.tracking_uri}`"
-    )

@@ -22,7 +22,7 @@ from typing import Any
 
 from alignprop_ray.config import ExperimentConfig
 from alignprop_ray.config.overrides import check_field_path
-from alignprop_ray.config.problems import section_model
+from alignprop_ray.problems import section_model
 
 LISTS = ("choice", "grid")  # a list of values
 RANGES = ("loguniform", "uniform", "randint")  # [lo, hi)

@@ -8,6 +8,7 @@ ran to completion: a trial stopped for collapse may score high precisely because
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,30 @@ from alignprop_ray.sweep.stoppers import STOP_REASON, TOTAL_STEPS, early_stop_re
 
 CHECKPOINT_PATH = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY
 DIVERSITY = "eval/diversity"
+
+
+@dataclass
+class SweepOutcome:
+    """A finished (or interrupted) sweep: its trials' rows, the best one and the Pareto front."""
+
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment_path: str
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+    experiment_id: str | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return any(r["status"] in ("pending", "running", "paused") for r in self.rows)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if any(r["status"] == "error" for r in self.rows) else 0
 
 
 def trial_rows(trials: list, sweep, run_ids: dict[str, str]) -> list[dict[str, Any]]:

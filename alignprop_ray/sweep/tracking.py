@@ -17,11 +17,7 @@ from ray.tune import Callback
 from alignprop_ray import tracking
 from alignprop_ray.sweep.stoppers import STOP_REASON, TOTAL_STEPS, early_stop_reason, is_final
 from alignprop_ray.sweep.summary import error_line
-
-KIND_TAG = "alignprop.kind"  # "sweep" on parent runs
-SWEEP_TAG = "alignprop.sweep"
-TRIAL_TAG = "alignprop.trial_id"
-STOP_TAG = "alignprop.stop_reason"
+from alignprop_ray.tracking import BEST_RUN_TAG, BEST_TRIAL_TAG, KIND_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
 
 
 def child_name(sweep: str, trial_id: str) -> str:
@@ -39,13 +35,11 @@ def find_parent(uri: str, experiment: str, sweep: str) -> str | None:
 def parent_params(sweep) -> dict[str, str]:
     """The search as MLflow params of the parent run: each space entry, the Tune settings, and every
     base setting the space leaves alone (`base.<field>`; machine-local ones such as tracking. excepted)."""
-    from alignprop_ray.train.launch import IGNORED_ON_RESUME
-
     params = {f"space.{d.field}": d.describe() for d in sweep.domains}
     searched = tuple(d.field for d in sweep.domains)
     for key, value in sweep.reference.flat_params().items():
         overlaps = any(key == f or key.startswith(f"{f}.") or f.startswith(f"{key}.") for f in searched)
-        if not (overlaps or key.startswith(IGNORED_ON_RESUME)):
+        if not (overlaps or key.startswith(tracking.IGNORED_ON_RESUME)):
             params[f"base.{key}"] = value
     tune = sweep.config.tune
     params.update(
@@ -81,21 +75,57 @@ def start_parent(uri: str, experiment: str, sweep, sweep_yaml: str) -> tuple[str
 
 
 def finish_parent(
-    uri: str, run_id: str, rows: list[dict], best: dict | None, pareto: list[dict], status: str
+    uri: str,
+    run_id: str,
+    rows: list[dict],
+    best: dict | None,
+    pareto: list[dict],
+    status: str,
+    searched: list[str],
 ) -> None:
-    """The summary table (CSV) and Pareto front as artifacts, the best trial as tags and metrics."""
+    """The summary table (CSV) and Pareto front as artifacts, the best trial as tags; and once the sweep has
+    FINISHED, the best trial's searched params and final metrics under the trials' own names.
+
+    So in the MLflow runs table the sweep's row reads as its best trial, in the same columns as the
+    trials. Only a finished sweep's best is final: a resumed sweep may find another, and MLflow never
+    changes a logged param.
+    """
     client = tracking.client(uri)
     client.log_text(run_id, _csv(rows), "trials.csv")
     if pareto:
         client.log_text(run_id, _csv(pareto), "pareto_front.csv")
     if best:
-        client.set_tag(run_id, "alignprop.best_trial", best["trial"])
+        client.set_tag(run_id, BEST_TRIAL_TAG, best["trial"])
         if best.get("run_id"):
-            client.set_tag(run_id, "alignprop.best_run_id", best["run_id"])
-        for key, value in best.items():
-            if key.startswith(("eval/", "train/")) and isinstance(value, float):
-                client.log_metric(run_id, f"best/{key}", value)
+            client.set_tag(run_id, BEST_RUN_TAG, best["run_id"])
+            if status == "FINISHED":
+                carry_run(uri, best["run_id"], run_id, searched)
     tracking.end_run(uri, run_id, status)
+
+
+def carry_run(uri: str, source_id: str, target_id: str, fields: list[str]) -> None:
+    """Log onto run `target_id` the params of run `source_id` that set one of `fields` (a field, or a
+    section's keys below it), and the last value of each of its metrics at the step it was logged.
+
+    Repeating it logs nothing twice (RunLogger's metrics are idempotent; an identical param is accepted).
+    """
+    from alignprop_ray.compat import mlflow_latest_metric_steps
+
+    mlflow_client = tracking.client(uri)
+    source = mlflow_client.get_run(source_id).data
+    params = {
+        key: value
+        for key, value in source.params.items()
+        if any(key == field or key.startswith(f"{field}.") for field in fields)
+    }
+    tracking.log_params(uri, target_id, params)
+    steps = mlflow_latest_metric_steps(mlflow_client, source_id)
+    by_step: dict[int, dict[str, float]] = {}
+    for key, value in source.metrics.items():
+        by_step.setdefault(steps[key], {})[key] = value
+    logger = tracking.RunLogger(uri, target_id)
+    for step, metrics in sorted(by_step.items()):
+        logger.log_metrics(metrics, step)
 
 
 def _csv(rows: list[dict]) -> str:
@@ -107,6 +137,80 @@ def _csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+# --- links into the MLflow UI ------------------------------------------------------------------------
+
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told --host/--port
+
+
+def check_ui_url(url: str) -> str:
+    """`url` without a trailing slash if it can be the address of an MLflow UI; UserError otherwise."""
+    from urllib.parse import urlsplit
+
+    from alignprop_ray.errors import UserError
+
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and parts.hostname and not (parts.query or parts.fragment)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in 0-65535
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(f"--ui-url must look like http://HOST[:PORT][/PATH], got {url!r}")
+    return url.rstrip("/")
+
+
+def ui_base(uri: str, ui_url: str | None) -> str:
+    """The UI the user will open: `ui_url`, else the tracking server itself, else `mlflow ui`'s address."""
+    if ui_url:
+        return ui_url.rstrip("/")
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
+
+
+def ui_command(uri: str, base: str) -> str | None:
+    """The `mlflow ui` command that serves store `uri` at `base` (None: `uri` is a server already)."""
+    import shlex
+    from urllib.parse import urlsplit
+
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    address, default = urlsplit(base), urlsplit(DEFAULT_UI_URL)
+    port = address.port or {"http": 80, "https": 443}[address.scheme]
+    command = f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+    if address.hostname not in (default.hostname, "localhost"):
+        # MLflow's server answers only Host headers of loopback and private addresses unless told others
+        command += f" --host {address.hostname} --allowed-hosts {address.netloc}"
+    if port != default.port:
+        command += f" --port {port}"
+    if address.path.strip("/"):
+        command += f" --static-prefix /{address.path.strip('/')}"
+    return command
+
+
+def runs_table_url(base: str, experiment_id: str, metric: str | None = None, mode: str = "max") -> str:
+    """The experiment's runs table, best `metric` first (MLflow 3's UI opens an experiment on its GenAI
+    view unless the URL asks for model training; sorted by a metric, it lists child runs flat)."""
+    from urllib.parse import quote
+
+    url = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if metric:
+        url += f"&orderByKey={quote(f'metrics.`{metric}`', safe='')}&orderByAsc={str(mode == 'min').lower()}"
+    return url
+
+
+def compare_url(base: str, run_ids: list[str], experiment_ids: list[str]) -> str:
+    """The UI's compare page of `run_ids`: params side by side, parallel coordinates, scatter plots.
+
+    Its route takes JSON lists (`?runs=["a","b"]&experiments=["1"]`), percent-encoded here so that the
+    link survives a terminal's link detection and a copy into a shell.
+    """
+    from urllib.parse import quote
+
+    def as_list(items: list[str]) -> str:
+        return quote(json.dumps(list(items), separators=(",", ":")), safe="")
+
+    return f"{base}/#/compare-runs?runs={as_list(run_ids)}&experiments={as_list(experiment_ids)}"
 
 
 class ChildRunCloser(Callback):

@@ -4,11 +4,17 @@
 `run_training`, whose TorchTrainer reports reach Tune through `EvalReportCallback`. The Train run and
 its MLflow child run are named after the trial id, so a restarted or resumed trial continues both (Train
 restores its last checkpoint from storage; MLflow finds the run by name) instead of starting over.
+
+A trial can be started again after its run finished: Tune saves its state every few seconds, and a sweep
+driver killed in between resumes with the trial still marked running. Its Train run then has nothing to
+train and reports nothing, so the trial hands Tune the run's last result again (from the run's last
+checkpoint in storage); its MLflow run, already FINISHED, is not touched.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,12 +51,44 @@ def run_trial(point: dict[str, Any], context: TrialContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = context.experiment_for(point)
     name = child_name(context.sweep.name, trial_id)
-    run_training(
-        cfg,
-        name,
-        tags=child_tags(context.sweep.name, trial_id, context.parent_run_id),
-        callbacks=[EvalReportCallback(cfg.train.steps)],
-    )
+    done = final_result(cfg, name)  # the Train run had reached its last step before this attempt
+    if done is None or not _run_finished(cfg, name):
+        run_training(
+            cfg,
+            name,
+            tags=child_tags(context.sweep.name, trial_id, context.parent_run_id),
+            callbacks=[EvalReportCallback(cfg.train.steps)],
+        )
+    if done is not None:  # nothing was trained, so nothing reported: Tune gets the last result again
+        ray.tune.report(done)
+
+
+def final_result(cfg, name: str) -> dict[str, Any] | None:
+    """The result the trial forwarded to Tune at its last step, rebuilt from the last checkpoint of its
+    Train run (Ray keeps each checkpoint's reported metrics with it); None if the run has not finished."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(posixpath.join(cfg.storage.path, name))
+    except Exception:  # no run folder yet, or no checkpoint in it
+        return None
+    steps = cfg.train.steps
+    if result.checkpoint is None or (result.metrics or {}).get("step") != steps:
+        return None
+    # As EvalReportCallback builds it: the last step evaluates, so its metrics hold every eval/* value.
+    return {
+        **result.metrics,
+        "eval/step": steps,
+        TOTAL_STEPS: steps,
+        CHECKPOINT_PATH_KEY: result.checkpoint.path,
+    }
+
+
+def _run_finished(cfg, name: str) -> bool:
+    from alignprop_ray import tracking
+
+    run_id = tracking.find_run(cfg.tracking.uri, cfg.tracking.experiment, name)
+    return run_id is not None and tracking.client(cfg.tracking.uri).get_run(run_id).info.status == "FINISHED"
 
 
 class EvalReportCallback(TuneReportCallback):

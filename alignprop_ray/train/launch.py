@@ -7,16 +7,19 @@ of the workers logs metrics and artifacts into it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import os
+import posixpath
+import shlex
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alignprop_ray.errors import UserError
-
-IGNORED_ON_RESUME = ("tracking.", "storage.", "failure.", "name")  # may differ between machines/reruns
 
 # Ray Train 2.60 gives each worker a one-slot result queue that its controller empties only when it polls
 # the workers, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2 s). Our loop reports every step,
@@ -37,6 +40,7 @@ class TrainOutcome:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from alignprop_ray.config import load_experiment
+    from alignprop_ray.config.experiment import tracking_uri_source
 
     cfg = load_experiment(args.config, args.overrides)
     print("# resolved config\n" + cfg.to_yaml(), flush=True)
@@ -46,14 +50,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{cfg.images_per_step} images per optimizer step",
         flush=True,
     )
+    source = tracking_uri_source(args.config, args.overrides)
+    print(f"MLflow tracking URI: {cfg.tracking.uri} (from {source})", flush=True)
+    name = args.name or default_name(cfg)
     try:
-        outcome = run_training(cfg, name=args.name)
-    except Exception as err:  # a worker error: Ray has printed the traceback; end with its cause in one line
-        from ray.train import TrainingFailedError
-
-        if not isinstance(err, TrainingFailedError):
+        outcome = run_training(cfg, name=name)
+    except Exception as err:  # Ray has printed any worker's traceback: end with the cause in one line
+        line = failure_line(err)
+        if line is None:
             raise
-        print(f"alignprop-ray train: training failed: {_root_cause(err)}", file=sys.stderr)
+        print(f"alignprop-ray train: {line}; {resume_hint(cfg, name, args)}", file=sys.stderr)
         return 1
     print(f"run {outcome.name}: MLflow run {outcome.run_id} in {cfg.tracking.uri}")
     if outcome.checkpoint:
@@ -62,9 +68,74 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _root_cause(err: BaseException) -> str:
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+def failure_line(err: BaseException) -> str | None:
+    """A runtime failure in one line (None for a bug, whose traceback should show).
+
+    A failed Train run: its first failing worker's error, or the controller's (the last line of the
+    traceback Ray keeps, which names the exception). Our own errors say what happened in words and are
+    shown without their type; so are the driver's own disk and MLflow errors.
+    """
+    from mlflow.exceptions import MlflowException
+    from ray.train import ControllerError, TrainingFailedError, WorkerGroupError
+
+    from alignprop_ray.compat import ray_train_startup_timed_out
+
+    own = own_errors()
+    if isinstance(err, own):
+        return str(err)
+    if isinstance(err, OSError | MlflowException):
+        return f"{type(err).__name__}: {_last_line(str(err))}"
+    if not isinstance(err, TrainingFailedError):
+        return None
+    cause: BaseException = err
+    if isinstance(err, WorkerGroupError) and err.worker_failures:
+        cause = err.worker_failures[min(err.worker_failures)]
+    elif isinstance(err, ControllerError):
+        cause = err.controller_failure
+        if ray_train_startup_timed_out(cause):
+            return (
+                f"training failed: the cluster had no room for the run's {cause.num_workers} workers within "
+                "failure.wait_for_workers_s (a lost node not replaced, or too few resources)"
+            )
+    line = _last_line(str(cause)) or type(cause).__name__
+    for kind in own:
+        line = line.removeprefix(f"{kind.__module__}.{kind.__qualname__}: ")
+    return f"training failed: {line}"
+
+
+def own_errors() -> tuple[type[Exception], ...]:
+    """Runtime failures whose message says what happened and what was kept: shown as they are."""
+    from alignprop_ray.tracking import TrackingError
+    from alignprop_ray.train.checkpoint import StorageError
+    from alignprop_ray.train.loop import NonFiniteError
+
+    return StorageError, TrackingError, NonFiniteError
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def resume_hint(cfg, name: str, args: argparse.Namespace) -> str:
+    """How to continue the run: the same command with its name, and the step it resumes from."""
+    sets = "".join(f" --set {shlex.quote(item)}" for item in args.overrides)
+    command = f"alignprop-ray train {shlex.quote(str(args.config))}{sets} --name {name}"
+    step = last_checkpoint_step(cfg, name)
+    if step is None:
+        return f"no checkpoint was saved: `{command}` starts it again"
+    return f"resume from the checkpoint of step {step} with `{command}`"
+
+
+def last_checkpoint_step(cfg, name: str) -> int | None:
+    """The step of the run's newest checkpoint in storage, or None."""
+    from ray.train import Result
+
+    try:
+        metrics = Result.from_path(posixpath.join(cfg.storage.path, name)).metrics or {}
+    except Exception:  # no run folder, or no checkpoint record in it
+        return None
+    return metrics.get("step")
 
 
 def default_name(cfg) -> str:
@@ -77,7 +148,7 @@ def run_training(
     *,
     tags: dict | None = None,
     callbacks: list | None = None,
-    fail_at_step: int | None = None,
+    fail_at_step: int | list[int] | None = None,
     fail_marker: str | None = None,
 ) -> TrainOutcome:
     """Train one experiment to completion on Ray (resuming a run of the same name) and return its outcome.
@@ -90,6 +161,7 @@ def run_training(
     from alignprop_ray.train.loop import LoopInput
 
     name = name or default_name(cfg)
+    check_storage(cfg.storage.path)
     loop_input = LoopInput(
         experiment=cfg.to_dict(),
         run_id="",  # set once the MLflow run exists
@@ -110,7 +182,8 @@ def run_training(
     try:
         result = trainer.fit()
     except BaseException:
-        tracking.end_run(cfg.tracking.uri, run_id, "FAILED" if not _interrupted() else "KILLED")
+        with contextlib.suppress(Exception):  # the store may be what failed: keep the first error
+            tracking.end_run(cfg.tracking.uri, run_id, "FAILED" if not _interrupted() else "KILLED")
         raise
     tracking.end_run(cfg.tracking.uri, run_id)
     checkpoint = result.checkpoint.path if result.checkpoint else None
@@ -135,16 +208,49 @@ def build_trainer(cfg, name: str, loop_config: dict, callbacks: list | None = No
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
             resources_per_worker=scaling.resources_per_worker,
+            accelerator_type=scaling.accelerator_type,
         ),
         run_config=RunConfig(
             name=name,
             storage_path=cfg.storage.path,
-            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.failure.max_failures,
+                controller_failure_limit=startup_retries(cfg.failure.wait_for_workers_s),
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
         ),
     )
+
+
+def check_storage(path: str) -> None:
+    """A local storage.path must take files: a read-only, full or missing disk fails here, before the MLflow
+    run or anything else is created. (Ray checks a remote one, s3:// or gs://, itself.)"""
+    if "://" in path:
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".alignprop-probe-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        from alignprop_ray.train.checkpoint import StorageError
+
+        raise StorageError(f"storage.path {path} cannot take checkpoints: {err.strerror or err}") from None
+
+
+def startup_retries(wait_s: float) -> int:
+    """Retries of a worker-group start that fit in `wait_s` (failure.wait_for_workers_s) after the first try.
+
+    Each try waits up to Ray Train's start timeout for the cluster to place every worker, then counts as a
+    controller failure, which Ray Train retries without limit by default: a run whose lost node never
+    comes back would wait forever.
+    """
+    from alignprop_ray.compat import ray_train_worker_start_timeout_s
+
+    return max(0, math.ceil(wait_s / ray_train_worker_start_timeout_s()) - 1)
 
 
 def _interrupted() -> bool:
@@ -155,7 +261,7 @@ def _check_same_config(cfg, run_id: str, name: str) -> None:
     """Resuming under a name whose run was trained with other settings would mix two experiments."""
     from alignprop_ray import tracking
 
-    params = {k: v for k, v in cfg.flat_params().items() if not k.startswith(IGNORED_ON_RESUME)}
+    params = {k: v for k, v in cfg.flat_params().items() if not k.startswith(tracking.IGNORED_ON_RESUME)}
     changed = tracking.changed_param(cfg.tracking.uri, run_id, params)
     if changed:
         key, logged, now = changed

@@ -1,0 +1,199 @@
+"""Stable Diffusion 3 / 3.5: the MMDiT transformer with CLIP-L + CLIP-G (+ optional T5) text encoders,
+sampled with flow-matching Euler (`FlowMatchEulerDiscreteScheduler`, with its `shift`).
+
+Encoding is `StableDiffusion3Pipeline.encode_prompt`: both CLIPs' penultimate hidden states concatenated
+and zero-padded to T5's width, then T5's 256 tokens appended along the sequence (zeros when T5 is
+absent, as diffusers allows); the pooled embedding is both CLIPs' projections concatenated. An Euler flow
+step, x <- x + (sigma_next - sigma) * v, is as differentiable as a DDIM step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from alignprop_ray.engine.families.base import Conditioning, DiffusionParts, Family
+from alignprop_ray.engine.families.sd import clip_tokens
+from alignprop_ray.engine.families.tiny import clip_tokenizer, seeded, t5_tokenizer, tiny_clip_config
+
+T5_TOKENS = 256  # the pipeline's max_sequence_length default
+TINY_WIDTHS = (32, 48)  # CLIP-L, CLIP-G (768, 1280 in SD3)
+TINY_T5 = 96  # T5 d_model = joint_attention_dim (4096 in SD3); >= the CLIPs' concatenated width
+TINY_TRANSFORMER = dict(
+    sample_size=32,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=TINY_T5,
+    caption_projection_dim=32,  # = heads x head dim
+    pooled_projection_dim=sum(TINY_WIDTHS),
+    pos_embed_max_size=32,
+    qk_norm="rms_norm",  # SD3.5's
+    dual_attention_layers=(0,),  # SD3.5 Medium's MMDiT-X: a second self-attention in the first blocks
+)
+# SD3's 16-channel VAE (no quant convs) with its latent scaling and shift.
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    norm_num_groups=8,
+    sample_size=64,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+)
+SD3_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0)  # SD3 Medium's and SD3.5's scheduler config
+
+
+class SD3(Family):
+    name = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    denoiser_name = "transformer"
+    schedulers = ("FlowMatchEulerDiscreteScheduler",)
+
+    def load(self, source: str, dtype: torch.dtype, model_index: dict) -> DiffusionParts:
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+        from alignprop_ray.engine.schedulers import load_scheduler
+
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(source, subfolder=f) for f in ("tokenizer", "tokenizer_2")
+        ]
+        encoders = [
+            CLIPTextModelWithProjection.from_pretrained(source, subfolder=f, dtype=dtype)
+            for f in ("text_encoder", "text_encoder_2")
+        ]
+        if _present(model_index, "text_encoder_3"):
+            tokenizers.append(T5Tokenizer.from_pretrained(source, subfolder="tokenizer_3"))
+            encoders.append(T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", dtype=dtype))
+        return DiffusionParts(
+            family=self,
+            tokenizers=tokenizers,
+            text_encoders=encoders,
+            denoiser=SD3Transformer2DModel.from_pretrained(
+                source, subfolder="transformer", torch_dtype=dtype
+            ),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype),
+            scheduler=load_scheduler(source, self.schedulers),
+            pipeline_config=model_index,
+        )
+
+    def build_tiny(self, seed: int, t5: bool = True) -> DiffusionParts:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+        tokenizers = [clip_tokenizer(), clip_tokenizer(pad_token="!")]
+        t5_tok = t5_tokenizer() if t5 else None
+        with seeded(seed):
+            transformer = SD3Transformer2DModel(**TINY_TRANSFORMER)
+            vae = AutoencoderKL(**TINY_VAE)
+            encoders = [
+                CLIPTextModelWithProjection(tiny_clip_config(TINY_WIDTHS[0], TINY_WIDTHS[0])),
+                CLIPTextModelWithProjection(tiny_clip_config(TINY_WIDTHS[1], TINY_WIDTHS[1], act="gelu")),
+            ]
+            if t5:
+                config = T5Config(
+                    vocab_size=len(t5_tok),
+                    d_model=TINY_T5,
+                    d_kv=16,
+                    d_ff=2 * TINY_T5,
+                    num_layers=2,
+                    num_heads=4,
+                    feed_forward_proj="gated-gelu",  # T5 v1.1, SD3's T5-XXL
+                )
+                encoders.append(T5EncoderModel(config))
+                tokenizers.append(t5_tok)
+        scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE)
+        return DiffusionParts(self, tokenizers, encoders, transformer, vae, scheduler, {})
+
+    def pipeline(self, parts: DiffusionParts):
+        from diffusers import StableDiffusion3Pipeline
+
+        t5 = len(parts.text_encoders) == 3
+        return StableDiffusion3Pipeline(
+            transformer=parts.denoiser,
+            scheduler=parts.scheduler,
+            vae=parts.vae,
+            text_encoder=parts.text_encoders[0],
+            tokenizer=parts.tokenizers[0],
+            text_encoder_2=parts.text_encoders[1],
+            tokenizer_2=parts.tokenizers[1],
+            text_encoder_3=parts.text_encoders[2] if t5 else None,
+            tokenizer_3=parts.tokenizers[2] if t5 else None,
+        )
+
+    def encode(self, parts, prompts, negative_prompt, guided, resolution) -> Conditioning:
+        embeds, pooled = self._embed(parts, list(prompts))
+        if guided:
+            uncond, uncond_pooled = self._embed(parts, [negative_prompt or ""] * len(prompts))
+            embeds, pooled = torch.cat([uncond, embeds]), torch.cat([uncond_pooled, pooled])
+        tensors = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        return Conditioning({k: v.to(parts.dtype) for k, v in tensors.items()}, guided)
+
+    @staticmethod
+    def _embed(parts, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device, clip_dtype = parts.device, parts.text_encoders[0].dtype
+        length = parts.tokenizers[0].model_max_length  # the pipeline's tokenizer_max_length, for both CLIPs
+        hidden, pooled = [], []
+        with torch.no_grad():
+            for tokenizer, encoder in zip(parts.tokenizers[:2], parts.text_encoders[:2], strict=True):
+                out = encoder(clip_tokens(tokenizer, prompts, device, length), output_hidden_states=True)
+                pooled.append(out[0])
+                hidden.append(out.hidden_states[-2].to(clip_dtype))
+            clip = torch.cat(hidden, dim=-1)
+            t5 = _t5_embeds(parts, prompts, clip_dtype)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+    def denoise(self, denoiser, model_input, t, cond) -> torch.Tensor:
+        timestep = t.expand(model_input.shape[0])
+        return denoiser(hidden_states=model_input, timestep=timestep, **cond.tensors, return_dict=False)[0]
+
+    def initial_latents(self, noise: torch.Tensor, scheduler) -> torch.Tensor:
+        return noise  # flow matching starts from pure noise at sigma = 1
+
+    def model_input(self, scheduler, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return latents  # the MMDiT sees x_t as is
+
+    def vae_input(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        return latents / vae.config.scaling_factor + vae.config.shift_factor
+
+    def load_lora_like_diffusers(self, denoiser: torch.nn.Module, directory: str) -> None:
+        pipeline = self.pipeline_type()
+        state, metadata = pipeline.lora_state_dict(directory, return_lora_metadata=True)
+        pipeline.load_lora_into_transformer(state, denoiser, metadata=metadata)
+
+    def is_denoiser(self, denoiser: torch.nn.Module) -> bool:
+        return type(denoiser).__name__ == "SD3Transformer2DModel"
+
+
+def _t5_embeds(parts, prompts: list[str], clip_dtype: torch.dtype) -> torch.Tensor:
+    """T5's last hidden state over 256 tokens, or zeros of the transformer's joint width without T5."""
+    if len(parts.text_encoders) < 3:
+        width = parts.denoiser.config.joint_attention_dim
+        return torch.zeros(len(prompts), T5_TOKENS, width, device=parts.device, dtype=clip_dtype)
+    tokenizer, encoder = parts.tokenizers[2], parts.text_encoders[2]
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=T5_TOKENS,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    ).input_ids
+    return encoder(ids.to(parts.device))[0].to(encoder.dtype)
+
+
+def _present(model_index: dict, component: str) -> bool:
+    """Whether model_index.json lists a component ([null, null] marks one saved as absent)."""
+    entry = model_index.get(component)
+    return isinstance(entry, list) and entry[0] is not None

@@ -1,0 +1,117 @@
+"""Building blocks of the offline tiny presets: seeded init, and real tokenizers built without a download.
+
+Every tiny pipeline uses the genuine CLIP BPE tokenizer (from the vocabulary file open_clip ships) and,
+for SD3's T5, a genuine Unigram tokenizer (T5's model type) over words of that same vocabulary; the
+networks are random-init from diffusers/transformers configs at toy width.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+CLIP_VOCAB = 49408  # openai/clip-vit-large-patch14: 256 bytes x 2 + 48894 merges + 2 specials
+
+
+class seeded:
+    """Fork the global torch RNG, seed it, and restore it afterwards (model init uses the global RNG)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        return self._fork.__exit__(*exc)
+
+
+def tiny_clip_config(hidden: int, projection: int, act: str = "quick_gelu"):
+    """A 2-layer CLIP text tower at toy width (2 layers: SDXL/SD3 read the penultimate hidden state)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        vocab_size=CLIP_VOCAB,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=projection,
+        hidden_act=act,
+    )
+
+
+def clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """The genuine CLIP BPE tokenizer, built offline from the vocabulary file open_clip ships.
+
+    Reproduces the vocabulary layout of `openai/clip-vit-large-patch14`: byte symbols, their `</w>`
+    forms, one entry per merge, then `<|startoftext|>` (49406) and `<|endoftext|>` (49407). SDXL's and
+    SD3's second tokenizer (OpenCLIP bigG) is the same with `pad_token="!"`.
+    """
+    from transformers import CLIPTokenizer
+
+    merges = _clip_merges()
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
+        vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
+        merges_file.write_text(
+            "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+        )
+        return CLIPTokenizer(
+            str(vocab_file),
+            str(merges_file),
+            model_max_length=model_max_length,
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
+            pad_token=pad_token,
+            unk_token="<|endoftext|>",
+        )
+
+
+def t5_tokenizer(words: int = 2000):
+    """A T5 (SentencePiece Unigram) tokenizer: T5's special tokens, single characters, and the `words`
+    most frequent whole words of CLIP's BPE vocabulary as `▁word` pieces, scored by frequency rank."""
+    from transformers import T5Tokenizer
+
+    whole = [("".join(m))[: -len("</w>")] for m in _clip_merges() if "".join(m).endswith("</w>")]
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = list(dict.fromkeys(["▁" + w for w in whole[:words]] + chars + ["▁" + c for c in chars]))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(piece, -3.0 - math.log1p(rank)) for rank, piece in enumerate(pieces)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _clip_merges() -> list[tuple[str, ...]]:
+    import open_clip
+
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    # Same slice as CLIP's SimpleTokenizer: skip the header, keep 49152 - 256 - 2 merges.
+    return [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes), strict=True))

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Remake the screenshots of docs/mlflow_ui.md from a real run: the smoke sweep on the offline tiny model
+# (a few minutes on 2 CPU cores), its store served by `mlflow server`, the links the sweep printed opened in
+# headless Chromium (Debian package `chromium`).
+#   bash docs/images/screenshots.sh            # from the repository root, with .venv set up (make setup)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+work=$(mktemp -d)
+trap 'kill -- "-${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+# 127.0.0.2, not 127.0.0.1: MLflow 3.17 opens its assistant panel over the page on a first visit from a
+# localhost address; any other loopback address shows the page as a returning user sees it.
+host=127.0.0.2
+port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.2", 0)); print(s.getsockname()[1])')
+url="http://$host:$port"
+
+(cd "$work" && HF_HUB_OFFLINE=1 "$root/.venv/bin/alignprop-ray" sweep "$root/sweeps/smoke.yaml" --ui-url "$url") |
+    tee "$work/sweep.log"
+link() { grep -m1 "^  $1:" "$work/sweep.log" | sed "s/^  $1: *//"; }
+
+setsid .venv/bin/mlflow server --backend-store-uri "sqlite:///$work/mlflow.db" --host "$host" --port "$port" \
+    --workers 1 --allowed-hosts "$host:$port" >"$work/server.log" 2>&1 &
+server=$!  # the server's process group: setsid made it one
+for _ in $(seq 120); do curl -sf "$url/health" >/dev/null && break; sleep 1; done
+
+shot() {  # shot OUT.png URL WIDTHxHEIGHT
+    chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
+        --disable-component-update --disable-sync --user-data-dir="$work/profile" --hide-scrollbars \
+        --virtual-time-budget=30000 --window-size="${3/x/,}" --screenshot="$root/docs/images/$1" "$2"
+}
+shot runs_table.png "$(link 'runs table')" 1600x700
+shot compare_runs.png "$(link 'compare trials')" 1600x1500

@@ -1,0 +1,70 @@
+"""Each private third-party access in alignprop_ray/compat.py, exercised on the installed versions: an
+upgrade that moves one of them fails here first, by name."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from alignprop_ray import compat
+
+
+def test_ray_instances_are_listed_without_a_cluster():
+    assert isinstance(compat.ray_local_instances(), set)
+    # no `ray start` cluster in the test environment (or a stale record of one): nothing to join
+    assert compat.ray_started_cluster_address() in (None, *compat.ray_local_instances())
+
+
+def test_ray_train_report_logger_is_found_and_quieted():
+    from ray.train.v2._internal.execution import context
+
+    compat.quiet_ray_train_report_logs()
+    assert logging.getLogger(context.__file__).level == logging.WARNING
+
+
+def test_open_clip_architectures_are_found_on_disk():
+    import open_clip
+
+    assert compat.open_clip_arch_exists("ViT-L-14-quickgelu")
+    assert "ViT-L-14-quickgelu" in open_clip.list_models()
+    assert not compat.open_clip_arch_exists("no-such-arch")
+
+
+def test_open_clip_takes_a_config_dict():
+    import open_clip
+
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+    }
+    compat.open_clip_register_config("alignprop-compat-test", config)
+    model = open_clip.create_model("alignprop-compat-test", pretrained=None)
+    assert model.visual.output_dim == 16
+
+
+def test_mlflow_image_file_names_give_their_step(tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("compat", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    for step in (0, 7):
+        client.log_image(run_id, image, key="eval/images", step=step)
+    client.log_image(run_id, image, key="other", step=3)
+    names = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
+    steps = sorted(s for n in names if (s := compat.mlflow_logged_image_step(n, "eval/images")) is not None)
+    assert steps == [0, 7]
+    assert [compat.mlflow_logged_image_step(n, "other") for n in names].count(3) == 1
+
+
+def test_mlflow_latest_metric_steps_are_the_last_step_of_each_key(tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("steps")).info.run_id
+    for step, value in [(3, 1.0), (1, 5.0), (7, 0.5), (2, 9.0)]:  # out of order: the last step wins
+        client.log_metric(run_id, "a", value, step=step)
+    client.log_metric(run_id, "b", 1.0, step=0)
+    assert compat.mlflow_latest_metric_steps(client, run_id) == {"a": 7, "b": 0}

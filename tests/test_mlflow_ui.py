@@ -1,0 +1,327 @@
+"""A finished sweep as the user meets it: its console, the links it prints, and those links opened in a real
+browser (headless Chromium) on a real `mlflow server` at the address given with --ui-url.
+
+One small sweep runs through the CLI in a subprocess joined to the session's Ray instance, with --register;
+then `--resume --verbose` on the finished sweep, which trains nothing but prints Tune's console in full.
+Chromium is Debian's `chromium` (.ci/run installs it where missing); elsewhere the browser tests skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html.parser
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from alignprop_ray import cli
+from alignprop_ray.sweep.console import HIDDEN_TUNE_LINES, LineFilter
+from alignprop_ray.sweep.tracking import BEST_RUN_TAG, compare_url, ui_base, ui_command
+from tests.helpers import free_port
+
+MODEL = "ui-best"
+# Two trials, each drawing train.lr and truncation (seeded).
+SWEEP = {
+    "name": "ui",
+    "base": {
+        "model": {"pretrained": "tiny", "resolution": 64},
+        "sampling": {"steps": 2},
+        "truncation": "full",
+        "reward": {"saturation": 1.0},
+        "prompts": {"train": "tiny", "eval": "tiny", "eval_seeds": 2},
+        "train": {"steps": 2, "batch_size": 2, "eval_every": 2, "checkpoint_every": 2},
+        "scaling": {"num_workers": 1, "use_gpu": False, "resources_per_worker": {"CPU": 1}},
+        "tracking": {"experiment": "ui"},
+        "failure": {"max_failures": 0},
+    },
+    "space": {"train.lr": {"loguniform": [1e-3, 1e-1]}, "truncation": {"choice": ["fixed:1", "full"]}},
+    "tune": {"algorithm": "random", "num_samples": 2, "seed": 0},
+}
+SWEPT = list(SWEEP["space"])
+
+
+# --- without Ray -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["--ui-url", "127.0.0.1:5000"],
+            "--ui-url must look like http://HOST[:PORT][/PATH], got '127.0.0.1:5000'",
+        ),
+        (["--ui-url", "http://h:99999"], "--ui-url must look like http://HOST[:PORT][/PATH]"),
+        (["--register", "a:b"], "model name 'a:b': give a non-empty name without '/' or ':'"),
+    ],
+)
+def test_bad_console_options_exit_2_before_any_work(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(SWEEP))
+    assert cli.main(["sweep", "sweep.yaml", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
+def test_ui_address_and_the_command_that_serves_it():
+    store = "sqlite:////data/my runs/mlflow.db"
+    assert ui_base(store, None) == "http://127.0.0.1:5000"
+    assert ui_base("http://tracking:5000/", None) == "http://tracking:5000"  # the server is the UI
+    assert (
+        ui_command(store, ui_base(store, None))
+        == "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db'"
+    )
+    assert ui_command(store, "http://gpu-box:8080/mlflow") == (
+        "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --host gpu-box "
+        "--allowed-hosts gpu-box:8080 --port 8080 --static-prefix /mlflow"
+    )
+    assert ui_command("http://tracking:5000", "http://tracking:5000") is None
+    link = compare_url("http://h:1", ["a1", "b2"], ["7"])
+    assert link == "http://h:1/#/compare-runs?runs=%5B%22a1%22%2C%22b2%22%5D&experiments=%5B%227%22%5D"
+
+
+def test_line_filter_drops_hidden_lines_even_when_written_in_pieces():
+    import io
+
+    out = io.StringIO()
+    stream = LineFilter(out, ("Logical resource usage:",))
+    print("Trial status: 2 RUNNING", file=stream)
+    stream.write("Logical res")
+    stream.flush()  # might become a hidden line: held back
+    stream.write("ource usage: 0/2 CPUs, 0/0 GPUs\nkeep")
+    stream.flush()  # cannot: written through
+    stream.write(" this\n  Logical resource usage: indented\nlast")
+    stream.close()
+    assert out.getvalue() == "Trial status: 2 RUNNING\nkeep this\nlast"
+
+
+# --- a finished sweep -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep_run(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ui")
+    (tmp / "sweep.yaml").write_text(yaml.safe_dump(SWEEP))
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "alignprop_ray.cli", "sweep", "sweep.yaml"]
+    first = subprocess.run(
+        [*command, "--ui-url", f"http://127.0.0.1:{port}", "--register", MODEL],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    again = subprocess.run(
+        [*command, "--resume", "--verbose"], cwd=tmp, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ui")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return SimpleNamespace(
+        tmp=tmp,
+        uri=uri,
+        port=port,
+        first=first,
+        again=again,
+        client=client,
+        experiment=experiment,
+        parent=client.get_run(parent.info.run_id),  # after the resume
+        children=children,
+    )
+
+
+def printed(out: str, label: str) -> str:
+    lines = [
+        line.split(":", 1)[1].strip() for line in out.splitlines() if line.strip().startswith(f"{label}:")
+    ]
+    assert len(lines) == 1, (label, out[-2000:])
+    return lines[0]
+
+
+# --- the console and the links --------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_tune_console_hides_its_tensorboard_hint_and_resource_line_unless_verbose(sweep_run):
+    quiet, verbose = sweep_run.first.stdout, sweep_run.again.stdout
+    assert "Trial status:" in quiet  # Tune's own progress is still shown
+    for hidden in HIDDEN_TUNE_LINES:
+        assert not any(line.lstrip().startswith(hidden) for line in quiet.splitlines()), hidden
+        assert any(line.startswith(hidden) for line in verbose.splitlines()), (hidden, verbose[-3000:])
+
+
+@pytest.mark.ray
+def test_printed_links_open_the_runs_table_and_the_compare_page_of_every_trial(sweep_run):
+    base = f"http://127.0.0.1:{sweep_run.port}"
+    experiment_id = sweep_run.experiment.experiment_id
+    out = sweep_run.first.stdout
+    runs_table = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    sort = "&orderByKey=metrics.%60eval%2Freward%60&orderByAsc=false"  # the sweep's objective, best first
+    assert printed(out, "runs table") == runs_table + sort
+    compare = printed(out, "compare trials")
+    assert compare.startswith(f"{base}/#/compare-runs?")
+    query = urllib.parse.parse_qs(compare.split("?", 1)[1])
+    assert sorted(json.loads(query["runs"][0])) == sorted(r.info.run_id for r in sweep_run.children)
+    assert json.loads(query["experiments"][0]) == [experiment_id]
+    uri = sweep_run.uri
+    assert printed(out, "open the UI") == f"mlflow ui --backend-store-uri {uri} --port {sweep_run.port}"
+    assert sweep_run.experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.ray
+def test_parent_run_reads_as_its_best_trial(sweep_run):
+    parent, children = sweep_run.parent, sweep_run.children
+    assert len(children) == 2
+    best = max(children, key=lambda run: run.data.metrics["eval/reward"])
+    assert parent.data.tags[BEST_RUN_TAG] == best.info.run_id
+    for field in SWEPT:
+        assert parent.data.params[field] == best.data.params[field]
+    assert parent.data.metrics == best.data.metrics  # every final metric, under the trials' own names
+    # finished twice (the sweep, then its resume): logged once
+    history = sweep_run.client.get_metric_history(parent.info.run_id, "eval/reward")
+    assert [m.step for m in history] == [2]
+
+
+@pytest.mark.ray
+def test_sweep_register_adds_the_best_trials_adapter(sweep_run):
+    best = sweep_run.parent.data.tags[BEST_RUN_TAG]
+    (version,) = sweep_run.client.search_model_versions(f"name = '{MODEL}'")
+    assert version.run_id == best
+    assert f"registered models:/{MODEL}/1: the adapter of run {best}" in sweep_run.first.stdout
+
+
+# --- in the browser -------------------------------------------------------------------------------------
+
+
+def chromium() -> str:
+    found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("Chromium not found (Debian package `chromium`; .ci/run installs it)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def ui_server(sweep_run):
+    """`mlflow server` on the store, at the address the sweep was told (--ui-url)."""
+    chromium()
+    log = sweep_run.tmp / "ui-server.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sweep_run.uri]
+    command += ["--host", "127.0.0.1", "--port", str(sweep_run.port), "--workers", "1"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not _answers(f"http://127.0.0.1:{sweep_run.port}/health"):
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class _Text(html.parser.HTMLParser):
+    """The visible text of a page: its text nodes in document order, outside scripts and styles."""
+
+    def __init__(self):
+        super().__init__()
+        self.texts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        self._skip += tag in ("script", "style")
+
+    def handle_endtag(self, tag):
+        self._skip -= tag in ("script", "style")
+
+    def handle_data(self, data):
+        if not self._skip and data.strip():
+            self.texts.append(data.strip())
+
+
+def page_texts(url: str, profile: Path, ready: str) -> list[str]:
+    """The text of `url` after the single-page app rendered it, once it shows `ready` (3 tries, each with
+    more virtual time for the app's requests to the server)."""
+    command = [
+        chromium(),
+        *("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"),
+        *("--disable-background-networking", "--disable-component-update", "--disable-sync"),
+        f"--user-data-dir={profile}",
+        "--window-size=1600,4000",  # the compare page draws only the rows in view
+    ]
+    texts: list[str] = []
+    for budget_ms in (15_000, 30_000, 60_000):
+        dom = subprocess.run(
+            [*command, f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        ).stdout
+        parser = _Text()
+        parser.feed(dom)
+        texts = parser.texts
+        if ready in texts:
+            return texts
+    raise AssertionError(f"{url} never showed {ready!r}; it showed: {texts[:80]}")
+
+
+def row(texts: list[str], label: str, columns: int, after: str | None = None) -> list[str]:
+    """The `columns` values that follow `label` (the first one after `after`) in a compare table."""
+    start = texts.index(after) if after else 0
+    i = texts.index(label, start)
+    return texts[i + 1 : i + 1 + columns]
+
+
+@pytest.mark.ray
+def test_compare_page_shows_every_trial_and_its_swept_params(sweep_run, ui_server, tmp_path):
+    texts = page_texts(printed(sweep_run.first.stdout, "compare trials"), tmp_path, "Run Name:")
+    names = row(texts, "Run Name:", len(sweep_run.children))
+    by_name = {run.info.run_name: run for run in sweep_run.children}
+    assert sorted(names) == sorted(by_name)  # every trial, and only the trials
+    for field in SWEPT:
+        shown = row(texts, field, len(names), after="Parameters")
+        assert shown == [by_name[name].data.params[field] for name in names], field
+
+
+@pytest.mark.ray
+def test_runs_table_link_opens_the_runs_best_first(sweep_run, ui_server, tmp_path):
+    texts = page_texts(printed(sweep_run.first.stdout, "runs table"), tmp_path, "matching runs")
+    assert texts[texts.index("matching runs") - 1] == "3"  # the parent and its two trials
+    assert "Overview" not in texts  # not the GenAI view MLflow 3 opens by default
+    worst, best = sorted(sweep_run.children, key=lambda run: run.data.metrics["eval/reward"])
+    names = [text for text in texts if text in {worst.info.run_name, best.info.run_name}]
+    assert names.index(best.info.run_name) < names.index(worst.info.run_name), names
