@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# The inner loop: unit tests without Ray and without the slow end-to-end ones (under 3 minutes on 2 cores).
+# The inner loop: unit tests without Ray and without the slow end-to-end ones (about 3 minutes on 2 cores).
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not ray and not own_ray and not slow" $(PYTEST_ARGS)
 

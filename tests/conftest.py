@@ -66,3 +66,16 @@ def ray_session():
         ray.init(num_cpus=2, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+# MLflow's `set_tracking_uri` exports MLFLOW_TRACKING_URI, which `train`/`sweep` honour (README: tracking URI
+# precedence): a test that calls it in this process must not steer the commands that later tests start.
+_TRACKING_ENV = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "ALIGNPROP_TRACKING_URI")}
+
+
+def pytest_runtest_teardown(item, nextitem):
+    for key, value in _TRACKING_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

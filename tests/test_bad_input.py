@@ -406,7 +406,7 @@ CASES = [
     Case(
         "report-uri-unknown-scheme",
         ["report", "--tracking-uri", "ftp://host/x", "--out", "rep"],
-        ["cannot read the MLflow store ftp://host/x"],
+        ["tracking URI ftp://host/x: unsupported scheme 'ftp'"],
     ),
     Case(
         "report-out-is-a-file",

@@ -105,6 +105,7 @@ MALFORMED = [
         "space.train.lrr: unknown field; did you mean space.train.lr?",
     ),
     ("empty choice", changed("space/train.lr", {"choice": []}), "space.train.lr: choice is empty"),
+    ("grid not a list", changed("space/train.lr", {"grid": "fast"}), "space.train.lr: grid must be a list"),
     (
         "grid with optuna",
         changed("tune/algorithm", "optuna"),

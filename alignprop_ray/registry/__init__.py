@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import tempfile
 import warnings
@@ -107,13 +108,35 @@ def _download_adapter(client, run_id: str, into: str) -> Path:
 def _log_and_register(uri: str, run, adapter: Path, settings: ImageModelSettings, name: str):
     """The pyfunc model, logged as a LoggedModel of the run (the run is not reopened: its status and times
     stay those of its training), then registered as a new version of `name`."""
+    with _global_tracking_uri(uri):
+        return _log_model(uri, run, adapter, settings, name)
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str):
+    """MLflow's fluent API (log_model, registration) reads its global URI: set it for the block only.
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI, which a later command of this process
+    (or its subprocesses) would take for the user's choice."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            mlflow.set_tracking_uri(saved)
+
+
+def _log_model(uri: str, run, adapter: Path, settings: ImageModelSettings, name: str):
     import mlflow
 
     import alignprop_ray
     from alignprop_ray.registry import served
     from alignprop_ray.registry.model import signature
 
-    mlflow.set_tracking_uri(uri)
     logged = mlflow.initialize_logged_model(
         name="image_model", source_run_id=run.info.run_id, experiment_id=run.info.experiment_id
     )

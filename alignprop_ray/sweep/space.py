@@ -121,7 +121,9 @@ def _check_spec(name: str, spec: Any) -> str | None:
         return f"{name}: expected one of {SHAPES} (got {repr(spec)[:60]})"
     kind, values = next(iter(spec.items()))
     if kind in LISTS:
-        if not isinstance(values, list) or not values:
+        if not isinstance(values, list):
+            return f"{name}: {kind} must be a list of values, e.g. {{{kind}: [a, b]}} (got {values!r})"
+        if not values:
             return f"{name}: {kind} is empty; list at least one value, e.g. {{{kind}: [a, b]}}"
         return None
     return _check_range(name, kind, values)
