@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from alignprop_ray.engine.families import sd
 from alignprop_ray.engine.families.base import Conditioning, DiffusionParts, Family
 from alignprop_ray.engine.families.sd import clip_tokens
 from alignprop_ray.engine.families.tiny import clip_tokenizer, seeded, t5_tokenizer, tiny_clip_config
@@ -36,15 +37,8 @@ TINY_TRANSFORMER = dict(
 )
 # SD3's 16-channel VAE (no quant convs) with its latent scaling and shift.
 TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
+    sd.TINY_VAE,
     latent_channels=16,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    norm_num_groups=8,
-    sample_size=64,
     use_quant_conv=False,
     use_post_quant_conv=False,
     scaling_factor=1.5305,
