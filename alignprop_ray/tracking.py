@@ -129,6 +129,14 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
+def end_run_if_running(uri: str, run_id: str, status: str) -> None:
+    """End the run unless someone else already has: a sweep driver marks a trial it stopped KILLED, and
+    the trial's own error handler, which may run after it, must not turn that into FAILED."""
+    store = client(uri)
+    if store.get_run(run_id).info.status == "RUNNING":
+        store.set_terminated(run_id, status=status)
+
+
 class TrackingError(RuntimeError):
     """The MLflow store refused the run's logs, or kept failing for longer than tracking.outage_limit_s."""
 

@@ -248,6 +248,18 @@ def test_a_restart_that_replays_steps_logs_nothing_twice(tmp_path):
     assert image_steps(uri, run_id) == [5]
 
 
+def test_a_trial_stopped_by_the_sweep_stays_killed_whatever_ends_first(tmp_path):
+    """Tune's stopper marks a trial KILLED from the sweep driver while the trial's own error handler ends
+    the same run: the handler must not overwrite a status it finds already set."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stopped, running = new_run(uri, "stopped"), new_run(uri, "running")
+    tracking.end_run(uri, stopped, "KILLED")  # the sweep driver came first
+    for run_id in (stopped, running):
+        tracking.end_run_if_running(uri, run_id, "FAILED")
+    status = {run_id: tracking.client(uri).get_run(run_id).info.status for run_id in (stopped, running)}
+    assert status == {stopped: "KILLED", running: "FAILED"}
+
+
 # --- disks: full, read-only -----------------------------------------------------------------------------
 
 

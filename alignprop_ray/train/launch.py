@@ -183,7 +183,7 @@ def run_training(
         result = trainer.fit()
     except BaseException:
         with contextlib.suppress(Exception):  # the store may be what failed: keep the first error
-            tracking.end_run(cfg.tracking.uri, run_id, "FAILED" if not _interrupted() else "KILLED")
+            tracking.end_run_if_running(cfg.tracking.uri, run_id, "KILLED" if _interrupted() else "FAILED")
         raise
     tracking.end_run(cfg.tracking.uri, run_id)
     checkpoint = result.checkpoint.path if result.checkpoint else None
@@ -254,7 +254,8 @@ def startup_retries(wait_s: float) -> int:
 
 
 def _interrupted() -> bool:
-    return isinstance(sys.exc_info()[1], KeyboardInterrupt)
+    """Ctrl-C, or Tune stopping the trial: its session ends a stopped trial's thread with sys.exit(0)."""
+    return isinstance(sys.exc_info()[1], KeyboardInterrupt | SystemExit)
 
 
 def _check_same_config(cfg, run_id: str, name: str) -> None:
