@@ -8,15 +8,12 @@ Chromium is Debian's `chromium` (.ci/run installs it where missing); elsewhere t
 
 from __future__ import annotations
 
-import contextlib
 import html.parser
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -28,7 +25,7 @@ import yaml
 from alignprop_ray import cli
 from alignprop_ray.sweep.console import HIDDEN_TUNE_LINES, LineFilter
 from alignprop_ray.sweep.tracking import BEST_RUN_TAG, compare_url, ui_base, ui_command
-from tests.helpers import free_port
+from tests.helpers import free_port, serving
 
 MODEL = "ui-best"
 # Two trials, each drawing train.lr and truncation (seeded).
@@ -84,7 +81,8 @@ def test_ui_address_and_the_command_that_serves_it():
     )
     assert ui_command(store, "http://gpu-box:8080/mlflow") == (
         "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --host gpu-box "
-        "--allowed-hosts gpu-box:8080 --port 8080 --static-prefix /mlflow"
+        "--allowed-hosts gpu-box:8080 --cors-allowed-origins http://gpu-box:8080 --port 8080 "
+        "--static-prefix /mlflow"
     )
     assert ui_command("http://tracking:5000", "http://tracking:5000") is None
     link = compare_url("http://h:1", ["a1", "b2"], ["7"])
@@ -224,34 +222,11 @@ def chromium() -> str:
 def ui_server(sweep_run):
     """`mlflow server` on the store, at the address the sweep was told (--ui-url)."""
     chromium()
-    log = sweep_run.tmp / "ui-server.log"
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sweep_run.uri]
     command += ["--host", "127.0.0.1", "--port", str(sweep_run.port), "--workers", "1"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not _answers(f"http://127.0.0.1:{sweep_run.port}/health"):
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+    health = f"http://127.0.0.1:{sweep_run.port}/health"
+    with serving(command, health, sweep_run.tmp / "ui-server.log", timeout=180):
         yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 class _Text(html.parser.HTMLParser):

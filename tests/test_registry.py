@@ -12,10 +12,7 @@ import base64
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,7 +21,7 @@ import pytest
 import torch
 
 from alignprop_ray import cli, tracking
-from tests.helpers import free_port, lora_settings
+from tests.helpers import free_port, lora_settings, serving
 
 pytestmark = pytest.mark.slow
 
@@ -98,36 +95,9 @@ def served(uri: str, model: str, log: Path):
     }
     command = ["mlflow", "models", "serve", "-m", model, "--env-manager", "local"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVE_TIMEOUT_S
-        while not _answers(f"{url}/ping"):
-            assert process.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, (
-                f"no answer in {SERVE_TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
-            )
-            time.sleep(1)
+    with serving(command, f"{url}/ping", log, SERVE_TIMEOUT_S, env):
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def invoke(url: str, prompts: list[str], params: dict | None = None) -> tuple[int, dict]:

@@ -24,17 +24,12 @@ import pytest
 
 from alignprop_ray import tracking
 from alignprop_ray.tracking import BufferedLogger, RunLogger, TrackingError
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = ROOT / "clusters" / "mlflow_server.sh"
 SERVER_TIMEOUT_S = 180  # bound on a server start (it answers /health in ~5 s on 2 cores)
 EXPERIMENT = "reliability"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class MlflowServer:

@@ -179,8 +179,10 @@ def ui_command(uri: str, base: str) -> str | None:
     port = address.port or {"http": 80, "https": 443}[address.scheme]
     command = f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
     if address.hostname not in (default.hostname, "localhost"):
-        # MLflow's server answers only Host headers of loopback and private addresses unless told others
+        # MLflow's server answers only Host headers of loopback and private addresses unless told others,
+        # and refuses the UI's own API calls (403, shown as INTERNAL_ERROR) from any other origin
         command += f" --host {address.hostname} --allowed-hosts {address.netloc}"
+        command += f" --cors-allowed-origins {address.scheme}://{address.netloc}"
     if port != default.port:
         command += f" --port {port}"
     if address.path.strip("/"):

@@ -19,8 +19,11 @@ url="http://$host:$port"
     tee "$work/sweep.log"
 link() { grep -m1 "^  $1:" "$work/sweep.log" | sed "s/^  $1: *//"; }
 
+# --cors-allowed-origins: MLflow's security middleware answers 403 ("Cross-origin request blocked") to the
+# UI's own API calls when the page's origin is not a localhost one (its default: localhost, 127.0.0.1,
+# [::1]), and the UI then shows INTERNAL_ERROR instead of the tables; 127.0.0.2 must be named.
 setsid .venv/bin/mlflow server --backend-store-uri "sqlite:///$work/mlflow.db" --host "$host" --port "$port" \
-    --workers 1 --allowed-hosts "$host:$port" >"$work/server.log" 2>&1 &
+    --workers 1 --allowed-hosts "$host:$port" --cors-allowed-origins "$url" >"$work/server.log" 2>&1 &
 server=$!  # the server's process group: setsid made it one
 for _ in $(seq 120); do curl -sf "$url/health" >/dev/null && break; sleep 1; done
 
