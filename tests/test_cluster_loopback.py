@@ -4,7 +4,7 @@
 Head (127.0.0.2) and worker (127.0.0.3) are separate `ray start` processes; MLflow is an `mlflow
 server` on 127.0.0.1 and is read back over its REST API. This is clusters/aws.yaml in miniature: the
 job driver runs on the head, Train workers land on both nodes, tracking goes over HTTP. A node is lost
-by killing its raylet (SIGKILL), as when a spot instance is reclaimed.
+by killing all of its processes at once (SIGKILL), as when a spot instance is reclaimed.
 """
 
 import json
@@ -142,12 +142,21 @@ def submit_train(cluster, name: str, *extra: str, env_vars: dict | None = None) 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def job_status(cluster, name: str) -> str:
-    done = subprocess.run(
-        ["ray", "job", "status", name], env=cluster, capture_output=True, text=True, timeout=60
+def jobs_api(cluster, path: str, method: str = "GET") -> dict:
+    """Ray's Jobs REST API on the head (the dashboard), with the cluster's token. Its JSON is stable where
+    `ray job status` text is not: Ray 2.60 prints a finished job as "Job 'x' succeeded"."""
+    token = Path(cluster["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(
+        f"{cluster['RAY_ADDRESS']}/api/jobs/{path}",
+        method=method,
+        headers={"Authorization": f"Bearer {token}"},
     )
-    found = re.search(r"Status for job '[^']+': (\w+)", done.stdout)
-    return found[1] if found else "UNKNOWN"
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def job_status(cluster, name: str) -> str:
+    return jobs_api(cluster, name)["status"]
 
 
 def wait_for_job(cluster, name: str, timeout: float) -> tuple[str, str]:
@@ -159,11 +168,18 @@ def wait_for_job(cluster, name: str, timeout: float) -> tuple[str, str]:
             break
         time.sleep(2)
     else:
-        subprocess.run(["ray", "job", "stop", name], env=cluster, capture_output=True, timeout=60)
-    logs = subprocess.run(
-        ["ray", "job", "logs", name], env=cluster, capture_output=True, text=True, timeout=60
-    )
-    return status, logs.stdout
+        jobs_api(cluster, f"{name}/stop", method="POST")
+    return status, jobs_api(cluster, f"{name}/logs")["logs"]
+
+
+def outline(logs: str) -> str:
+    """A job's log without its step lines and Ray's own chatter: headers, failures, the last lines."""
+    kept = [
+        line
+        for line in logs.splitlines()
+        if ("[alignprop]" in line and " step " not in line) or "rror" in line or "fail" in line.lower()
+    ]
+    return "\n".join(kept[-60:]) + "\n...\n" + logs[-1500:]
 
 
 def logged_steps(cluster, name: str, key: str) -> list[int]:
@@ -190,50 +206,42 @@ def wait_for_step(cluster, name: str, step: int, timeout: float = JOB_TIMEOUT_S)
     deadline = time.monotonic() + timeout
     while max(logged_steps(cluster, name, "train/loss"), default=0) < step:
         assert time.monotonic() < deadline, f"{name} did not reach step {step}"
-        assert job_status(cluster, name) in ("PENDING", "RUNNING", "UNKNOWN"), wait_for_job(cluster, name, 0)
+        assert job_status(cluster, name) in ("PENDING", "RUNNING"), wait_for_job(cluster, name, 0)
         time.sleep(1)
 
 
-def kill_worker_raylet(cluster) -> None:
-    """SIGKILL the worker node's raylet (its workers die with it; the head sees the node dead)."""
+def lose_worker_node(cluster) -> None:
+    """SIGKILL every process of the worker node at once (its raylet, agents and Train worker), as when a
+    spot instance is reclaimed. Killing the raylet alone is not that: its workers outlive it for a while,
+    and a short run could finish before the head notices."""
     group = (Path(cluster["LOOPBACK_DIR"]) / "worker.pid").read_text().strip()
     listed = subprocess.run(
-        ["ps", "-ww", "-o", "pid=,comm=", "-g", group], capture_output=True, text=True, timeout=10
+        ["ps", "-ww", "-o", "pid=,args=", "-g", group], capture_output=True, text=True, timeout=10
     )
-    raylets = [line.split()[0] for line in listed.stdout.splitlines() if line.split()[1:] == ["raylet"]]
-    assert len(raylets) == 1, listed.stdout
-    os.kill(int(raylets[0]), signal.SIGKILL)
+    print(f"the worker node's processes, all killed:\n{listed.stdout}")
+    assert "RayTrainWorker" in listed.stdout, listed.stdout  # the run has a worker there
+    os.killpg(int(group), signal.SIGKILL)
 
 
 def restart_worker_node(cluster) -> None:
     subprocess.run(["bash", str(SCRIPT), "restart-worker"], env=cluster, check=True, timeout=240)
 
 
-@pytest.mark.skip(
-    reason="times out (600 s) on the 2-core CI box since this stop's faster steps: the run ends without a "
-    "resume although its worker node's raylet was killed mid-run, and `ray job status` never reports the "
-    "job ended; RELIABILITY.md, lost-node rows"
-)
 def test_a_lost_worker_node_costs_only_the_steps_since_the_last_checkpoint(cluster):
     name = f"lost-node-{uuid.uuid4().hex[:6]}"
     submit_train(cluster, name)
     wait_for_step(cluster, name, 6)  # past the checkpoint of step 4
-    kill_worker_raylet(cluster)
+    lose_worker_node(cluster)
     restart_worker_node(cluster)  # as an autoscaler replaces a reclaimed spot node
     status, logs = wait_for_job(cluster, name, JOB_TIMEOUT_S)
     assert status == "SUCCEEDED", logs[-3000:]
     resumed = re.search(r"resuming after step (\d+)\b", logs)
-    assert resumed and int(resumed[1]) % 4 == 0 and 4 <= int(resumed[1]) < STEPS, logs[-3000:]
+    assert resumed and int(resumed[1]) % 4 == 0 and 4 <= int(resumed[1]) < STEPS, outline(logs)
     assert run_status(cluster, name) == "FINISHED"
     assert logged_steps(cluster, name, "train/loss") == list(range(1, STEPS + 1))  # each step once
     assert logged_steps(cluster, name, "eval/reward") == list(range(0, STEPS + 1, 8))
 
 
-@pytest.mark.skip(
-    reason="times out (600 s) on the 2-core CI box since this stop's faster steps: the run ends without a "
-    "resume although its worker node's raylet was killed mid-run, and `ray job status` never reports the "
-    "job ended; RELIABILITY.md, lost-node rows"
-)
 def test_a_lost_worker_node_that_never_comes_back_fails_within_the_wait_saying_how_to_resume(cluster):
     name = f"node-gone-{uuid.uuid4().hex[:6]}"
     # Ray Train's start timeout cut to 20 s, so one try of 20 s is the whole wait (default: 60 s a try).
@@ -245,7 +253,7 @@ def test_a_lost_worker_node_that_never_comes_back_fails_within_the_wait_saying_h
     )
     try:
         wait_for_step(cluster, name, 6)
-        kill_worker_raylet(cluster)
+        lose_worker_node(cluster)
         lost = time.monotonic()
         status, logs = wait_for_job(cluster, name, JOB_TIMEOUT_S)
         print(f"the run ended {time.monotonic() - lost:.0f} s after its node was lost")
