@@ -119,10 +119,12 @@ def test_the_default_update_is_the_official_update(one_thread):
         assert result.updated and result.grad_norm == pytest.approx(norms[-1], rel=1e-4)
         assert result.loss == pytest.approx(-result.reward)  # train/loss: the unscaled objective
         worst = max(
-            worst, *(float((p.double() - q).abs().max()) for p, q in zip(params, official, strict=True))
+            worst,
+            *(float((p.double() - q).detach().abs().max()) for p, q in zip(params, official, strict=True)),
         )
         control_gap = max(
-            control_gap, *(float((c - q).abs().max()) for c, q in zip(control, official, strict=True))
+            control_gap,
+            *(float((c - q).detach().abs().max()) for c, q in zip(control, official, strict=True)),
         )
     print(
         f"gradient norms of 0.01 x loss: {[f'{n:.2f}' for n in norms]}; largest parameter difference "

@@ -126,7 +126,7 @@ def test_the_model_paints_the_colours_it_is_asked_for():
     from alignprop_ray.engine.sampler import SamplerSettings, generate
 
     prompts = [shapes.caption("circle", colour, background) for colour, background in SCENES]
-    settings = SamplerSettings(steps=10, guidance_scale=5.0, eta=0.0, negative_prompt="", checkpoint=False)
+    settings = SamplerSettings.for_sampling(steps=10, guidance_scale=5.0)
     images = generate(load_parts(str(TOY_MODEL)), prompts, [0] * len(prompts), settings).numpy() * 255
     border = np.ones((64, 64), dtype=bool)
     border[3:-3, 3:-3] = False

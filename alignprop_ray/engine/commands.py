@@ -46,13 +46,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter_like_diffusers(parts.denoiser, args.adapter)
     check_eta(parts.scheduler, args.eta)  # before the progress bar starts: the error is then one line
-    settings = SamplerSettings(
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        eta=args.eta,
-        negative_prompt=args.negative_prompt,
-        checkpoint=False,  # sampling only: no gradient, nothing to checkpoint
-    )
+    settings = SamplerSettings.for_sampling(args.steps, args.guidance, args.eta, args.negative_prompt)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
     images = []

@@ -42,10 +42,16 @@ class SamplerSettings:
     negative_prompt: str  # "" = none: the pipeline's own unconditional branch
     # checkpoint the denoiser calls that carry gradient: all of them, or with a budget those that don't fit
     checkpoint: bool
-    # model.compile and model.activation_budget_mb. engine_settings always sets both; the defaults (eager, no
-    # budget) only spare the sampler's other callers (toy model, registry, CLI sampling) from naming them.
-    compile: bool = False  # run the denoiser through torch.compile (models.compile_denoiser)
-    activation_budget_mb: float | str | None = None  # MiB, "auto" or None: see checkpoint_plan
+    compile: bool  # run the denoiser through torch.compile (models.compile_denoiser)
+    activation_budget_mb: float | str | None  # MiB, "auto" or None: see checkpoint_plan
+
+    @classmethod
+    def for_sampling(
+        cls, steps: int, guidance_scale: float, eta: float = 0.0, negative_prompt: str = ""
+    ) -> SamplerSettings:
+        """Settings to draw images without gradient (CLI sampling, the registry's model, the toy model):
+        nothing to checkpoint, eager denoiser."""
+        return cls(steps, guidance_scale, eta, negative_prompt, False, False, None)
 
 
 def encode(

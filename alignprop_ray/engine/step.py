@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -175,7 +176,9 @@ class AlignPropLearner:
         lr = self.optimizer.param_groups[0]["lr"]
         result = self._finish_step(outputs, self._finite)
         with warnings.catch_warnings():  # a skipped update (K=0, NaN) still advances the schedule: intended
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings(
+                "ignore", message=re.escape("Detected call of `lr_scheduler.step()` before")
+            )
             self.scheduler.step()
         result.lr = lr
         return result

@@ -131,13 +131,7 @@ class ImageModel(mlflow.pyfunc.PythonModel):
         from alignprop_ray.engine.sampler import SamplerSettings, generate
 
         s = self.settings
-        sampler = SamplerSettings(
-            steps=request.steps,
-            guidance_scale=request.guidance,
-            eta=s.eta,
-            negative_prompt=s.negative_prompt,
-            checkpoint=False,  # sampling only: no gradient
-        )
+        sampler = SamplerSettings.for_sampling(request.steps, request.guidance, s.eta, s.negative_prompt)
         images = generate(self.parts, [prompt], [seed], sampler, resolution=s.resolution)
         return to_pil(images[0])
 

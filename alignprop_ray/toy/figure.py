@@ -31,9 +31,7 @@ def panel(model: str, adapter: str | None, prompts: list[str], seeds: int, steps
     parts = load_parts(model)
     if adapter is not None:
         load_adapter_like_diffusers(parts.unet, adapter)
-    settings = SamplerSettings(
-        steps=steps, guidance_scale=guidance, eta=0.0, negative_prompt="", checkpoint=False
-    )
+    settings = SamplerSettings.for_sampling(steps, guidance)
     rows = [p for p in prompts for _ in range(seeds)]
     with torch.no_grad():
         return generate(parts, rows, [EVAL_SEED_BASE + j for j in range(seeds)] * len(prompts), settings)

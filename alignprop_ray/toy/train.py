@@ -272,7 +272,7 @@ def sample_grid(model: Path, prompts: list[str], seeds: int, path: Path) -> None
     from alignprop_ray.engine.sampler import SamplerSettings, generate
 
     parts = load_parts(str(model))
-    settings = SamplerSettings(steps=20, guidance_scale=5.0, eta=0.0, negative_prompt="", checkpoint=False)
+    settings = SamplerSettings.for_sampling(steps=20, guidance_scale=5.0)
     rows = [p for p in prompts for _ in range(seeds)]
     images = generate(parts, rows, list(range(seeds)) * len(prompts), settings)
     save_image(images, path, nrow=seeds, padding=2)

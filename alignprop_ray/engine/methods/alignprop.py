@@ -52,4 +52,4 @@ class TruncatedBackprop(Method):
         loss = -out.total.float().mean()
         if k > 0:
             backward(loss)
-        return MicroBatchOutput(out, float(loss), images=len(batch.prompts), grad_steps=k)
+        return MicroBatchOutput(out, float(loss.detach()), images=len(batch.prompts), grad_steps=k)

@@ -265,7 +265,7 @@ class Ddpo(Method):
             ratio = torch.exp(log_prob - old)
             loss = ppo_clip_loss(advantages, ratio, self.settings.clip_range)
             backward(loss / len(chosen))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             # ddpo-pytorch's diagnostics: 0.5 E[(log ratio)^2], and the share of ratios outside the clip
             kl.append(float(0.5 * torch.mean((log_prob.detach() - old) ** 2)))
             clipped.append(

@@ -72,7 +72,7 @@ class DraftLV(Method):
             out, loss = self.copy_loss(learner, sample, noise, batch.prompts)
             backward(loss / self.samples)
             outputs.append(out)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         return MicroBatchOutput(
             mean_output(outputs), sum(losses) / len(losses), images=len(batch.prompts), grad_steps=1
         )

@@ -67,7 +67,7 @@ class Refl(Method):
         loss = -out.total.float().mean()
         backward(loss)
         return MicroBatchOutput(
-            out, float(loss), images=len(batch.prompts), grad_steps=1, metrics={"step": draw}
+            out, float(loss.detach()), images=len(batch.prompts), grad_steps=1, metrics={"step": draw}
         )
 
     @staticmethod
