@@ -23,6 +23,9 @@ from alignprop_ray.prompts import builtin_sets, read_prompt_file
 # org/name on the Hugging Face hub (or a legacy single name); letters, digits, '-', '_', '.'.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 TRACKING_SCHEMES = ("sqlite", "http", "https", "databricks")
+# The SQL databases behind a tracking server (PostgreSQL on clusters, docs/clusters.md): `report` may read
+# one directly; training logs through the server.
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs")
 
 
@@ -86,9 +89,12 @@ def resolve_prompts(spec: str, paths: PathContext) -> str:
     return str(found)
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Accept sqlite:///PATH, http(s)://HOST, databricks[://PROFILE]; reject file stores."""
+def check_tracking_uri(uri: str, databases: bool = False) -> None:
+    """Accept sqlite:///PATH, http(s)://HOST, databricks[://PROFILE] and, with `databases`, a SQL database
+    URI (postgresql[+driver]://...); reject file stores."""
     scheme = urlparse(uri).scheme
+    if databases and scheme.split("+")[0] in DATABASE_SCHEMES:
+        return
     if uri == "databricks" or scheme in ("databricks", "http", "https", "sqlite"):
         if scheme in ("http", "https") and not urlparse(uri).netloc:
             raise ValueError(f"{uri!r} has no host (e.g. http://mlflow.example.com:5000)")
@@ -102,7 +108,8 @@ def check_tracking_uri(uri: str) -> None:
             f"{uri!r} is an MLflow file store, which MLflow has deprecated; use sqlite:///mlflow.db "
             "(a SQLite file) or an http(s):// tracking server"
         )
-    raise ValueError(f"unsupported scheme {scheme!r} in {uri!r} (accepted: {', '.join(TRACKING_SCHEMES)})")
+    accepted = TRACKING_SCHEMES + (DATABASE_SCHEMES if databases else ())
+    raise ValueError(f"unsupported scheme {scheme!r} in {uri!r} (accepted: {', '.join(accepted)})")
 
 
 def resolve_tracking_uri(uri: str, paths: PathContext) -> str:

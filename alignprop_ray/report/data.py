@@ -39,8 +39,6 @@ PROBE_ENV = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
 HISTORY_COLUMNS = ["run_id", "name", "truncation", "key", "step", "value", "timestamp"]
-# What `report` reads: a tracking server, or the database behind one (PostgreSQL on clusters, docs/clusters.md)
-READABLE_SCHEMES = ("sqlite", "http", "https", "databricks", "postgresql", "mysql", "mssql")
 
 
 def resolve_uri(tracking_uri: str | None) -> str:
@@ -60,12 +58,13 @@ def open_store(tracking_uri: str | None):
     """
     from mlflow import MlflowClient
 
+    from alignprop_ray.config.paths import check_tracking_uri
+
     uri = resolve_uri(tracking_uri)
-    scheme = uri.partition("://")[0].split("+")[0] if "://" in uri else uri
-    if scheme not in READABLE_SCHEMES:
-        raise UserError(
-            f"tracking URI {uri}: unsupported scheme {scheme!r} (an MLflow store: {', '.join(READABLE_SCHEMES)})"
-        )
+    try:
+        check_tracking_uri(uri, databases=True)  # a tracking server, or the database behind one
+    except ValueError as err:
+        raise UserError(f"tracking URI {uri}: {err}") from None
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(
             f"no MLflow store at {uri.removeprefix('sqlite:///')} (pass --tracking-uri, or set ALIGNPROP_TRACKING_URI or MLFLOW_TRACKING_URI)"
