@@ -155,6 +155,7 @@ def test_tiny_by_name_from_a_sweeps_parent_run(store, capsys):
     assert code == 0, out
     version = client.get_model_version("cats", "1")
     assert version.run_id == runs["by-name"]
+    mlflow.set_tracking_uri(uri)  # `register` sets MLflow's global URI for its own calls only
     info = mlflow.models.get_model_info(f"models:/cats/{version.version}")
     assert info.metadata == {
         "base_model": "tiny",
@@ -168,7 +169,6 @@ def test_tiny_by_name_from_a_sweeps_parent_run(store, capsys):
         "seed": 0,
         "source_run_id": runs["by-name"],
     }
-    mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/cats/{version.version}")
     answer = model.predict(pd.DataFrame({"prompt": ["a red car"]}), params={"seed": 5})
     steps, guidance = SAMPLING["steps"], SAMPLING["guidance_scale"]

@@ -124,10 +124,7 @@ def _global_tracking_uri(uri: str):
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            mlflow.set_tracking_uri(saved)
+        mlflow.set_tracking_uri(saved)  # None unsets both MLflow's global and the variable
 
 
 def _log_model(uri: str, run, adapter: Path, settings: ImageModelSettings, name: str):
