@@ -339,6 +339,38 @@ def test_aws_config_renders_for_another_region_from_one_value(tmp_path, no_netwo
     assert not (tmp_path / "no.yaml").exists()
 
 
+def test_the_quota_advice_is_what_the_shipped_sweeps_run_at_once(hub_reachable, in_tmp, monkeypatch):
+    """docs/clusters.md asks for the vCPUs of the nodes that the shipped GPU sweeps' concurrency on
+    aws.yaml makes the autoscaler add, per EC2 quota (G and VT: g5, g6e; P: p4de)."""
+    from alignprop_ray.sweep import capacity
+
+    config = _load("aws.yaml")
+    ceiling = capacity.autoscaler_ceiling(config, "aws.yaml")
+    monkeypatch.setattr(capacity, "cluster_ceiling", lambda: ceiling)
+    family = {"g5": "G and VT", "g6e": "G and VT", "p4de": "P"}
+    kinds = {
+        frozenset(t["resources"].items()): t["node_config"]["InstanceType"]
+        for t in config["available_node_types"].values()
+    }
+    needed: dict[str, int] = {}
+    for path in SHIPPED:
+        if not is_sweep(read_yaml(path)) or not trial_needs(path).get("GPU"):
+            continue
+        sweep = load_sweep(path, env={})
+        at_once, _ = capacity.concurrency(sweep, print)
+        workers, per_worker = capacity.trial_workers(sweep)
+        by_quota: dict[str, int] = {}
+        for resources, count in capacity.nodes_to_hold(ceiling, per_worker, workers, at_once):
+            quota = family[kinds[frozenset(resources.items())].split(".")[0]]
+            by_quota[quota] = by_quota.get(quota, 0) + int(resources["CPU"]) * count  # vCPUs = CPU here
+        for quota, vcpus in by_quota.items():
+            needed[quota] = max(needed.get(quota, 0), vcpus)
+    assert needed == {"G and VT": 112, "P": 96}
+    docs = " ".join((ROOT / "docs" / "clusters.md").read_text().split())
+    for quota, vcpus in needed.items():
+        assert re.search(rf'"Running On-Demand {quota} instances" [^"]*?at {vcpus} vCPUs', docs), quota
+
+
 def test_aws_train_waits_for_a_cold_node():
     options = " ".join(_load("aws.yaml")["docker"]["run_options"])
     found = re.search(rf"--env {START_TIMEOUT_VAR}=(\d+)", options)

@@ -80,6 +80,7 @@ def training_windows(uri: str, since_ms: int = 0) -> dict[str, tuple[int, int]]:
 
 def most_at_once(windows) -> int:
     """The most windows that overlap at one moment."""
+    windows = list(windows)
     edges = sorted([(start, 1) for start, _ in windows] + [(end, -1) for _, end in windows])
     running = most = 0
     for _, change in edges:  # at equal times an end (-1) sorts first: touching windows do not overlap
