@@ -196,7 +196,7 @@ class Sampler(threading.Thread):
 
     def __init__(self, cluster, extra_head_pids: list[int]):
         super().__init__(daemon=True)
-        self.cluster, self.extra = cluster, extra_head_pids
+        self.cluster, self.extra = cluster, list(extra_head_pids)  # the MLflow server, the sweep drivers
         self.stop = threading.Event()
         self.peak = {"head_mib": 0.0, "worker_nodes_mib": 0.0, "train_workers": 0}
         self.lowest_available_mib = psutil.virtual_memory().available / MIB
@@ -269,11 +269,21 @@ def finished_runs(uri: str) -> int:
     return 0
 
 
-def run_sweep(command: list[str], workdir: Path, env: dict, timeout: float, kill_after: int | None, uri: str):
-    """Run the sweep; with `kill_after`, SIGKILL it once that many trials have finished. (exit, output)"""
+def run_sweep(
+    command: list[str],
+    workdir: Path,
+    env: dict,
+    timeout: float,
+    kill_after: int | None,
+    uri: str,
+    head_pids: list[int],
+):
+    """Run the sweep (its pid joins `head_pids`: a sweep driver runs on the head); with `kill_after`,
+    SIGKILL it once that many trials have finished. (exit status, output)"""
     log_path = workdir / f"sweep-{int(time.time())}.log"
     with open(log_path, "w") as log:
         sweep = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    head_pids.append(sweep.pid)
     deadline = time.monotonic() + timeout
     try:
         while sweep.poll() is None and time.monotonic() < deadline:
@@ -358,10 +368,11 @@ def measure(args: argparse.Namespace) -> dict:
                 command = sweep_command(workdir, uri, trials, args.steps)
                 began = time.monotonic()
                 kill_after = trials // 2 if args.kill else None
-                code, output = run_sweep(command, workdir, env, args.timeout, kill_after, uri)
+                code, output = run_sweep(command, workdir, env, args.timeout, kill_after, uri, sampler.extra)
                 killed = args.kill and code == -signal.SIGKILL
                 if killed:
-                    code, output = run_sweep([*command, "--resume"], workdir, env, args.timeout, None, uri)
+                    resume = [*command, "--resume"]
+                    code, output = run_sweep(resume, workdir, env, args.timeout, None, uri, sampler.extra)
                 wall_s = time.monotonic() - began
                 sampler.stop.set()
                 sampler.join()
