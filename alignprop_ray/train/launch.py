@@ -27,10 +27,10 @@ from alignprop_ray.errors import UserError
 REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.1"
 # Ray Train 2.60 starts a PreemptionWatcher actor (a process of ~100 MiB on the driver's node, so one
-# more per running trial on a sweep's head) for every worker group. It acts on the notices of nodes that
-# Ray drains before taking them away, which neither `ray up` on AWS nor KubeRay give for a reclaimed spot
-# node: there a lost node is a failure, restarted from the last checkpoint. Off unless the user sets it
-# (docs/clusters.md: "What the head carries").
+# more per running trial on a sweep's head) for every worker group. It acts only on nodes that Ray drains
+# with notice (`ray drain-node`, a platform that forwards preemption notices); the clusters in clusters/
+# forward none, so a reclaimed spot node is a lost node, restarted from the last checkpoint. Off unless
+# the user sets it (docs/clusters.md: "What the head carries").
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
