@@ -240,6 +240,56 @@ def test_local_config_without_worker_ips_is_rejected():
 # ---------------------------------------------------------------- aws.yaml: the choices the issue asks for
 
 
+HEAD_MEMORY_GIB = {"m5.xlarge": 16, "m5.2xlarge": 32}  # EC2 instance type pages
+MLFLOW_SERVER_MIB = 1024  # the AWS head's MLflow server, 4 workers: a bound, not a measurement
+
+
+def most_trials_at_once(cluster: str, monkeypatch) -> int:
+    """The most trials any shipped sweep runs at once on `cluster` (its own concurrency rule)."""
+    from alignprop_ray.sweep import capacity
+
+    if cluster == "aws.yaml":
+        ceiling = capacity.autoscaler_ceiling(_load("aws.yaml"), "aws.yaml")
+    else:
+        [doc] = _documents(CLUSTERS / cluster)
+        head = _ray_containers(_cluster_spec(doc))[0]
+        ceiling = capacity.declared_ceiling(_env(head)[NODE_TYPES_ENV]["value"])
+    monkeypatch.setattr(capacity, "cluster_ceiling", lambda: ceiling)
+    counts = [
+        capacity.concurrency(load_sweep(path, env={}), print)[0]
+        for path in SHIPPED
+        if is_sweep(read_yaml(path)) and fitting_types(trial_needs(path), cluster_node_types(cluster))
+    ]
+    return max(counts)
+
+
+@pytest.mark.parametrize("cluster", ["aws.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_the_head_holds_the_trials_the_shipped_sweeps_run_at_once(
+    cluster, hub_reachable, in_tmp, monkeypatch
+):
+    """Head memory >= what the sweep shares (driver, Ray's daemons) + what each running trial keeps there
+    (its driver, Train controller and per-run actors), both as measured by bench/head_memory.py and
+    committed in bench/head_memory.json, times the most trials a shipped sweep runs at once there."""
+    import json
+
+    measured = json.loads((ROOT / "bench" / "head_memory.json").read_text())["now"]
+    trials = most_trials_at_once(cluster, monkeypatch)
+    need_mib = measured["shared_mib"] + measured["per_trial_mib"] * trials
+    if cluster == "aws.yaml":
+        config = _load(cluster)
+        head_gib = HEAD_MEMORY_GIB[
+            config["available_node_types"][config["head_node_type"]]["node_config"]["InstanceType"]
+        ]
+        need_mib += MLFLOW_SERVER_MIB  # the AWS head also serves MLflow
+    else:
+        [doc] = _documents(CLUSTERS / cluster)
+        limit = _cluster_spec(doc)["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"][
+            "limits"
+        ]
+        head_gib = int(limit["memory"].removesuffix("Gi"))
+    assert head_gib * 1024 >= need_mib, (cluster, trials, need_mib)
+
+
 def test_aws_head_takes_no_training_work():
     config = _load("aws.yaml")
     head = config["available_node_types"][config["head_node_type"]]

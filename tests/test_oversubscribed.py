@@ -187,6 +187,8 @@ def test_a_resumed_sweep_keeps_its_concurrency_limit(ray_session, tmp_path):
     """Room for 2 trials (2 CPUs, one 1-CPU worker each), 1 at a time asked for: trial A's worker is
     killed (no retries: A errors), then the sweep driver while B trains. Resumed, Tune would start A and
     B together."""
+    from ray import tune
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = {
         "name": "resume-limit",
@@ -203,6 +205,8 @@ def test_a_resumed_sweep_keeps_its_concurrency_limit(ray_session, tmp_path):
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(sweep_command(sets), cwd=tmp_path, env=env, stdout=log, stderr=log)
     try:
+        # MLflow's store is the sweep's to create: reading it before then races its schema set-up
+        wait_for(lambda: tune.Tuner.can_restore(str(state)), TIMEOUT_S, "Tune's first state save")
         wait_for(lambda: len(training_windows_or_none(uri)) == 1, TIMEOUT_S, "trial A to train")
         (worker,) = train_workers()
         worker.send_signal(signal.SIGKILL)
