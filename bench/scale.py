@@ -158,7 +158,7 @@ def simulated_cluster(nodes: int):
             utils.write_ray_address(recorded)
         else:
             with contextlib.suppress(OSError):
-                os.remove(Path(utils.get_ray_temp_dir()) / "ray_current_cluster")
+                os.remove(utils.get_ray_address_file(None))
 
 
 def head_processes(cluster) -> list[psutil.Process]:
