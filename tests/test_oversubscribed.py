@@ -46,7 +46,8 @@ TIMEOUT_S = 600
 
 def sweep_command(sets: dict, *extra: str) -> list[str]:
     command = [sys.executable, "-m", "alignprop_ray.cli", "sweep", str(ROOT / "sweeps" / "smoke.yaml")]
-    return command + [arg for key, value in {**SMALL, **sets}.items() for arg in ("--set", f"{key}={value}")]
+    sets = [arg for key, value in {**SMALL, **sets}.items() for arg in ("--set", f"{key}={value}")]
+    return command + sets + list(extra)
 
 
 def table(output: str) -> list[str]:
