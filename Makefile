@@ -7,7 +7,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup test test-fast demo toy-model bench gpu-check lint format clean
+.PHONY: setup test test-fast test-soak demo toy-model bench bench-scale head-memory gpu-check lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,13 +18,17 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Everything (the README's test command and CI).
+# Everything but the soak tier (the README's test command and CI).
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not soak" $(PYTEST_ARGS)
 
 # The inner loop: unit tests without Ray and without the slow end-to-end ones (about 3 minutes on 2 cores).
 test-fast: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not ray and not own_ray and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not ray and not own_ray and not slow and not soak" $(PYTEST_ARGS)
+
+# The soak tier: long forms of fault tests whose short forms run in `make test`.
+test-soak: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m soak $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/alignprop-ray demo
@@ -36,6 +40,16 @@ toy-model: setup
 
 bench: setup
 	bash bench/run.sh
+
+# One sweep of 4 trials per simulated node on a Ray cluster on this machine, MLflow on a throwaway
+# PostgreSQL; with SCALE_ARGS=--kill, the sweep driver is killed half-way and resumed (RELIABILITY.md).
+SCALE_ARGS ?= --nodes 8
+bench-scale: setup
+	$(PY) bench/scale.py $(SCALE_ARGS)
+
+# What each running trial keeps in memory on the head node (USS by process; docs/clusters.md).
+head-memory: setup
+	$(PY) bench/head_memory.py
 
 # The GPU acceptance check (CUDA, no downloads, budget 8 minutes on one H200/A100-class GPU): tests/test_gpu.py,
 # 20 SD 1.5-architecture steps at 512 px (peak memory, images/s), bench/gpu.py. GPU_CHECK_ARGS=--smoke: on CPU.

@@ -7,6 +7,7 @@ installed versions, so an upgrade that moves one breaks here, in one place, loud
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 from pathlib import Path
@@ -94,24 +95,6 @@ def mlflow_latest_metric_steps(client, run_id: str) -> dict[str, int]:
     return {metric.key: metric.step for metric in client.get_run(run_id).data._metric_objs}
 
 
-def ray_train_worker_start_timeout_s() -> float:
-    """How long Ray Train waits for the cluster to place a worker group on one try, in seconds.
-
-    Ray 2.60 Train V2: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, default
-    `ray.train.v2._internal.constants.DEFAULT_WORKER_GROUP_START_TIMEOUT_S` (60 s); a try that times out
-    is a controller failure, retried `FailureConfig.controller_failure_limit` times.
-    """
-    import os
-
-    from ray.train.v2._internal import constants
-
-    return float(
-        os.environ.get(
-            constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, constants.DEFAULT_WORKER_GROUP_START_TIMEOUT_S
-        )
-    )
-
-
 def ray_train_startup_timed_out(err: BaseException) -> bool:
     """Whether a Ray Train controller failure is its worker group finding no room in the cluster in time.
 
@@ -120,6 +103,67 @@ def ray_train_startup_timed_out(err: BaseException) -> bool:
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     return isinstance(err, WorkerGroupStartupTimeoutError)
+
+
+@functools.cache
+def ray_train_trainer_without_dataset_actor() -> type:
+    """TorchTrainer whose runs, given no Ray Datasets, start no DatasetManager actor.
+
+    Ray 2.60 Train V2: `DataParallelTrainer._create_default_callbacks` always adds a `DatasetsCallback`
+    (ray.train.v2._internal.callbacks.datasets), whose `before_init_train_context` starts a
+    DatasetManager actor (a Ray worker process, ~100 MiB, on the driver's node) for every worker group,
+    datasets or not. Each worker's TrainContext requires a `dataset_shard_provider`, so the callback is
+    replaced by one that hands the workers a provider without datasets, not dropped.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class NoDatasets:
+        def get_dataset_shard(self, dataset_info):
+            raise KeyError(f"no dataset {dataset_info.dataset_name!r}: this run was given none")
+
+    class NoDatasetsCallback(WorkerGroupCallback):
+        def before_init_train_context(self, workers) -> dict:
+            return {"dataset_shard_provider": [NoDatasets()] * len(workers)}
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [NoDatasetsCallback() if isinstance(c, DatasetsCallback) else c for c in callbacks]
+
+    return Trainer
+
+
+def ray_train_controller_callback_bases() -> tuple[type, type]:
+    """(ControllerCallback, WorkerGroupCallback): bases of a callback that runs in a run's Train controller
+    and sees its state changes and each worker-group start (RunConfig.callbacks passes any of them on).
+
+    Ray 2.60 Train V2: `ray.train.v2._internal.execution.callback` (DeveloperAPI classes, private path).
+    """
+    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+
+    return ControllerCallback, WorkerGroupCallback
+
+
+def ray_train_state_name(state) -> str:
+    """The name of a Train controller state: INITIALIZING, SCHEDULING, RESCHEDULING (a worker-group start
+    failed and is tried again), RUNNING, RESTARTING (after a failure), ..., ERRORED, FINISHED, ABORTED.
+
+    Ray 2.60 Train V2: `TrainControllerState._state_type.state_name`.
+    """
+    return state._state_type.state_name
+
+
+def ray_train_start_failure(state) -> BaseException | None:
+    """Why a Train controller state is RESCHEDULING: the error of the worker-group start that failed.
+
+    Ray 2.60 Train V2: `ReschedulingState.training_failed_error`, a ControllerError around the cause.
+    """
+    error = getattr(state, "training_failed_error", None)
+    return getattr(error, "controller_failure", error)
 
 
 def ray_reported_node_groups() -> list[tuple[dict[str, float], float]]:

@@ -114,7 +114,10 @@ start() {
     address=$(probe_address "$@")
     mkdir -p "$state_dir"
     stop
-    setsid nohup mlflow server "$@" >"$log_file" 2>&1 </dev/null &
+    # MLflow 3's job runner (huey consumers for GenAI scorers, unused here) is 7 more processes, about
+    # 1.2 GiB on the head (bench/head_memory.py); a value set in the environment wins.
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
+        setsid nohup mlflow server "$@" >"$log_file" 2>&1 </dev/null &
     echo $! >"$pid_file"
     for _ in $(seq 120); do
         if healthy "$address"; then

@@ -174,6 +174,22 @@ def test_a_trial_no_node_type_can_hold_is_refused(tmp_path, monkeypatch):
         capacity.concurrency(sweep, print)
 
 
+def test_node_types_declared_in_the_environment(tmp_path, monkeypatch):
+    declared = '{"gpu": {"resources": {"CPU": 1, "fake_gpu": 1}, "max_workers": 3}}'
+    assert capacity.declared_ceiling(declared) == Ceiling(
+        [], [({"CPU": 1.0, "fake_gpu": 1.0}, 3)], "node types in ALIGNPROP_NODE_TYPES"
+    )
+    assert capacity.declared_ceiling(None) is None
+    for broken in ('{"gpu": {"max_workers": 3}}', "[1, 2]", '{"gpu": {"resources": {"CPU": "x"}'):
+        with pytest.raises(UserError, match=r"^ALIGNPROP_NODE_TYPES must map each node type to"):
+            capacity.declared_ceiling(broken)
+    # what the sweep does with it: 2 workers a trial, 3 nodes of one worker each
+    monkeypatch.setenv("ALIGNPROP_NODE_TYPES", declared)
+    monkeypatch.setattr(capacity, "reported_ceiling", lambda: None)
+    sweep = parse_sweep(SWEEP, tmp_path, env={})
+    assert capacity.concurrency(sweep, print) == (1, "node types in ALIGNPROP_NODE_TYPES: room for 1")
+
+
 def test_the_cluster_config_reported_to_ray(monkeypatch):
     from ray._private.state import state
     from ray.core.generated.autoscaler_pb2 import ClusterConfig, NodeGroupConfig
@@ -250,7 +266,14 @@ print(json.dumps({"nodes": nodes, "worker_nodes": [a.node_id for a in workers]})
 @pytest.fixture
 def cluster_from_zero():
     """A Ray head with no fake_gpu whose autoscaler may add MAX_NODES nodes that have one; yields the
-    environment of a driver for it (RAY_ADDRESS).
+    environment of a driver for it (RAY_ADDRESS)."""
+    with start_cluster_from_zero() as env:
+        yield env
+
+
+@contextlib.contextmanager
+def start_cluster_from_zero(extra_env: dict[str, str] | None = None):
+    """The cluster of `cluster_from_zero`, its every process started with `extra_env` set.
 
     The head, and with it every node the autoscaler adds, runs in a session of its own, and is ended by
     signalling that session's processes, never with `ray stop` (which would end every Ray instance on the
@@ -271,6 +294,7 @@ def cluster_from_zero():
         # Ray 2.60 turns token authentication on by itself where ~/.ray/auth_token exists (a `ray.init()`
         # elsewhere may have written it); this throwaway loopback cluster does without, for every client.
         "RAY_AUTH_MODE": "disabled",
+        **(extra_env or {}),
     }
     command = [
         str(bin_dir / "ray"),

@@ -29,6 +29,7 @@ import re
 import shlex
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
@@ -41,7 +42,7 @@ from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscali
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from alignprop_ray.config import load_experiment, read_yaml
-from alignprop_ray.sweep.capacity import trial_resources
+from alignprop_ray.sweep.capacity import NODE_TYPES_ENV, trial_resources
 from alignprop_ray.sweep.config import is_sweep, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,6 +240,56 @@ def test_local_config_without_worker_ips_is_rejected():
 # ---------------------------------------------------------------- aws.yaml: the choices the issue asks for
 
 
+HEAD_MEMORY_GIB = {"m5.xlarge": 16, "m5.2xlarge": 32}  # EC2 instance type pages
+MLFLOW_SERVER_MIB = 1024  # the AWS head's MLflow server, 4 workers: a bound, not a measurement
+
+
+def most_trials_at_once(cluster: str, monkeypatch) -> int:
+    """The most trials any shipped sweep runs at once on `cluster` (its own concurrency rule)."""
+    from alignprop_ray.sweep import capacity
+
+    if cluster == "aws.yaml":
+        ceiling = capacity.autoscaler_ceiling(_load("aws.yaml"), "aws.yaml")
+    else:
+        [doc] = _documents(CLUSTERS / cluster)
+        head = _ray_containers(_cluster_spec(doc))[0]
+        ceiling = capacity.declared_ceiling(_env(head)[NODE_TYPES_ENV]["value"])
+    monkeypatch.setattr(capacity, "cluster_ceiling", lambda: ceiling)
+    counts = [
+        capacity.concurrency(load_sweep(path, env={}), print)[0]
+        for path in SHIPPED
+        if is_sweep(read_yaml(path)) and fitting_types(trial_needs(path), cluster_node_types(cluster))
+    ]
+    return max(counts)
+
+
+@pytest.mark.parametrize("cluster", ["aws.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_the_head_holds_the_trials_the_shipped_sweeps_run_at_once(
+    cluster, hub_reachable, in_tmp, monkeypatch
+):
+    """Head memory >= what the sweep shares (driver, Ray's daemons) + what each running trial keeps there
+    (its driver, Train controller and per-run actors), both as measured by bench/head_memory.py and
+    committed in bench/head_memory.json, times the most trials a shipped sweep runs at once there."""
+    import json
+
+    measured = json.loads((ROOT / "bench" / "head_memory.json").read_text())["now"]
+    trials = most_trials_at_once(cluster, monkeypatch)
+    need_mib = measured["shared_mib"] + measured["per_trial_mib"] * trials
+    if cluster == "aws.yaml":
+        config = _load(cluster)
+        head_gib = HEAD_MEMORY_GIB[
+            config["available_node_types"][config["head_node_type"]]["node_config"]["InstanceType"]
+        ]
+        need_mib += MLFLOW_SERVER_MIB  # the AWS head also serves MLflow
+    else:
+        [doc] = _documents(CLUSTERS / cluster)
+        limit = _cluster_spec(doc)["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"][
+            "limits"
+        ]
+        head_gib = int(limit["memory"].removesuffix("Gi"))
+    assert head_gib * 1024 >= need_mib, (cluster, trials, need_mib)
+
+
 def test_aws_head_takes_no_training_work():
     config = _load("aws.yaml")
     head = config["available_node_types"][config["head_node_type"]]
@@ -295,6 +346,79 @@ def test_project_images_agree_everywhere():
         for container in _all_containers(doc):
             tags.add(container["image"].rsplit("/", 1)[1])
     assert len(tags) == 1 and tags.pop().startswith(PROJECT_IMAGE + ":")
+
+
+def test_aws_config_renders_for_another_region_from_one_value(tmp_path, no_network):
+    out = tmp_path / "aws-eu.yaml"
+    command = [sys.executable, str(CLUSTERS / "render_aws.py"), "eu-west-1", "--zones", "a,c"]
+    command += [
+        "--account",
+        "123456789012",
+        "--bucket",
+        "b",
+        "--rds-endpoint",
+        "db.example",
+        "--out",
+        str(out),
+    ]
+    subprocess.run(command, check=True, timeout=60)
+    text = out.read_text()
+    assert "us-west-2" not in text and not re.search(r"YOUR_(ACCOUNT_ID|BUCKET|RDS_ENDPOINT)", text)
+    config = yaml.safe_load(text)
+    assert config["provider"]["region"] == "eu-west-1"
+    assert config["provider"]["availability_zone"] == "eu-west-1a,eu-west-1c"
+    assert config["docker"]["image"].startswith("123456789012.dkr.ecr.eu-west-1.amazonaws.com/")
+    assert "--env AWS_DEFAULT_REGION=eu-west-1" in config["docker"]["run_options"]
+    assert text.count("eu-west-1") == 7  # 6 places, the zones' line naming two zones
+    ray_validate(config)
+    # the shipped file is its own rendering for its region; bad input: one line, exit 2, nothing written
+    same = subprocess.run(
+        [sys.executable, str(CLUSTERS / "render_aws.py"), "us-west-2", "--zones", "a,b,c,d"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert same.stdout == (CLUSTERS / "aws.yaml").read_text()
+    bad = subprocess.run(
+        [sys.executable, str(CLUSTERS / "render_aws.py"), "europe", "--out", str(tmp_path / "no.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not an AWS region" in bad.stderr
+    assert not (tmp_path / "no.yaml").exists()
+
+
+def test_the_quota_advice_is_what_the_shipped_sweeps_run_at_once(hub_reachable, in_tmp, monkeypatch):
+    """docs/clusters.md asks for the vCPUs of the nodes that the shipped GPU sweeps' concurrency on
+    aws.yaml makes the autoscaler add, per EC2 quota (G and VT: g5, g6e; P: p4de)."""
+    from alignprop_ray.sweep import capacity
+
+    config = _load("aws.yaml")
+    ceiling = capacity.autoscaler_ceiling(config, "aws.yaml")
+    monkeypatch.setattr(capacity, "cluster_ceiling", lambda: ceiling)
+    family = {"g5": "G and VT", "g6e": "G and VT", "p4de": "P"}
+    kinds = {
+        frozenset(t["resources"].items()): t["node_config"]["InstanceType"]
+        for t in config["available_node_types"].values()
+    }
+    needed: dict[str, int] = {}
+    for path in SHIPPED:
+        if not is_sweep(read_yaml(path)) or not trial_needs(path).get("GPU"):
+            continue
+        sweep = load_sweep(path, env={})
+        at_once, _ = capacity.concurrency(sweep, print)
+        workers, per_worker = capacity.trial_workers(sweep)
+        by_quota: dict[str, int] = {}
+        for resources, count in capacity.nodes_to_hold(ceiling, per_worker, workers, at_once):
+            quota = family[kinds[frozenset(resources.items())].split(".")[0]]
+            by_quota[quota] = by_quota.get(quota, 0) + int(resources["CPU"]) * count  # vCPUs = CPU here
+        for quota, vcpus in by_quota.items():
+            needed[quota] = max(needed.get(quota, 0), vcpus)
+    assert needed == {"G and VT": 112, "P": 96}
+    docs = " ".join((ROOT / "docs" / "clusters.md").read_text().split())
+    for quota, vcpus in needed.items():
+        assert re.search(rf'"Running On-Demand {quota} instances" [^"]*?at {vcpus} vCPUs', docs), quota
 
 
 def test_aws_train_waits_for_a_cold_node():
@@ -418,13 +542,96 @@ def test_kuberay_worker_groups_advertise_the_gpus_of_the_nodes_they_select():
             assert resources["GPU"] == count and _accelerators(resources) == [model], group["groupName"]
 
 
+def test_the_package_pins_the_cluster_images_ray_and_the_sweep_warns_on_another():
+    import tomllib
+
+    from alignprop_ray.sweep.launch import ray_version_note
+
+    requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"ray[default,train,tune]=={RAY_VERSION}" in requirements
+    assert ray.__version__ == RAY_VERSION
+    assert ray_version_note(RAY_VERSION, requirements) is None
+    note = ray_version_note("2.61.0", requirements)
+    assert note.startswith(f"warning: Ray 2.61.0 runs here, the cluster image runs Ray {RAY_VERSION} ")
+    assert note.endswith(f"pip install 'ray[default,train,tune]=={RAY_VERSION}'")
+
+
+def test_kuberay_declares_its_worker_groups_to_the_sweep():
+    """ALIGNPROP_NODE_TYPES (the sweep's view of how far a KubeRay cluster grows) is each worker group as
+    KubeRay's autoscaler derives it: its CPUs, GPUs and GPU model, and maxReplicas."""
+    for doc in _manifests("RayCluster") + _manifests("RayJob"):
+        derived = {k: v for k, v in kuberay_node_types(doc).items() if k != "headgroup"}
+        for container in _ray_containers(_cluster_spec(doc)):
+            declared = yaml.safe_load(_env(container)[NODE_TYPES_ENV]["value"])
+            assert declared.keys() == derived.keys(), container["name"]
+            for name, spec in declared.items():
+                assert spec["max_workers"] == derived[name]["max_workers"], name
+                offered = {k: v for k, v in derived[name]["resources"].items() if k != "memory"}
+                assert spec["resources"] == offered, name
+
+
+def test_the_rayjob_runs_as_many_trials_at_once_as_its_pods_hold(hub_reachable, in_tmp, monkeypatch):
+    """2 pods of 4 L40S, a truncation trial takes 4: 2 at a time (all 4 at once before, 2 of them failing
+    while they waited)."""
+    from alignprop_ray.sweep import capacity
+
+    [job] = _manifests("RayJob")
+    head = _ray_containers(_cluster_spec(job))[0]
+    ceiling = capacity.declared_ceiling(_env(head)[NODE_TYPES_ENV]["value"])
+    monkeypatch.setattr(capacity, "cluster_ceiling", lambda: ceiling)
+    sweep = load_sweep(ROOT / job["spec"]["entrypoint"].split()[-1], env={})
+    assert capacity.concurrency(sweep, print) == (2, f"node types in {NODE_TYPES_ENV}: room for 2")
+
+
 def test_project_image_is_built_from_the_pinned_ray_image_with_the_mlflow_drivers():
     dockerfile = (CLUSTERS / "Dockerfile").read_text()
     assert re.search(rf"^FROM {re.escape(GPU_IMAGE)}$", dockerfile, re.MULTILINE)
-    install = next(line for line in dockerfile.splitlines() if line.startswith("RUN pip install"))
+    install = next(line for line in dockerfile.splitlines() if "ray[default," in line)
+    assert install.startswith("RUN pip install")
     assert f'"ray[default,train,tune]=={RAY_VERSION}"' in install
     # S3 artifacts; the PostgreSQL driver the store URIs name (postgresql+psycopg://)
     assert "boto3" in install and '"psycopg[binary]' in install
+
+
+def dockerfile_runs() -> list[str]:
+    """The Dockerfile's RUN commands, continuation lines joined."""
+    text = (CLUSTERS / "Dockerfile").read_text().replace("\\\n", "")
+    return [line[len("RUN ") :] for line in text.splitlines() if line.startswith("RUN ")]
+
+
+def test_the_image_pins_the_tests_torch_and_checks_its_cuda_build_against_the_base_image(tmp_path):
+    makefile = (ROOT / "Makefile").read_text()
+    pins = re.search(r"^TORCH_PINS \?= (.+)$", makefile, re.MULTILINE).group(1).split()
+    [torch_run] = [run for run in dockerfile_runs() if "download.pytorch.org" in run]
+    assert all(f'"{pin}"' in torch_run for pin in pins), (pins, torch_run)
+    assert "${TORCH_CUDA}" in torch_run and re.search(
+        r"^ARG TORCH_CUDA=cu\d+$", (CLUSTERS / "Dockerfile").read_text(), re.M
+    )
+    # the build's check, run against a stand-in torch: the same CUDA major version passes, another fails
+    check = shlex.split(torch_run.split("&&", 1)[1])
+    assert check[:2] == ["python", "-c"]
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "__version__ = '2.14.1+cu128'\nclass version:\n    cuda = '12.8'\n"
+    )
+    for image_cuda, passes in (("12.9.1", True), ("12.1.0", True), ("13.0.0", False), ("", False)):
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path), "CUDA_VERSION": image_cuda}
+        run = subprocess.run([sys.executable, "-c", check[2]], env=env, capture_output=True, text=True)
+        assert (run.returncode == 0) == passes, (image_cuda, run.stderr)
+        if not passes:
+            assert "set --build-arg TORCH_CUDA" in run.stderr
+
+
+def test_gpu_nodes_check_that_torch_sees_their_gpus_before_taking_work():
+    first = _load("aws.yaml")["worker_start_ray_commands"][0]  # every AWS worker type has GPUs
+    assert first.startswith("python -c") and "torch.cuda.is_available()" in first
+    for doc in _manifests("RayCluster") + _manifests("RayJob"):
+        for group in _cluster_spec(doc)["workerGroupSpecs"]:
+            [container] = group["template"]["spec"]["containers"]
+            probe = container["startupProbe"]["exec"]["command"]
+            assert probe[:2] == ["python", "-c"] and "torch.cuda.is_available()" in probe[2], group[
+                "groupName"
+            ]
 
 
 def test_kuberay_mlflow_service_matches_the_tracking_uri():

@@ -68,3 +68,45 @@ def test_mlflow_latest_metric_steps_are_the_last_step_of_each_key(tmp_path):
         client.log_metric(run_id, "a", value, step=step)
     client.log_metric(run_id, "b", 1.0, step=0)
     assert compat.mlflow_latest_metric_steps(client, run_id) == {"a": 7, "b": 0}
+
+
+def test_ray_train_trainer_without_dataset_actor_hands_workers_no_datasets(tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.data_integration.interfaces import DatasetShardMetadata
+
+    trainer = compat.ray_train_trainer_without_dataset_actor()(
+        lambda config: None,
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="compat", storage_path=str(tmp_path)),
+    )
+    callbacks = trainer._create_default_callbacks()
+    assert not any(isinstance(c, DatasetsCallback) for c in callbacks)
+    providers = [
+        c.before_init_train_context([1, 2]) for c in callbacks if type(c).__name__ == "NoDatasetsCallback"
+    ]
+    assert len(providers) == 1 and len(providers[0]["dataset_shard_provider"]) == 2
+    try:
+        providers[0]["dataset_shard_provider"][0].get_dataset_shard(DatasetShardMetadata("train", 0))
+    except KeyError as err:
+        assert "this run was given none" in str(err)
+    else:
+        raise AssertionError("a provider without datasets handed out a shard")
+
+
+def test_ray_train_controller_states_and_start_failures_are_read():
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2._internal.execution.controller import state
+
+    controller_callback, worker_group_callback = compat.ray_train_controller_callback_bases()
+    assert hasattr(controller_callback, "after_controller_state_update")
+    assert hasattr(worker_group_callback, "before_worker_group_start")
+    assert hasattr(worker_group_callback, "before_init_train_context")
+    timeout = WorkerGroupStartupTimeoutError(num_workers=2)
+    rescheduling = state.ReschedulingState(ControllerError(timeout))
+    assert compat.ray_train_state_name(rescheduling) == "RESCHEDULING"
+    assert compat.ray_train_state_name(state.RunningState()) == "RUNNING"
+    assert compat.ray_train_start_failure(rescheduling) is timeout
+    assert compat.ray_train_startup_timed_out(timeout)
+    assert compat.ray_train_start_failure(state.RunningState()) is None

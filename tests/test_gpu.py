@@ -68,9 +68,9 @@ def train_two_steps_on_gpu(rank: int, port: int) -> tuple[list[str], bool]:
     """One rank of a 2-GPU run under the trainer's own GPU process group (NCCL for CUDA tensors)."""
     import torch.distributed as dist
 
-    from alignprop_ray.engine.distributed import process_group_backend
     from alignprop_ray.engine.step import plan_step
     from alignprop_ray.engine.truncation import parse_truncation
+    from alignprop_ray.train.inputs import process_group_backend
     from alignprop_ray.train.loop import check_workers_in_sync
 
     torch.cuda.set_device(rank)

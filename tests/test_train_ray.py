@@ -205,8 +205,7 @@ def test_main_returns_2_for_config_errors(tmp_path, monkeypatch, capsys):
 def test_the_train_controller_polls_faster_than_rays_2s_unless_the_user_says(tmp_path, monkeypatch, preset):
     """Ray Train 2.60 drains a worker's per-step report only when its controller polls; Ray hands the
     poll interval from the process calling fit() to the controller. (No Ray started: trainer faked.)"""
-    import ray.train.torch
-
+    from alignprop_ray import compat
     from alignprop_ray.train import launch
 
     seen = {}
@@ -223,7 +222,7 @@ def test_the_train_controller_polls_faster_than_rays_2s_unless_the_user_says(tmp
         monkeypatch.delenv(launch.REPORT_POLL_ENV, raising=False)
     else:
         monkeypatch.setenv(launch.REPORT_POLL_ENV, preset)
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    monkeypatch.setattr(compat, "ray_train_trainer_without_dataset_actor", lambda: FakeTrainer)
     monkeypatch.setattr(launch, "connect_ray", lambda: None)
     launch.run_training(tiny_config(tmp_path), name="poll")
     assert seen["poll"] == (preset or launch.REPORT_POLL_S)

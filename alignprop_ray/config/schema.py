@@ -521,8 +521,16 @@ class FailureConfig(Section):
     wait_for_workers_s: Float = Field(
         900.0,
         gt=0,
-        description="seconds a run waits for the cluster to have room for all its workers when they start or "
-        "restart (a lost node not yet replaced); then it fails, saying how to resume",
+        description="seconds a run waits for the cluster to have room for all its workers again when they "
+        "restart after a failure (a lost node not yet replaced); then it fails, saying how to resume",
+    )
+    # No limit by default: a sweep with more trials than the cluster holds at once queues them; a trial
+    # that has no room yet waits (visibly), it does not fail (alignprop_ray/train/placement.py).
+    wait_for_room_s: Float | None = Field(
+        None,
+        gt=0,
+        description="seconds a run waits for room for its workers when they first start (trials queued "
+        "behind others, nodes the autoscaler is adding); null: no limit",
     )
 
 

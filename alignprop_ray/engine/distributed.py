@@ -1,7 +1,7 @@
 """The few collective operations training needs (pure torch.distributed; no-ops in a single process).
 
 Which backend carries which collective: GPU workers get one process group with two backends,
-`cpu:gloo,cuda:nccl` (`process_group_backend`). NCCL only takes CUDA tensors, and three of our
+`cpu:gloo,cuda:nccl` (alignprop_ray/train/inputs.py, which hands it to Ray Train). NCCL only takes CUDA tensors, and three of our
 collectives are on CPU data by nature: the step statistics (Python floats), evaluation shards
 (`all_gather_object` pickles to a byte tensor) and the LoRA digests. With both backends, torch routes
 each collective by its tensor's device: LoRA gradients (CUDA) go through NCCL, the small CPU
@@ -14,14 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-GPU_BACKEND = "cpu:gloo,cuda:nccl"
-CPU_BACKEND = "gloo"
-
-
-def process_group_backend(use_gpu: bool) -> str:
-    """The torch.distributed backend string for workers on GPUs or on CPUs (see the module docstring)."""
-    return GPU_BACKEND if use_gpu else CPU_BACKEND
 
 
 def world() -> tuple[int, int]:

@@ -8,6 +8,7 @@ sweep on one node for good. docs/clusters.md.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,10 @@ from typing import Any
 
 from alignprop_ray.compat import ray_monitor_command, ray_reported_node_groups
 from alignprop_ray.errors import UserError
+
+# The node types an autoscaler may add, for a driver that cannot read its config (KubeRay's autoscaler
+# runs in a container of its own): `cluster_ceiling`, source 2.
+NODE_TYPES_ENV = "ALIGNPROP_NODE_TYPES"
 
 
 @dataclass(frozen=True)
@@ -64,19 +69,53 @@ def trials_that_fit(ceiling: Ceiling, per_worker: dict[str, float], workers: int
     Counted node by node, since a worker never spans two: the nodes that are always there, then the kinds
     of node that take the most workers, up to the cap on added nodes. math.inf: no limit.
     """
-
-    def per_node(resources: dict[str, float]) -> float:
-        # + 1e-9: 1 // 0.001 is 999 in floating point (accelerator_type asks 0.001 per worker)
-        fits = [math.floor(resources.get(k, 0) / need + 1e-9) for k, need in per_worker.items() if need > 0]
-        return min(fits, default=math.inf)
-
-    slots, room = sum(per_node(node) for node in ceiling.always), ceiling.max_nodes
-    for fits, most in sorted(((per_node(node), most) for node, most in ceiling.growable), reverse=True):
-        if fits == 0 or room == 0 or math.isinf(slots):
-            break
-        added = min(most, room)
-        slots, room = slots + fits * added, room - added
+    slots = sum(_per_node(node, per_worker) for node in ceiling.always)
+    for fits, added, _ in _added_nodes(ceiling, per_worker):
+        slots += fits * added
     return math.inf if math.isinf(slots) else slots // workers
+
+
+def nodes_to_hold(ceiling: Ceiling, per_worker: dict[str, float], workers: int, trials: int) -> list:
+    """The added nodes that hold `trials` trials at once, as (node resources, count), in the order
+    `trials_that_fit` counts them (the roomiest kinds first, after the nodes that are always there):
+    what the autoscaler adds for them, and what the cloud quota must allow."""
+    slots = sum(_per_node(node, per_worker) for node in ceiling.always)
+    needed, used = trials * workers, []
+    for fits, added, resources in _added_nodes(ceiling, per_worker):
+        if slots >= needed:
+            break
+        count = min(added, math.ceil((needed - slots) / fits))
+        used.append((resources, count))
+        slots += fits * count
+    return used
+
+
+def _per_node(resources: dict[str, float], per_worker: dict[str, float]) -> float:
+    """Workers one node of `resources` holds (math.inf if a worker needs nothing)."""
+    # + 1e-9: 1 // 0.001 is 999 in floating point (accelerator_type asks 0.001 per worker)
+    fits = [math.floor(resources.get(k, 0) / need + 1e-9) for k, need in per_worker.items() if need > 0]
+    return min(fits, default=math.inf)
+
+
+def _added_nodes(ceiling: Ceiling, per_worker: dict[str, float]):
+    """(workers each, nodes, resources) of each kind an autoscaler may add, roomiest first, within the cap
+    on added nodes; stops at a kind that holds no worker (or after one that holds any number)."""
+    room = ceiling.max_nodes
+    kinds = sorted(
+        ((_per_node(node, per_worker), most, node) for node, most in ceiling.growable),
+        key=lambda kind: kind[0],
+        reverse=True,
+    )
+    for fits, most, node in kinds:
+        if fits == 0 or room == 0:
+            return
+        added = min(most, room)
+        if added == 0:  # a kind switched off (max_workers: 0)
+            continue
+        yield fits, added, node
+        room -= added
+        if math.isinf(fits):
+            return
 
 
 def cluster_ceiling() -> Ceiling | None:
@@ -84,18 +123,20 @@ def cluster_ceiling() -> Ceiling | None:
 
     1. The cluster config an autoscaler reports to the GCS: what Ray Train checks worker groups against
        (Ray 2.60's own autoscalers leave it empty; platforms that report it fill it).
-    2. The node types and max_workers in the config file of this cluster's autoscaler, the monitor process
+    2. The node types in NODE_TYPES_ENV, declared where the autoscaler's config is out of the driver's
+       sight: the KubeRay manifests set it from their worker groups (tests/test_clusters.py checks them).
+    3. The node types and max_workers in the config file of this cluster's autoscaler, the monitor process
        on the head (`ray up` starts it with --autoscaling-config=~/ray_bootstrap_config.yaml); the driver
        must run on the head to see it, as it does under `ray job submit`.
-    3. A monitor without a config file: a fixed cluster (`ray.init()`, `ray start` by hand); its nodes now.
-    Otherwise (a driver off the head, KubeRay's autoscaler in a container of its own): None.
+    4. A monitor without a config file: a fixed cluster (`ray.init()`, `ray start` by hand); its nodes now.
+    Otherwise (a driver off the head, KubeRay's autoscaler without NODE_TYPES_ENV): None.
     """
     import ray
     import yaml
 
-    reported = reported_ceiling()
-    if reported is not None:
-        return reported
+    for found in (reported_ceiling(), declared_ceiling(os.environ.get(NODE_TYPES_ENV))):
+        if found is not None:
+            return found
     monitor = ray_monitor_command(ray.get_runtime_context().gcs_address)
     if monitor is None:
         return None
@@ -122,6 +163,27 @@ def autoscaler_ceiling(config: dict[str, Any], path: str) -> Ceiling | None:
         return None
     growable = [(spec.get("resources", {}), most[name]) for name, spec in types.items() if name != head]
     return Ceiling([types[head]["resources"]], growable, f"node types and max_workers in {path}", cap)
+
+
+def declared_ceiling(text: str | None) -> Ceiling | None:
+    """Ceiling from NODE_TYPES_ENV: {type name: {resources: {...}, max_workers: N}} as JSON (or YAML), the
+    shape of an autoscaler config's available_node_types; None if unset. UserError if malformed."""
+    import yaml
+
+    if not text:
+        return None
+    try:
+        types = yaml.safe_load(text)
+        growable = [
+            ({k: float(v) for k, v in spec["resources"].items()}, int(spec["max_workers"]))
+            for spec in types.values()
+        ]
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"{NODE_TYPES_ENV} must map each node type to {{resources: {{...}}, max_workers: N}} "
+            f"(got {text[:80]!r}: {err})"
+        ) from None
+    return Ceiling([], growable, f"node types in {NODE_TYPES_ENV}")
 
 
 def reported_ceiling() -> Ceiling | None:

@@ -115,6 +115,7 @@ def run_sweep(sweep, *, resume: bool = False, say: Callable[[str], None] = print
     path = experiment_path(sweep)
     _check_state(sweep, path, uri, experiment, resume)
     connect_ray()
+    _say_ray_version(say)
     concurrency, why = capacity.concurrency(sweep, say)
     tracking.ensure_experiment(uri, experiment)  # before any server: pins the artifact folder
     parent_id, _ = sweep_tracking.start_parent(uri, experiment, sweep, _sweep_yaml(sweep))
@@ -126,6 +127,36 @@ def run_sweep(sweep, *, resume: bool = False, say: Callable[[str], None] = print
         tracking.end_run(uri, parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     return _finish(sweep, path, uri, experiment, parent_id)
+
+
+def ray_version_note(running: str, requirements: list[str]) -> str | None:
+    """A warning if `running` (the Ray here) is not the Ray that this package's `requirements` pin, which
+    is the cluster image's (clusters/Dockerfile): a laptop's `ray up` and `ray job submit` need the
+    cluster's Ray, and a sweep tried here first should run what the cluster runs."""
+    from packaging.requirements import Requirement
+
+    pins = [Requirement(r) for r in requirements]
+    pinned = [str(r.specifier)[2:] for r in pins if r.name == "ray" and str(r.specifier).startswith("==")]
+    if not pinned or pinned[0] == running:
+        return None
+    return (
+        f"warning: Ray {running} runs here, the cluster image runs Ray {pinned[0]} (clusters/Dockerfile): "
+        f"a laptop's `ray up` and `ray job submit` need the cluster's Ray; "
+        f"pip install 'ray[default,train,tune]=={pinned[0]}'"
+    )
+
+
+def _say_ray_version(say: Callable[[str], None]) -> None:
+    from importlib.metadata import PackageNotFoundError, requires
+
+    import ray
+
+    try:
+        note = ray_version_note(ray.__version__, requires("alignprop-ray") or [])
+    except PackageNotFoundError:  # a source tree that was never installed: nothing pinned
+        return
+    if note:
+        say(note)
 
 
 def _check_state(sweep, path: str, uri: str, experiment: str, resume: bool) -> None:
@@ -192,8 +223,14 @@ def _header(sweep, path: str, uri: str, parent_id: str, concurrency: int, why: s
             f"#   objective: {', '.join(f'{m} ({o})' for m, o in zip(tune.metrics, tune.modes, strict=True))}",
             f"#   MLflow: parent run {parent_id}, experiment {sweep.reference.tracking.experiment!r}, {uri}",
             f"#   Tune results and checkpoints: {path}",
+            f"#   a trial without room for its workers waits for it (failure.wait_for_room_s: {_bound(sweep)})",
         ]
     )
+
+
+def _bound(sweep) -> str:
+    wait = sweep.reference.failure.wait_for_room_s
+    return "no limit" if wait is None else f"{wait:g} s"
 
 
 def _trial_tracking_uri(uri: str, concurrency: int, path: str):
@@ -209,9 +246,13 @@ def _trial_tracking_uri(uri: str, concurrency: int, path: str):
 def _fit(sweep, path: str, parent_id: str, trial_uri: str, concurrency: int, resume: bool) -> None:
     from ray import tune
 
+    from alignprop_ray.sweep.slots import start_slots
     from alignprop_ray.sweep.trial import TrialContext, run_trial
 
-    context = TrialContext(sweep, parent_id, trial_uri, posixpath.join(path, TRAIN_RUNS))
+    # Tune alone lets a resumed sweep run more trials at once than `concurrency` (sweep/slots.py)
+    slots = start_slots(concurrency)
+    train_runs = posixpath.join(path, TRAIN_RUNS)
+    context = TrialContext(sweep, parent_id, trial_uri, train_runs, slots, concurrency)
     resources = dict(sweep.config.tune.resources or DRIVER_RESOURCES)
     if not any(resources.values()):
         resources["memory"] = DRIVER_RESOURCES["memory"]

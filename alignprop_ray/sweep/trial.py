@@ -5,6 +5,10 @@
 its MLflow child run are named after the trial id, so a restarted or resumed trial continues both (Train
 restores its last checkpoint from storage; MLflow finds the run by name) instead of starting over.
 
+A trial trains only while it holds one of the sweep's slots (slots.py: after `--resume`, Tune alone
+would start every restored trial at once), and its workers wait for room in the cluster as long as
+failure.wait_for_room_s allows (train/placement.py): a trial without room waits, it does not fail.
+
 A trial can be started again after its run finished: Tune saves its state every few seconds, and a sweep
 driver killed in between resumes with the trial still marked running. Its Train run then has nothing to
 train and reports nothing, so the trial hands Tune the run's last result again (from the run's last
@@ -15,11 +19,13 @@ from __future__ import annotations
 
 import os
 import posixpath
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
+from alignprop_ray.sweep.slots import trial_slot
 from alignprop_ray.sweep.stoppers import TOTAL_STEPS
 from alignprop_ray.sweep.tracking import child_name, child_tags
 
@@ -32,6 +38,8 @@ class TrialContext:
     parent_run_id: str
     tracking_uri: str  # the store, or a local MLflow server in front of it (mlflow_server.py)
     train_storage: str  # where each trial's Ray Train run keeps its checkpoints
+    slots: Any = None  # the sweep's TrialSlots actor (slots.py): no more trials train at once than this
+    concurrency: int = 1  # how many slots it has
 
     def experiment_for(self, point: dict[str, Any]):
         decoded = {d.field: d.decode(point[d.field]) for d in self.sweep.domains if d.field in point}
@@ -53,12 +61,14 @@ def run_trial(point: dict[str, Any], context: TrialContext) -> None:
     name = child_name(context.sweep.name, trial_id)
     done = final_result(cfg, name)  # the Train run had reached its last step before this attempt
     if done is None or not _run_finished(cfg, name):
-        run_training(
-            cfg,
-            name,
-            tags=child_tags(context.sweep.name, trial_id, context.parent_run_id),
-            callbacks=[EvalReportCallback(cfg.train.steps)],
-        )
+        slot = trial_slot(context.slots, trial_id, context.concurrency) if context.slots else nullcontext()
+        with slot:
+            run_training(
+                cfg,
+                name,
+                tags=child_tags(context.sweep.name, trial_id, context.parent_run_id),
+                callbacks=[EvalReportCallback(cfg.train.steps)],
+            )
     if done is not None:  # nothing was trained, so nothing reported: Tune gets the last result again
         ray.tune.report(done)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import posixpath
 import shlex
@@ -27,6 +26,12 @@ from alignprop_ray.errors import UserError
 # variable from the process calling fit() to the controller and workers; a value set by the user wins.
 REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.1"
+# Ray Train 2.60 starts a PreemptionWatcher actor (a process of ~100 MiB on the driver's node, so one
+# more per running trial on a sweep's head) for every worker group. It acts only on nodes that Ray drains
+# with notice (`ray drain-node`, a platform that forwards preemption notices); the clusters in clusters/
+# forward none, so a reclaimed spot node is a lost node, restarted from the last checkpoint. Off unless
+# the user sets it (docs/clusters.md: "What the head carries").
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 @dataclass
@@ -78,8 +83,6 @@ def failure_line(err: BaseException) -> str | None:
     from mlflow.exceptions import MlflowException
     from ray.train import ControllerError, TrainingFailedError, WorkerGroupError
 
-    from alignprop_ray.compat import ray_train_startup_timed_out
-
     own = own_errors()
     if isinstance(err, own):
         return str(err)
@@ -92,11 +95,6 @@ def failure_line(err: BaseException) -> str | None:
         cause = err.worker_failures[min(err.worker_failures)]
     elif isinstance(err, ControllerError):
         cause = err.controller_failure
-        if ray_train_startup_timed_out(cause):
-            return (
-                f"training failed: the cluster had no room for the run's {cause.num_workers} workers within "
-                "failure.wait_for_workers_s (a lost node not replaced, or too few resources)"
-            )
     line = _last_line(str(cause)) or type(cause).__name__
     for kind in own:
         line = line.removeprefix(f"{kind.__module__}.{kind.__qualname__}: ")
@@ -108,8 +106,9 @@ def own_errors() -> tuple[type[Exception], ...]:
     from alignprop_ray.tracking import TrackingError
     from alignprop_ray.train.checkpoint import StorageError
     from alignprop_ray.train.loop import NonFiniteError
+    from alignprop_ray.train.placement import NoRoomError, StartFailedError
 
-    return StorageError, TrackingError, NonFiniteError
+    return StorageError, TrackingError, NonFiniteError, NoRoomError, StartFailedError
 
 
 def _last_line(text: str) -> str:
@@ -158,7 +157,7 @@ def run_training(
     """
     from alignprop_ray import tracking
     from alignprop_ray.prompts import load_prompts
-    from alignprop_ray.train.loop import LoopInput
+    from alignprop_ray.train.inputs import LoopInput
 
     name = name or default_name(cfg)
     check_storage(cfg.storage.path)
@@ -178,6 +177,7 @@ def run_training(
         _check_same_config(cfg, run_id, name)
     connect_ray()
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     trainer = build_trainer(cfg, name, asdict(loop_input), callbacks)
     try:
         result = trainer.fit()
@@ -193,14 +193,15 @@ def run_training(
 def build_trainer(cfg, name: str, loop_config: dict, callbacks: list | None = None):
     """The TorchTrainer for experiment `cfg`: its workers, process group, storage and failure policy."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    from alignprop_ray.engine.distributed import process_group_backend
-    from alignprop_ray.train.loop import train_loop
+    from alignprop_ray.compat import ray_train_trainer_without_dataset_actor
+    from alignprop_ray.train.inputs import process_group_backend
 
     scaling = cfg.scaling
-    return TorchTrainer(
-        train_loop,
+    # a TorchTrainer that starts no idle DatasetManager actor per run (we give it no Ray Datasets)
+    return ray_train_trainer_without_dataset_actor()(
+        worker_main,
         train_loop_config=loop_config,
         # Not Ray's default (NCCL alone on GPUs): our step statistics and evaluation gathers are CPU data.
         torch_config=TorchConfig(backend=process_group_backend(scaling.use_gpu)),
@@ -215,12 +216,39 @@ def build_trainer(cfg, name: str, loop_config: dict, callbacks: list | None = No
             storage_path=cfg.storage.path,
             failure_config=FailureConfig(
                 max_failures=cfg.failure.max_failures,
-                controller_failure_limit=startup_retries(cfg.failure.wait_for_workers_s),
+                # A worker-group start that finds no room is tried again without limit: RoomWatch ends
+                # the wait after failure.wait_for_room_s (first start) or wait_for_workers_s (restart).
+                controller_failure_limit=-1,
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), room_watch(cfg, name, loop_config.get("run_id"))],
         ),
+    )
+
+
+def worker_main(loop_input: dict) -> None:
+    """Ray Train's entry point on each worker (`train_loop_per_worker`): alignprop_ray.train.loop's.
+
+    Imported there, not here: Ray pickles this function by reference, so the driver and the Train
+    controller (on the head, one of each per running trial) never load the engine; the workers do.
+    """
+    from alignprop_ray.train.loop import train_loop
+
+    train_loop(loop_input)
+
+
+def room_watch(cfg, name: str, run_id: str | None):
+    """The callback that bounds and shows the run's waits for room (alignprop_ray/train/placement.py)."""
+    from alignprop_ray.train.placement import RoomWatch
+
+    failure = cfg.failure
+    return RoomWatch(
+        name,
+        wait_for_room_s=failure.wait_for_room_s,
+        wait_for_workers_s=failure.wait_for_workers_s,
+        max_start_failures=failure.max_failures,
+        tracking=(cfg.tracking.uri, run_id) if run_id else None,
     )
 
 
@@ -239,18 +267,6 @@ def check_storage(path: str) -> None:
         from alignprop_ray.train.checkpoint import StorageError
 
         raise StorageError(f"storage.path {path} cannot take checkpoints: {err.strerror or err}") from None
-
-
-def startup_retries(wait_s: float) -> int:
-    """Retries of a worker-group start that fit in `wait_s` (failure.wait_for_workers_s) after the first try.
-
-    Each try waits up to Ray Train's start timeout for the cluster to place every worker, then counts as a
-    controller failure, which Ray Train retries without limit by default: a run whose lost node never
-    comes back would wait forever.
-    """
-    from alignprop_ray.compat import ray_train_worker_start_timeout_s
-
-    return max(0, math.ceil(wait_s / ray_train_worker_start_timeout_s()) - 1)
 
 
 def _interrupted() -> bool:

@@ -42,6 +42,7 @@ from alignprop_ray.train.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from alignprop_ray.train.inputs import LoopInput
 
 if TYPE_CHECKING:
     from alignprop_ray.config import ExperimentConfig
@@ -53,18 +54,6 @@ if TYPE_CHECKING:
 TOTAL_STEPS = "total_steps"
 EVAL_SEED_BASE = 10_000  # eval image j of prompt i: seed EVAL_SEED_BASE + i x eval_seeds + j (eval_pairs)
 FLUSH_ON_FAILURE_S = 10.0  # a failing worker waits this long at most for its queued MLflow calls
-
-
-@dataclass
-class LoopInput:
-    """What the driver hands every worker (plain data: it is pickled to remote nodes)."""
-
-    experiment: dict  # the resolved ExperimentConfig as a dict
-    run_id: str  # MLflow run created by the driver
-    train_prompts: list[str]
-    eval_prompts: list[str]
-    fail_at_step: int | list[int] | None = None  # test hook: rank 1 (or 0 alone) dies once at each step
-    fail_marker: str | None = None  # file that records the failures that already happened
 
 
 class NonFiniteError(RuntimeError):

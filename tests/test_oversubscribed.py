@@ -1,0 +1,249 @@
+"""Sweeps with more trials than the cluster can place at once: the trials without room wait, none fails.
+
+- The command of issue 22 as a test: 4 trials at once asked for, room for one (each trial's worker
+  asks for 2 CPUs of a 2-CPU instance), and `failure.wait_for_workers_s=30`, which bounded a trial's
+  first start before (3 of the 4 trials errored). Ray Train's own start timeout is cut to 15 s a try, so
+  a trial waits through several tries.
+- Ray's fake autoscaler, from zero to 2 nodes: 6 trials, 4 at once; the trials without a node wait while
+  their pending placement groups make the autoscaler add the nodes.
+- `--resume` after a trial errored and the sweep driver was killed: Ray Tune starts every restored trial
+  at once (ray-project/ray#40652); the sweep's slots keep it to `tune.max_concurrent_trials` (1, on room
+  for 2).
+The same without Ray: tests/test_room.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.test_autoscaling import CLUSTER_FACTS, MAX_NODES, start_cluster_from_zero
+from tests.test_reliability import wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {  # a trial of a few seconds' training: the waits are the point
+    "train.steps": 4,
+    "train.eval_every": 4,
+    "train.checkpoint_every": 4,
+    "sampling.steps": 2,
+    "model.resolution": 32,
+    "train.batch_size": 1,
+    "stop.collapse": "null",
+}
+TRY_S = "15"  # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S: one try of a worker-group start
+TIMEOUT_S = 600
+
+
+def sweep_command(sets: dict, *extra: str) -> list[str]:
+    command = [sys.executable, "-m", "alignprop_ray.cli", "sweep", str(ROOT / "sweeps" / "smoke.yaml")]
+    sets = [arg for key, value in {**SMALL, **sets}.items() for arg in ("--set", f"{key}={value}")]
+    return command + sets + list(extra)
+
+
+def table(output: str) -> list[str]:
+    assert "\ntrial " in output, output[-4000:]
+    return output[output.index("\ntrial ") :].splitlines()
+
+
+def child_runs(uri: str, experiment: str = "smoke") -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], "tags.`mlflow.parentRunId` != ''", max_results=100)
+
+
+def training_windows(uri: str, since_ms: int = 0) -> dict[str, tuple[int, int]]:
+    """Run id -> (first, last) timestamp in ms of the per-step metrics rank 0 logged after `since_ms`."""
+    from mlflow import MlflowClient
+
+    client, windows = MlflowClient(uri), {}
+    for run in child_runs(uri):
+        stamps = [
+            m.timestamp
+            for m in client.get_metric_history(run.info.run_id, "train/loss")
+            if m.timestamp >= since_ms
+        ]
+        if stamps:
+            windows[run.info.run_id] = (min(stamps), max(stamps))
+    return windows
+
+
+def most_at_once(windows) -> int:
+    """The most windows that overlap at one moment."""
+    windows = list(windows)
+    edges = sorted([(start, 1) for start, _ in windows] + [(end, -1) for _, end in windows])
+    running = most = 0
+    for _, change in edges:  # at equal times an end (-1) sorts first: touching windows do not overlap
+        running += change
+        most = max(most, running)
+    return most
+
+
+@pytest.mark.ray
+@pytest.mark.own_ray
+def test_more_trials_at_once_than_fit_wait_and_all_complete(tmp_path):
+    room = max(1, (os.cpu_count() or 2) // 2)  # trials whose worker fits this machine's Ray at once
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = {
+        "name": "oversub",
+        "tracking.uri": uri,
+        "storage.path": tmp_path / "runs",
+        "tune.max_concurrent_trials": 4,
+        "base.scaling.resources_per_worker.CPU": 2,
+        "base.failure.wait_for_workers_s": 30,
+    }
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private instance of its own
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = TRY_S
+    sweep = subprocess.run(
+        sweep_command(sets), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    out = sweep.stdout + sweep.stderr
+    assert sweep.returncode == 0, out[-4000:]
+    rows = table(out)
+    assert sum(row.rstrip().endswith("completed") for row in rows) == 4, "\n".join(rows)
+    assert "up to 4 at a time (tune.max_concurrent_trials)" in out
+    assert "waiting for resources: the cluster has no room yet for 1 worker(s)" in out, out[-4000:]
+    windows = training_windows(uri)
+    assert len(windows) == 4
+    assert most_at_once(windows.values()) <= room, windows
+    # MLflow shows who waited: every trial that had to wait says when it was placed
+    placed = [run.data.tags.get("alignprop.placement", "") for run in child_runs(uri)]
+    assert sum(tag.startswith("placed after ") for tag in placed) >= 4 - room, placed
+
+
+@pytest.mark.ray
+@pytest.mark.own_ray
+def test_trials_beyond_the_nodes_wait_and_the_autoscaler_still_adds_the_nodes(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = {
+        "name": "oversub-autoscaler",
+        "tracking.uri": uri,
+        "storage.path": tmp_path / "runs",
+        "scaling.resources_per_worker": "{CPU: 1, fake_gpu: 1}",
+        "space.train.seed": "{grid: [0, 1, 2]}",  # x 2 truncations: 6 trials
+        "space.train.lr": "{grid: [1.0e-2]}",
+        "tune.max_concurrent_trials": 4,
+        "failure.wait_for_workers_s": 30,
+        "train.steps": 2,
+        "train.eval_every": 2,
+        "train.checkpoint_every": 2,
+    }
+    with start_cluster_from_zero({"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": TRY_S}) as env:
+        sweep = subprocess.run(
+            sweep_command(sets), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
+        facts = subprocess.run(
+            [sys.executable, "-c", CLUSTER_FACTS], env=env, capture_output=True, text=True, timeout=120
+        )
+    out = sweep.stdout + sweep.stderr
+    assert sweep.returncode == 0, out[-4000:]
+    rows = table(out)
+    assert sum(row.rstrip().endswith("completed") for row in rows) == 6, "\n".join(rows)
+    assert facts.returncode == 0, facts.stderr[-3000:]
+    cluster = json.loads(facts.stdout.strip().splitlines()[-1])
+    added = {n["id"] for n in cluster["nodes"] if n["resources"].get("fake_gpu")}
+    assert len(added) == MAX_NODES, cluster["nodes"]  # grown to its limit while trials waited
+    assert set(cluster["worker_nodes"]) <= added
+    windows = training_windows(uri).values()
+    assert len(windows) == 6
+    assert most_at_once(windows) == MAX_NODES, sorted(windows)  # side by side, never more than nodes
+
+
+# --- --resume keeps the limit ----------------------------------------------------------------------------
+
+
+def train_workers() -> list[psutil.Process]:
+    """Ray Train's worker processes of the test session's Ray instance (its processes descend from this
+    one, which started it)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if process.cmdline()[:1] and process.cmdline()[0].startswith("ray::RayTrainWorker"):
+                found.append(process)
+    return found
+
+
+def trial_statuses(path: Path) -> dict[str, str]:
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(str(path)).trials}
+    except Exception:  # no state written yet
+        return {}
+
+
+@pytest.mark.ray
+def test_a_resumed_sweep_keeps_its_concurrency_limit(ray_session, tmp_path):
+    """Room for 2 trials (2 CPUs, one 1-CPU worker each), 1 at a time asked for: trial A's worker is
+    killed (no retries: A errors), then the sweep driver while B trains. Resumed, Tune would start A and
+    B together."""
+    from ray import tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = {
+        "name": "resume-limit",
+        "tracking.uri": uri,
+        "storage.path": tmp_path / "runs",
+        "space.truncation": "{grid: [full]}",
+        "tune.max_concurrent_trials": 1,
+        "failure.max_failures": 0,
+        "train.steps": 8,  # long enough that B is still training when the driver is killed
+        "train.checkpoint_every": 2,
+    }
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    state = tmp_path / "runs" / "resume-limit"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(sweep_command(sets), cwd=tmp_path, env=env, stdout=log, stderr=log)
+    try:
+        # MLflow's store is the sweep's to create: reading it before then races its schema set-up
+        wait_for(lambda: tune.Tuner.can_restore(str(state)), TIMEOUT_S, "Tune's first state save")
+        wait_for(lambda: len(training_windows_or_none(uri)) == 1, TIMEOUT_S, "trial A to train")
+        (worker,) = train_workers()
+        worker.send_signal(signal.SIGKILL)
+        wait_for(lambda: "ERROR" in trial_statuses(state).values(), TIMEOUT_S, "trial A to error")
+        wait_for(lambda: len(training_windows_or_none(uri)) == 2, TIMEOUT_S, "trial B to train")
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.kill()
+        first.wait()
+    resumed_at = int(time.time() * 1000)
+    resumed = subprocess.run(
+        sweep_command(sets, "--resume"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-4000:]
+    rows = table(out)
+    assert sum(row.rstrip().endswith("completed") for row in rows) == 2, "\n".join(rows)
+    windows = training_windows(uri, since_ms=resumed_at)
+    assert len(windows) == 2 and most_at_once(windows.values()) == 1, windows
+
+
+def training_windows_or_none(uri: str) -> dict:
+    """training_windows, or nothing while the store is busy with the sweep's writes."""
+    try:
+        return training_windows(uri)
+    except Exception:
+        return {}
+
+
+def test_most_at_once_counts_overlaps():
+    assert most_at_once([(0, 10), (10, 20), (20, 30)]) == 1
+    assert most_at_once([(0, 10), (5, 20), (6, 7)]) == 3
+    assert most_at_once(itertools.chain([(0, 1)], [(2, 3)])) == 1
