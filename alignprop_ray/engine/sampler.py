@@ -57,10 +57,13 @@ class SamplerSettings:
 def encode(
     parts: DiffusionParts, prompts: Sequence[str], settings: SamplerSettings, resolution: int
 ) -> Conditioning:
-    """The denoiser's conditioning for `prompts`, [uncond; cond] when guidance is on (no grad)."""
-    guided = settings.guidance_scale > 1.0
+    """The denoiser's conditioning for `prompts`, [uncond; cond] when classifier-free guidance is on (no
+    grad); a guidance-distilled family gets the guidance scale as a denoiser input instead."""
+    family = parts.family
+    guided = settings.guidance_scale > 1.0 and family.classifier_free_guidance
     negative = settings.negative_prompt or None
-    return parts.family.encode(parts, list(prompts), negative, guided, resolution)
+    cond = family.encode(parts, list(prompts), negative, guided, resolution)
+    return family.guidance_input(parts, cond, settings.guidance_scale)
 
 
 def initial_latents(
@@ -69,20 +72,22 @@ def initial_latents(
     """x_T for each image from its own CPU generator (diffusers' `randn_tensor` convention)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    multiple = parts.vae_scale_factor * getattr(parts.denoiser.config, "patch_size", 1)
+    family = parts.family
+    multiple = family.resolution_multiple(parts)
     if resolution % multiple:
         raise UserError(
-            f"resolution {resolution} must be a multiple of {multiple} for this {parts.family.name} model"
+            f"resolution {resolution} must be a multiple of {multiple} for this {family.name} model"
         )
-    size = resolution // parts.vae_scale_factor
-    shape = (len(generators), parts.denoiser.config.in_channels, size, size)
+    shape = (len(generators), *family.noise_shape(parts, resolution))
     noise = randn_tensor(shape, generator=generators, device=parts.device, dtype=parts.dtype)
-    return parts.family.initial_latents(noise, parts.scheduler)
+    return family.initial_latents(noise, parts.scheduler)
 
 
-def start(parts: DiffusionParts, steps: int) -> torch.Tensor:
-    """Set the scheduler up for a new chain of `steps` steps; its timesteps, first to last."""
-    return schedulers.set_timesteps(parts.scheduler, steps, parts.device)
+def start(parts: DiffusionParts, steps: int, resolution: int) -> torch.Tensor:
+    """Set the scheduler up for a new chain of `steps` steps at `resolution` (a dynamically shifted
+    schedule depends on the image size); its timesteps, first to last."""
+    options = parts.family.timestep_options(parts, steps, resolution)
+    return schedulers.set_timesteps(parts.scheduler, steps, parts.device, **options)
 
 
 def guided_prediction(
@@ -261,7 +266,7 @@ def generate(
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
     cond = encode(parts, prompts, settings, resolution)
-    timesteps = start(parts, steps)
+    timesteps = start(parts, steps, resolution)
     latents = initial_latents(parts, generators, resolution)
     measured = None
     if (
