@@ -272,7 +272,7 @@ def test_a_checkpoint_plan_must_cover_the_k_steps_and_transformers_take_whole_pa
     flux = load_parts("tiny", family="flux")
     with pytest.raises(UserError, match="resolution 30 must be a multiple of 4 for this flux model"):
         generate(flux, PROMPTS, SEEDS, sampler_settings(steps=1), resolution=30)
-    with pytest.raises(UserError, match="sampling.negative_prompt: FLUX.1 samples without") as err:
+    with pytest.raises(UserError, match="negative prompt 'blurry': flux models sample without") as err:
         generate(flux, PROMPTS, SEEDS, sampler_settings(steps=1, negative_prompt="blurry"), resolution=8)
     one_line(err)
 

@@ -54,11 +54,25 @@ class SamplerSettings:
         return cls(steps, guidance_scale, eta, negative_prompt, False, False, None)
 
 
+def check_settings(parts: DiffusionParts, settings: SamplerSettings) -> None:
+    """Refuse, in one line, settings this model would silently ignore: eta without DDIM, a negative
+    prompt without classifier-free guidance (guidance-distilled FLUX.1)."""
+    schedulers.check_eta(parts.scheduler, settings.eta)
+    family = parts.family
+    if settings.negative_prompt and not family.classifier_free_guidance:
+        raise UserError(
+            f"negative prompt {settings.negative_prompt!r}: {family.name} models sample without "
+            "classifier-free guidance (guidance-distilled), so it would have no effect; leave it empty"
+        )
+
+
 def encode(
     parts: DiffusionParts, prompts: Sequence[str], settings: SamplerSettings, resolution: int
 ) -> Conditioning:
     """The denoiser's conditioning for `prompts`, [uncond; cond] when classifier-free guidance is on (no
-    grad); a guidance-distilled family gets the guidance scale as a denoiser input instead."""
+    grad); a guidance-distilled family gets the guidance scale as a denoiser input instead. Every sampling
+    path starts here, so the settings are checked here (`check_settings`)."""
+    check_settings(parts, settings)
     family = parts.family
     guided = settings.guidance_scale > 1.0 and family.classifier_free_guidance
     negative = settings.negative_prompt or None
@@ -259,7 +273,6 @@ def generate(
     mask = _grad_mask(k, steps)
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt is required")
-    schedulers.check_eta(parts.scheduler, settings.eta)
     if settings.compile:
         compile_denoiser(parts.denoiser)
     resolution = resolution or parts.native_resolution

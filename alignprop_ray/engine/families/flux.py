@@ -32,7 +32,6 @@ from alignprop_ray.engine.families import sd
 from alignprop_ray.engine.families.base import Conditioning, DiffusionParts, Family
 from alignprop_ray.engine.families.sd import clip_tokens
 from alignprop_ray.engine.families.tiny import clip_tokenizer, seeded, t5_tokenizer, tiny_clip_config
-from alignprop_ray.errors import UserError
 
 T5_TOKENS = 512  # FluxPipeline's max_sequence_length default
 SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 128 latents a side, 1024 px with the 8x VAE
@@ -141,12 +140,8 @@ class Flux(Family):
     # --- sampling ------------------------------------------------------------------------------------
 
     def encode(self, parts, prompts, negative_prompt, guided, resolution) -> Conditioning:
-        """CLIP's pooled output and T5's hidden states, with the rotary position ids of text and image."""
-        if negative_prompt:
-            raise UserError(
-                "sampling.negative_prompt: FLUX.1 samples without classifier-free guidance (guidance-distilled), "
-                "so a negative prompt has no effect; leave it empty"
-            )
+        """CLIP's pooled output and T5's hidden states, with the rotary position ids of text and image
+        (no negative prompt: `sampler.check_settings` refuses one)."""
         device = parts.device
         (clip_tok, t5_tok), (clip, t5) = parts.tokenizers, parts.text_encoders
         with torch.no_grad():
