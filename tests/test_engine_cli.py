@@ -13,7 +13,11 @@ from alignprop_ray.engine.models import load_parts
 from tests.helpers import lora_settings
 from tests.test_sampler import perturb
 
-PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+PIPELINES = {
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
 
 
 def diffusers_pil(model_dir, prompt, seed, steps, guidance, adapter=None):
@@ -80,14 +84,14 @@ def test_sample_png_equals_diffusers_png(tiny_dir, tmp_path, with_adapter):
 def family_dirs(tmp_path_factory):
     """`make-tiny-model --family F` for the families beyond SD 1.x/2.x, once per module."""
     dirs = {}
-    for family in ("sdxl", "sd3"):
+    for family in PIPELINES:
         dirs[family] = tmp_path_factory.mktemp(family) / "pipe"
         assert main(["make-tiny-model", "--family", family, str(dirs[family])]) == 0
     return dirs
 
 
 @pytest.mark.parametrize("with_adapter", [False, True])
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", list(PIPELINES))
 def test_sample_png_equals_the_familys_diffusers_png(family_dirs, tmp_path, family, with_adapter):
     from tests.test_families import diffusers_pipeline
 

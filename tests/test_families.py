@@ -1,5 +1,5 @@
-"""SDXL and SD3 through the one sampler: parity with their diffusers pipelines, the exact meaning of
-truncated and checkpointed backprop for each, adapters that plain diffusers loads, family mismatches as
+"""SDXL, SD3 and FLUX.1 through the one sampler: parity with their diffusers pipelines, the exact meaning
+of truncated and checkpointed backprop for each, adapters that plain diffusers loads, family mismatches as
 one-line errors, and a 2-worker Ray run per family that raises an offline reward."""
 
 import json
@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from alignprop_ray.engine.families import LORA_TARGETS
-from alignprop_ray.engine.families.sd3 import SD3
+from alignprop_ray.engine.families.flux import Flux
+from alignprop_ray.engine.families.sd3 import SD3, SD3_SCHEDULE
 from alignprop_ray.engine.families.sdxl import SDXL
 from alignprop_ray.engine.lora import (
     WEIGHT_NAME,
@@ -37,9 +38,11 @@ RESOLUTION = 32  # 16 x 16 latents: the tiny models' CPU cost stays in seconds
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
-    """`pipeline_dir(name)`: a tiny pipeline directory, written once per module. Names: a family, or
-    `sdxl-ddim` (SDXL shipped with a DDIM scheduler) and `sd3-no-t5` (SD3 without its T5 encoder)."""
-    from diffusers import DDIMScheduler
+    """`pipeline_dir(name)`: a tiny pipeline directory, written once per module. Names: a family (flux:
+    the guidance-distilled [dev] shape), or `sdxl-ddim` (SDXL shipped with a DDIM scheduler), `sd3-no-t5`
+    (SD3 without its T5 encoder), `sd3-dynamic-shift` (SD3 whose scheduler shifts by the image size) and
+    `flux-schnell` (FLUX.1 [schnell]: no guidance embedding, no shift)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     from alignprop_ray.engine.families.sd import SD_SCHEDULE
 
@@ -54,6 +57,13 @@ def pipeline_dir(tmp_path_factory):
                 parts.family.pipeline(parts).save_pretrained(path)
             elif name == "sd3-no-t5":
                 parts = SD3().build_tiny(0, t5=False)
+                parts.family.pipeline(parts).save_pretrained(path)
+            elif name == "sd3-dynamic-shift":
+                parts = SD3().build_tiny(0, t5=False)
+                parts.scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE, use_dynamic_shifting=True)
+                parts.family.pipeline(parts).save_pretrained(path)
+            elif name == "flux-schnell":
+                parts = Flux().build_tiny(0, variant="schnell")
                 parts.family.pipeline(parts).save_pretrained(path)
             else:
                 save_tiny_model(path, family=name)
@@ -108,6 +118,12 @@ CASES = {
     "sd3-no-cfg": ("sd3", sampler_settings(steps=4, guidance_scale=1.0)),
     "sd3-negative": ("sd3", sampler_settings(steps=4, negative_prompt="blurry")),
     "sd3-no-t5": ("sd3-no-t5", sampler_settings(steps=4, guidance_scale=5.0)),
+    # set_timesteps raises without the `mu` the pipeline computes from the image size
+    "sd3-dynamic-shift": ("sd3-dynamic-shift", sampler_settings(steps=4, guidance_scale=5.0)),
+    # FLUX.1 takes no classifier-free guidance: [dev] feeds the scale to its guidance embedding (and shifts
+    # its schedule by the image size), [schnell] ignores it
+    "flux-dev": ("flux", sampler_settings(steps=5, guidance_scale=3.5)),
+    "flux-schnell": ("flux-schnell", sampler_settings(steps=4, guidance_scale=3.5)),
 }
 
 
@@ -120,7 +136,7 @@ def test_matches_diffusers_pipeline(pipeline_dir, case):
     assert (mine - theirs).abs().max() <= PIXEL_TOL  # measured: 0.0 for every case
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_adapter_loads_in_diffusers_and_matches(pipeline_dir, tmp_path, family):
     directory = pipeline_dir(family)
     parts = load_parts(str(directory))
@@ -153,6 +169,22 @@ def test_sd3_adapter_covers_the_joint_attention_text_stream(tmp_path):
         assert any(f".{target}.lora_A." in k for k in keys), target
 
 
+def test_flux_adapter_covers_both_streams_and_the_single_blocks(tmp_path):
+    """diffusers' FLUX LoRA script's default: attention and feed-forward of the double-stream blocks' image
+    and text streams, and (by the same names) the single-stream blocks' attention."""
+    parts = load_parts("tiny", family="flux")
+    attach_lora(parts.denoiser, lora_settings())
+    save_adapter(parts.denoiser, tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / WEIGHT_NAME), framework="pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith("transformer.") for k in keys)
+    double = ("attn.to_q", "attn.add_k_proj", "attn.to_out.0", "attn.to_add_out", "ff.net.2")
+    for target in (*double, "ff_context.net.0.proj"):
+        assert any(f"transformer_blocks.0.{target}.lora_A." in k for k in keys), target
+    assert any(k.startswith("transformer.single_transformer_blocks.1.attn.to_v.lora_A.") for k in keys)
+    assert not any(".proj_mlp." in k or ".norm" in k for k in keys)  # not in the script's list
+
+
 # --- truncation and checkpointing --------------------------------------------------------------------
 
 
@@ -179,7 +211,7 @@ def denoiser_calls(parts, record):
     parts.denoiser.register_forward_hook(returned, with_kwargs=True)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_exactly_the_last_k_steps_receive_gradient(family, k):
     parts = load_parts("tiny", family=family)
@@ -188,7 +220,8 @@ def test_exactly_the_last_k_steps_receive_gradient(family, k):
     record = {"calls": [], "received": [], "requires_grad": []}
     denoiser_calls(parts, record)
     images = generate(parts, PROMPTS, SEEDS, sampler_settings(steps=4), k=k, resolution=RESOLUTION)
-    timesteps = [float(t) for t in parts.scheduler.timesteps]
+    timesteps = list(record["calls"])  # each step's t as its denoiser call got it (FLUX's: t / 1000)
+    assert len(set(timesteps)) == 4
     assert record["requires_grad"] == [False] * (4 - k) + [True] * k  # the no-grad prefix builds no graph
     if k == 0:
         assert not images.requires_grad
@@ -207,7 +240,7 @@ def lora_grads(parts, params, k, **kwargs):
     return torch.cat([p.grad.flatten() for p in params])
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_checkpointing_does_not_change_gradients(family):
     parts = load_parts("tiny", family=family).to("cpu", torch.float64)
     params = attach_lora(parts.denoiser, lora_settings(rank=4, alpha=4))
@@ -224,17 +257,24 @@ def test_checkpointing_does_not_change_gradients(family):
     for grads in (with_ckpt, mixed):
         assert ((grads - without).norm() / without.norm()) <= 1e-10  # float64; we measured 0
     # a checkpointed call runs again during backward; the one left out of the plan does not
-    per_step = [record["calls"].count(float(t)) for t in parts.scheduler.timesteps]
+    per_step = [record["calls"].count(t) for t in record["calls"][:4]]  # the forward pass's 4 steps first
     assert per_step == [1, 2, 1, 2]
 
 
-def test_a_checkpoint_plan_must_cover_the_k_steps_and_sd3_takes_whole_patches():
+def test_a_checkpoint_plan_must_cover_the_k_steps_and_transformers_take_whole_patches():
     parts = load_parts("tiny", family="sd3")
     with pytest.raises(ValueError, match="K=2"):
         generate(parts, PROMPTS, SEEDS, sampler_settings(steps=4), k=2, checkpointed=[True])
     # the tiny VAE downsamples 2x (SD3's: 8x), the transformer takes 2 x 2 latent patches
     with pytest.raises(UserError, match="resolution 30 must be a multiple of 4 for this sd3 model"):
         generate(parts, PROMPTS, SEEDS, sampler_settings(steps=1), resolution=30)
+    # FLUX.1 packs 2 x 2 latent patches into one token (its transformer's own patch size is 1)
+    flux = load_parts("tiny", family="flux")
+    with pytest.raises(UserError, match="resolution 30 must be a multiple of 4 for this flux model"):
+        generate(flux, PROMPTS, SEEDS, sampler_settings(steps=1), resolution=30)
+    with pytest.raises(UserError, match="negative prompt 'blurry': flux models sample without") as err:
+        generate(flux, PROMPTS, SEEDS, sampler_settings(steps=1, negative_prompt="blurry"), resolution=8)
+    one_line(err)
 
 
 # --- the x0 primitive ------------------------------------------------------------------------------
@@ -341,6 +381,47 @@ def test_a_family_that_contradicts_the_pipeline_is_refused(tiny_dir, pipeline_di
     assert cfg.model.family == "auto" and cfg.model.lora.target_modules is None  # resolved by the engine
 
 
+def test_sd3_and_flux_adapters_do_not_cross(tmp_path):
+    """Both adapt a `transformer`: the recorded family refuses, and without it the module names do."""
+    flux, sd3 = adapter_of("flux", tmp_path / "flux"), adapter_of("sd3", tmp_path / "sd3")
+    with pytest.raises(UserError, match="made for a flux model, but the model is sd3") as err:
+        load_adapter_like_diffusers(load_parts("tiny", family="sd3").denoiser, flux)
+    one_line(err)
+    with pytest.raises(UserError, match="made for a sd3 model, but the model is flux"):
+        load_adapter_like_diffusers(load_parts("tiny", family="flux").denoiser, sd3)
+    file = flux / WEIGHT_NAME
+    with safe_open(str(file), framework="pt") as f:
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(file), metadata={k: v for k, v in header.items() if k != "alignprop.family"})
+    with pytest.raises(UserError, match="is not in this sd3 denoiser|features where this sd3 model") as err:
+        load_adapter_like_diffusers(load_parts("tiny", family="sd3").denoiser, flux)
+    one_line(err)
+
+
+@pytest.mark.parametrize(("model", "family", "holds"), [("sd", "flux", "sd"), ("flux", "sd", "flux")])
+def test_a_flux_config_on_an_sd_pipeline_and_the_reverse_exit_2_in_one_line(
+    tiny_dir, pipeline_dir, tmp_path, capsys, model, family, holds
+):
+    from alignprop_ray.cli import main
+
+    directory = tiny_dir if model == "sd" else pipeline_dir("flux")
+    pipeline = {"sd": "StableDiffusionPipeline", "flux": "FluxPipeline"}[holds]
+    sets = ["--set", f"model.pretrained={directory}", "--set", f"model.family={family}"]
+    assert main(["validate", str(ROOT / "sweeps" / "tiny.yaml"), *sets]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert (
+        f"model.family: {family} does not match {directory}, which holds a {pipeline} (family {holds})"
+        in (lines[0])
+    )
+    out = tmp_path / "x.png"
+    argv = ["sample", "--model", str(directory), "--family", family, "--prompt", "x", "--steps", "1"]
+    assert main([*argv, "--out", str(out)]) == 2  # the engine's own check (a model named on the command line)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and f"model family {family} does not match" in lines[0], lines
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_sample_with_another_familys_adapter_exits_2_in_one_line(tiny_dir, tmp_path):
     adapter = adapter_of("sd3", tmp_path / "sd3")
@@ -359,12 +440,10 @@ def test_sample_with_another_familys_adapter_exits_2_in_one_line(tiny_dir, tmp_p
 
 # --- a 2-worker Ray run per family -----------------------------------------------------------------
 
-RAY_STEPS = 6
-
 
 @pytest.mark.ray
-@pytest.mark.parametrize(("family", "lr"), [("sdxl", 0.03), ("sd3", 0.05)])
-def test_ray_training_raises_the_offline_reward(ray_session, tmp_path, pipeline_dir, family, lr):
+@pytest.mark.parametrize(("family", "lr", "steps"), [("sdxl", 0.03, 6), ("sd3", 0.05, 6), ("flux", 0.05, 4)])
+def test_ray_training_raises_the_offline_reward(ray_session, tmp_path, pipeline_dir, family, lr, steps):
     from mlflow import MlflowClient
 
     from alignprop_ray.config import load_experiment
@@ -379,9 +458,9 @@ def test_ray_training_raises_the_offline_reward(ray_session, tmp_path, pipeline_
             f"storage.path={tmp_path}/runs",
             "sampling.steps=4",
             "truncation=fixed:2",
-            f"train.steps={RAY_STEPS}",
-            f"train.eval_every={RAY_STEPS}",
-            f"train.checkpoint_every={RAY_STEPS}",
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            f"train.checkpoint_every={steps}",
             f"train.lr={lr}",
             "prompts.train=tiny",
         ],
@@ -391,8 +470,9 @@ def test_ray_training_raises_the_offline_reward(ray_session, tmp_path, pipeline_
     evals = dict((m.step, m.value) for m in client.get_metric_history(outcome.run_id, "eval/reward"))
     # Fixed eval prompts and seeds on CPU: no noise between the two evaluations. Measured (saturation),
     # single process, batch 4, eval_animals: sdxl (lr 0.03) 0.268 -> 0.351; sd3 0.278 -> 0.310 at lr 0.03
-    # (its zero-init LoRA B grows slowly at first), 0.278 -> 0.358 at lr 0.05.
-    assert evals[RAY_STEPS] - evals[0] > 0.02, evals
+    # (its zero-init LoRA B grows slowly at first), 0.278 -> 0.358 at lr 0.05; flux (4 steps, lr 0.05)
+    # 0.310 -> 0.405.
+    assert evals[steps] - evals[0] > 0.02, evals
     digests = client.get_run(outcome.run_id).data.tags["alignprop.lora_sha256_by_rank"].split(",")
     assert len(digests) == 2 and digests[0] == digests[1]
     # the trained adapter loads in the plain diffusers pipeline of the same tiny model and changes its image

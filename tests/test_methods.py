@@ -330,16 +330,16 @@ def test_draft_lv_gradient_is_the_average_of_its_copies_gradients():
 def test_renoise_is_the_forward_process_at_the_last_step(tiny_parts):
     from alignprop_ray.engine.methods.draft import last_step, renoise
 
-    t = last_step(tiny_parts, 6)
+    t = last_step(tiny_parts, 6, tiny_parts.native_resolution)
     alpha = tiny_parts.scheduler.alphas_cumprod[int(t)]
     x0, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     expected = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
     assert torch.allclose(renoise(tiny_parts.scheduler, x0, noise, t), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_draft_lv_and_refl_step_other_families(family):
-    """Euler (SDXL) and flow matching (SD3) keep a step index: the LV step starts it at the last step."""
+    """Euler (SDXL) and flow matching (SD3, FLUX.1) keep a step index: the LV step starts it at the last step."""
     from alignprop_ray.engine.lora import attach_lora
     from alignprop_ray.engine.models import load_parts
     from tests.helpers import lora_settings
@@ -442,6 +442,7 @@ def test_method_settings_reach_the_engine():
         (["method={name: refl, step_range: [8, 10]}"], "method.step_range: [8, 10] must satisfy"),
         (["method={name: ddpo, eta: 0}"], "method.eta: must be > 0"),
         (["method=ddpo", "model.family=sd3"], "method: ddpo needs a DDIM scheduler"),
+        (["method=ddpo", "model.family=flux"], "method: ddpo needs a DDIM scheduler"),
         (["method=dpo"], "method: unknown method 'dpo'; did you mean ddpo?"),
         (
             ["reward={jpeg_compressibility: 1}"],

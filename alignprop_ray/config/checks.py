@@ -196,7 +196,7 @@ def check_method(v: Sections) -> list[str]:
 def _scheduler_of(model: Any) -> str | None:
     """The scheduler class a model samples with, when this machine can tell without loading it.
 
-    sd: DDIM always; sd3: flow-matching Euler; sdxl: its pipeline's scheduler (DDIM or Euler; the tiny
+    sd: DDIM always; sd3, flux: flow-matching Euler; sdxl: its pipeline's scheduler (DDIM or Euler; the tiny
     preset's is Euler). None when not known here (a hub model not downloaded yet).
     """
     index = local_model_index(model.pretrained) if model.pretrained != TINY else None
@@ -205,7 +205,7 @@ def _scheduler_of(model: Any) -> str | None:
         family = "sd" if model.pretrained == TINY else check_family(AUTO, model.pretrained, index)
     if family == "sd":
         return DDIM
-    if family == "sd3":
+    if family in ("sd3", "flux"):
         return "FlowMatchEulerDiscreteScheduler"
     if family != "sdxl":
         return None

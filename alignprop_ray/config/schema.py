@@ -114,14 +114,14 @@ class ModelConfig(Section):
     # must not change the logged params a resumed run is compared against.
     family: Literal[(AUTO, *FAMILIES)] = Field(
         AUTO,
-        description="model family: sd (SD 1.x/2.x), sdxl, sd3 (SD3/3.5); auto: read from the pipeline's "
-        "model_index.json (tiny: sd)",
+        description="model family: sd (SD 1.x/2.x), sdxl, sd3 (SD3/3.5), flux (FLUX.1); auto: read from the "
+        "pipeline's model_index.json (tiny: sd)",
     )
     resolution: Annotated[Int, Field(gt=0, multiple_of=8)] | None = Field(
         None,
-        description="image side in pixels, a multiple of 8 (the VAE's downsampling; 16 for sd3, whose "
-        "transformer takes 2x2 latent patches); default: the model's native size (512 for SD 1.5, 1024 for "
-        "SDXL and SD3)",
+        description="image side in pixels, a multiple of 8 (the VAE's downsampling; 16 for sd3 and flux, "
+        "whose transformers take 2x2 latent patches); default: the model's native size (512 for SD 1.5, 1024 "
+        "for SDXL, SD3 and FLUX.1)",
     )
     # float32 by default so every model works everywhere (CPU too, and bit-comparable with diffusers); the paper
     # ran the frozen base in fp16: set float16/bfloat16 on GPUs (sweeps/sd15_aesthetic.yaml does).

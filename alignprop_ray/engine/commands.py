@@ -37,16 +37,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from alignprop_ray.engine.images import write_images
     from alignprop_ray.engine.lora import load_adapter_like_diffusers
     from alignprop_ray.engine.models import DTYPES, load_parts
-    from alignprop_ray.engine.sampler import SamplerSettings, generate
-    from alignprop_ray.engine.schedulers import check_eta
+    from alignprop_ray.engine.sampler import SamplerSettings, check_settings, generate
 
     _check_sample_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     parts = load_parts(args.model, DTYPES[args.dtype], device, family=args.family)
     if args.adapter:
         load_adapter_like_diffusers(parts.denoiser, args.adapter)
-    check_eta(parts.scheduler, args.eta)  # before the progress bar starts: the error is then one line
     settings = SamplerSettings.for_sampling(args.steps, args.guidance, args.eta, args.negative_prompt)
+    check_settings(parts, settings)  # before the progress bar starts: the error is then one line
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
     images = []

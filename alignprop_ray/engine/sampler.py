@@ -54,13 +54,30 @@ class SamplerSettings:
         return cls(steps, guidance_scale, eta, negative_prompt, False, False, None)
 
 
+def check_settings(parts: DiffusionParts, settings: SamplerSettings) -> None:
+    """Refuse, in one line, settings this model would silently ignore: eta without DDIM, a negative
+    prompt without classifier-free guidance (guidance-distilled FLUX.1)."""
+    schedulers.check_eta(parts.scheduler, settings.eta)
+    family = parts.family
+    if settings.negative_prompt and not family.classifier_free_guidance:
+        raise UserError(
+            f"negative prompt {settings.negative_prompt!r}: {family.name} models sample without "
+            "classifier-free guidance (guidance-distilled), so it would have no effect; leave it empty"
+        )
+
+
 def encode(
     parts: DiffusionParts, prompts: Sequence[str], settings: SamplerSettings, resolution: int
 ) -> Conditioning:
-    """The denoiser's conditioning for `prompts`, [uncond; cond] when guidance is on (no grad)."""
-    guided = settings.guidance_scale > 1.0
+    """The denoiser's conditioning for `prompts`, [uncond; cond] when classifier-free guidance is on (no
+    grad); a guidance-distilled family gets the guidance scale as a denoiser input instead. Every sampling
+    path starts here, so the settings are checked here (`check_settings`)."""
+    check_settings(parts, settings)
+    family = parts.family
+    guided = settings.guidance_scale > 1.0 and family.classifier_free_guidance
     negative = settings.negative_prompt or None
-    return parts.family.encode(parts, list(prompts), negative, guided, resolution)
+    cond = family.encode(parts, list(prompts), negative, guided, resolution)
+    return family.guidance_input(parts, cond, settings.guidance_scale)
 
 
 def initial_latents(
@@ -69,20 +86,22 @@ def initial_latents(
     """x_T for each image from its own CPU generator (diffusers' `randn_tensor` convention)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    multiple = parts.vae_scale_factor * getattr(parts.denoiser.config, "patch_size", 1)
+    family = parts.family
+    multiple = family.resolution_multiple(parts)
     if resolution % multiple:
         raise UserError(
-            f"resolution {resolution} must be a multiple of {multiple} for this {parts.family.name} model"
+            f"resolution {resolution} must be a multiple of {multiple} for this {family.name} model"
         )
-    size = resolution // parts.vae_scale_factor
-    shape = (len(generators), parts.denoiser.config.in_channels, size, size)
+    shape = (len(generators), *family.noise_shape(parts, resolution))
     noise = randn_tensor(shape, generator=generators, device=parts.device, dtype=parts.dtype)
-    return parts.family.initial_latents(noise, parts.scheduler)
+    return family.initial_latents(noise, parts.scheduler)
 
 
-def start(parts: DiffusionParts, steps: int) -> torch.Tensor:
-    """Set the scheduler up for a new chain of `steps` steps; its timesteps, first to last."""
-    return schedulers.set_timesteps(parts.scheduler, steps, parts.device)
+def start(parts: DiffusionParts, steps: int, resolution: int) -> torch.Tensor:
+    """Set the scheduler up for a new chain of `steps` steps at `resolution` (a dynamically shifted
+    schedule depends on the image size); its timesteps, first to last."""
+    options = parts.family.timestep_options(parts, steps, resolution)
+    return schedulers.set_timesteps(parts.scheduler, steps, parts.device, **options)
 
 
 def guided_prediction(
@@ -254,14 +273,13 @@ def generate(
     mask = _grad_mask(k, steps)
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt is required")
-    schedulers.check_eta(parts.scheduler, settings.eta)
     if settings.compile:
         compile_denoiser(parts.denoiser)
     resolution = resolution or parts.native_resolution
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
     cond = encode(parts, prompts, settings, resolution)
-    timesteps = start(parts, steps)
+    timesteps = start(parts, steps, resolution)
     latents = initial_latents(parts, generators, resolution)
     measured = None
     if (

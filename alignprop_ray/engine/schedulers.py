@@ -23,12 +23,31 @@ def load_scheduler(source: str, supported: tuple[str, ...]):
     return getattr(diffusers, name if name in supported else supported[0]).from_config(config)
 
 
-def set_timesteps(scheduler, steps: int, device: torch.device) -> torch.Tensor:
-    """Start a new chain of `steps` steps (resets the scheduler's step index); the timesteps, first to last."""
-    scheduler.set_timesteps(steps, device=device)
+def set_timesteps(scheduler, steps: int, device: torch.device, **options) -> torch.Tensor:
+    """Start a new chain of `steps` steps (resets the scheduler's step index); the timesteps, first to last.
+
+    `options` are the family's further `set_timesteps` arguments (`Family.timestep_options`: FLUX's sigmas,
+    a dynamic shift's `mu`).
+    """
+    scheduler.set_timesteps(steps, device=device, **options)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)  # as StableDiffusionXLPipeline does; DDIM keeps no index
     return scheduler.timesteps
+
+
+def dynamic_shift(config, image_seq_len: int, default_max_shift: float) -> float:
+    """`mu` of a flow-matching schedule with dynamic shifting, from the image's token count.
+
+    Linear in the token count: base_shift at base_image_seq_len tokens, max_shift at max_image_seq_len
+    (extrapolated beyond both), read from the scheduler config with the pipelines' defaults (256, 4096, 0.5;
+    the default max_shift is 1.15 in FluxPipeline, 1.16 in StableDiffusion3Pipeline). The scheduler then
+    shifts each sigma to e^mu / (e^mu + 1/sigma - 1) (its default, exponential shift): larger images spend
+    more of their steps at high noise.
+    """
+    low, high = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", default_max_shift)
+    slope = (top - base) / (high - low)
+    return image_seq_len * slope + (base - slope * low)
 
 
 def check_eta(scheduler, eta: float) -> None:

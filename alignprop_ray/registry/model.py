@@ -31,7 +31,7 @@ class ImageModelSettings:
     `steps`, `guidance` and `seed` are defaults that each request may change."""
 
     base_model: str  # 'tiny', a hub id, or a local diffusers pipeline directory
-    family: str  # sd | sdxl | sd3 | auto (read from the pipeline)
+    family: str  # sd | sdxl | sd3 | flux | auto (read from the pipeline)
     dtype: str  # of the frozen base: float32 | float16 | bfloat16
     resolution: int | None  # pixels; None: the model's native size
     steps: int

@@ -1,4 +1,5 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x (`sd`), SDXL (`sdxl`) and SD3/3.5 (`sd3`).
+"""Model families: what differs between Stable Diffusion 1.x/2.x (`sd`), SDXL (`sdxl`), SD3/3.5 (`sd3`) and
+FLUX.1 (`flux`).
 
 Importing this package does not import torch (the config layer reads the names); `get_family` imports
 the family's module when first asked.
@@ -19,7 +20,7 @@ __all__ = ["AUTO", "FAMILIES", "LORA_TARGETS", "PIPELINE_FAMILIES", "family_of",
 
 
 def get_family(name: str) -> Family:
-    """The family named `name` (sd, sdxl, sd3)."""
+    """The family named `name` (sd, sdxl, sd3, flux)."""
     if name == "sd":
         from alignprop_ray.engine.families.sd import SD
 
@@ -32,6 +33,10 @@ def get_family(name: str) -> Family:
         from alignprop_ray.engine.families.sd3 import SD3
 
         return SD3()
+    if name == "flux":
+        from alignprop_ray.engine.families.flux import Flux
+
+        return Flux()
     raise ValueError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})")
 
 

@@ -37,7 +37,7 @@ class DiffusionParts:
     family: Family
     tokenizers: list[Any]  # one per text encoder, in the pipeline's order
     text_encoders: list[torch.nn.Module]
-    denoiser: torch.nn.Module  # UNet2DConditionModel (sd, sdxl) or SD3Transformer2DModel (sd3)
+    denoiser: torch.nn.Module  # UNet2DConditionModel (sd, sdxl), SD3/FluxTransformer2DModel (sd3, flux)
     vae: torch.nn.Module
     scheduler: Any  # a diffusers scheduler the family samples with
     pipeline_config: dict[str, Any] = field(default_factory=dict)  # model_index.json's own settings
@@ -74,7 +74,8 @@ class DiffusionParts:
 
     @property
     def native_resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.vae_scale_factor
+        """The pipeline's default image side (its `height`/`width` when none is given)."""
+        return self.family.native_resolution(self)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionParts:
         for module in self.modules:
@@ -96,12 +97,16 @@ class DiffusionParts:
 class Family:
     """What one model family supplies. Subclasses set the class attributes and the abstract methods."""
 
-    name: ClassVar[str]  # sd | sdxl | sd3
+    name: ClassVar[str]  # sd | sdxl | sd3 | flux
     pipeline_class: ClassVar[str]  # the diffusers pipeline (model_index.json `_class_name`)
     denoiser_name: ClassVar[str]  # unet | transformer: its subfolder, and the prefix of its LoRA keys
     # Scheduler classes sampled with as the pipeline directory ships them; any other class is replaced
     # by the first one, built from the directory's scheduler config.
     schedulers: ClassVar[tuple[str, ...]]
+    # Classifier-free guidance: with a guidance scale above 1 the denoiser runs on [uncond; cond] and the
+    # sampler mixes the two. A guidance-distilled family (FLUX.1) samples without it: the scale is an input
+    # of the denoiser instead (`guidance_input`).
+    classifier_free_guidance: ClassVar[bool] = True
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
@@ -141,11 +146,36 @@ class Family:
         """
         raise NotImplementedError
 
+    def guidance_input(
+        self, parts: DiffusionParts, cond: Conditioning, guidance_scale: float
+    ) -> Conditioning:
+        """`cond` with the guidance scale as the denoiser reads it (guidance-distilled models); by default
+        unchanged: classifier-free guidance applies the scale outside the denoiser."""
+        return cond
+
     def denoise(
         self, denoiser: torch.nn.Module, model_input: torch.Tensor, t: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
         """One denoiser call on the (possibly doubled) batch; the raw prediction."""
         raise NotImplementedError
+
+    def native_resolution(self, parts: DiffusionParts) -> int:
+        """The pipeline's default image side: the denoiser's sample size in pixels."""
+        return parts.denoiser.config.sample_size * parts.vae_scale_factor
+
+    def resolution_multiple(self, parts: DiffusionParts) -> int:
+        """What an image side must be a multiple of: the VAE's downsampling times the denoiser's patch."""
+        return parts.vae_scale_factor * getattr(parts.denoiser.config, "patch_size", 1)
+
+    def noise_shape(self, parts: DiffusionParts, resolution: int) -> tuple[int, ...]:
+        """The shape of one image's initial noise, as the pipeline's `prepare_latents` draws it."""
+        size = resolution // parts.vae_scale_factor
+        return (parts.denoiser.config.in_channels, size, size)
+
+    def timestep_options(self, parts: DiffusionParts, steps: int, resolution: int) -> dict[str, Any]:
+        """Keyword arguments of `scheduler.set_timesteps` beyond the step count, as the pipeline passes
+        them (a flow-matching scheduler with dynamic shifting needs `mu`, from the image's token count)."""
+        return {}
 
     def initial_latents(self, noise: torch.Tensor, scheduler) -> torch.Tensor:
         """x_T from standard normal noise (the pipeline's `prepare_latents`)."""

@@ -10,22 +10,30 @@ import json
 from pathlib import Path
 
 AUTO = "auto"
-FAMILIES = ("sd", "sdxl", "sd3")
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
 # model_index.json `_class_name` -> family. SD 2.x uses StableDiffusionPipeline too.
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
 
 # The attention projections of the denoiser, as diffusers' LoRA training scripts adapt them
 # (train_text_to_image_lora*.py for the UNets, train_dreambooth_lora_sd3.py for the MMDiT, whose joint
-# attention also projects the text stream: add_{q,k,v}_proj, to_add_out).
+# attention also projects the text stream: add_{q,k,v}_proj, to_add_out; train_dreambooth_lora_flux.py's
+# default for FLUX.1, which adds both streams' feed-forward layers and reaches the single-stream blocks'
+# attn.to_{q,k,v} too).
 LORA_TARGETS = {
     "sd": ("to_q", "to_k", "to_v", "to_out.0"),
     "sdxl": ("to_q", "to_k", "to_v", "to_out.0"),
     "sd3": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    "flux": (
+        *("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"),
+        *("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out"),
+        *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+    ),
 }
 
 

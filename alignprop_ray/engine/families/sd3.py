@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from alignprop_ray.engine import schedulers
 from alignprop_ray.engine.families import sd
 from alignprop_ray.engine.families.base import Conditioning, DiffusionParts, Family
 from alignprop_ray.engine.families.sd import clip_tokens
@@ -151,6 +152,15 @@ class SD3(Family):
     def denoise(self, denoiser, model_input, t, cond) -> torch.Tensor:
         timestep = t.expand(model_input.shape[0])
         return denoiser(hidden_states=model_input, timestep=timestep, **cond.tensors, return_dict=False)[0]
+
+    def timestep_options(self, parts, steps: int, resolution: int) -> dict:
+        """`mu` from the latent patch count when the scheduler asks for dynamic shifting (some SD3.5
+        pipelines), as StableDiffusion3Pipeline computes it."""
+        config = parts.scheduler.config
+        if not config.get("use_dynamic_shifting"):
+            return {}
+        patches = resolution // parts.vae_scale_factor // parts.denoiser.config.patch_size
+        return {"mu": schedulers.dynamic_shift(config, patches * patches, default_max_shift=1.16)}
 
     def initial_latents(self, noise: torch.Tensor, scheduler) -> torch.Tensor:
         return noise  # flow matching starts from pure noise at sigma = 1

@@ -239,7 +239,7 @@ class Ddpo(Method):
 
         with learner.autocast(), torch.no_grad():
             cond = encode(parts, batch.prompts, settings, resolution)
-            timesteps = start(parts, settings.steps)
+            timesteps = start(parts, settings.steps, resolution)
             noise = initial_latents(parts, gens, resolution)
             final = run_chain(
                 parts, cond, noise, timesteps, settings.guidance_scale, self.settings.eta, gens, record
@@ -249,7 +249,8 @@ class Ddpo(Method):
 
     def micro_batch(self, learner, index, batch, draw, backward: Backward) -> MicroBatchOutput:
         rollout, parts = self.rollouts[index], learner.parts
-        start(parts, learner.sampler.steps)  # the scheduler's step count sets each step's previous timestep
+        resolution = learner.resolution or parts.native_resolution
+        start(parts, learner.sampler.steps, resolution)  # the step count sets each step's previous timestep
         chosen = self.trained_steps(rollout, batch.seeds, learner.step)
         advantages = rollout.advantages.clamp(-self.settings.adv_clip_max, self.settings.adv_clip_max)
         advantages = advantages.to(learner.device)

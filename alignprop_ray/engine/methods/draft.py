@@ -85,7 +85,7 @@ class DraftLV(Method):
         gens = generators(batch.seeds)
         with learner.autocast(), torch.no_grad():
             cond = encode(parts, batch.prompts, settings, resolution)
-            timesteps = start(parts, settings.steps)
+            timesteps = start(parts, settings.steps, resolution)
             latents = initial_latents(parts, gens, resolution)
             x0 = run_chain(parts, cond, latents, timesteps, settings.guidance_scale, settings.eta, gens)
         return Sample(cond, x0, gens)
@@ -105,7 +105,7 @@ class DraftLV(Method):
         """One copy: re-noise x0 to the last step's level, take that step with gradient, score the result."""
         parts, settings = learner.parts, learner.sampler
         with learner.autocast():
-            t = last_step(parts, settings.steps)
+            t = last_step(parts, settings.steps, learner.resolution or parts.native_resolution)
             noisy = renoise(parts.scheduler, sample.x0, noise, t)
             prediction = guided_prediction(
                 parts, noisy, t, sample.cond, settings.guidance_scale, checkpointed=settings.checkpoint
@@ -115,9 +115,9 @@ class DraftLV(Method):
         return out, -out.total.float().mean()
 
 
-def last_step(parts, steps: int) -> torch.Tensor:
+def last_step(parts, steps: int, resolution: int) -> torch.Tensor:
     """Set the scheduler at the last of `steps` steps (step-indexed schedulers count from there); its t."""
-    timesteps = start(parts, steps)
+    timesteps = start(parts, steps, resolution)
     if hasattr(parts.scheduler, "set_begin_index"):  # Euler, flow matching: the step index starts here
         parts.scheduler.set_begin_index(len(timesteps) - 1)
     return timesteps[-1]

@@ -78,7 +78,7 @@ class Refl(Method):
         gens = generators(batch.seeds)
         with torch.no_grad():
             cond = encode(parts, batch.prompts, settings, resolution)
-            timesteps = start(parts, settings.steps)
+            timesteps = start(parts, settings.steps, resolution)
             latents = initial_latents(parts, gens, resolution)
             latents = run_chain(
                 parts, cond, latents, timesteps[:step], settings.guidance_scale, settings.eta, gens
