@@ -143,7 +143,7 @@ def tiny_learner(reward, lr: float = 1e-2, dtype: torch.dtype = torch.float32, *
     from alignprop_ray.engine.step import AlignPropLearner
 
     parts = load_parts("tiny", dtype=dtype)
-    params = attach_lora(parts.unet, lora_settings(rank=4, alpha=4))
+    params = attach_lora(parts.denoiser, lora_settings(rank=4, alpha=4))
     sampler = sampler_settings(steps=6, guidance_scale=5.0)
     return AlignPropLearner(parts, params, reward, sampler, optim_settings(lr=lr, **optim), resolution=32)
 

@@ -22,7 +22,7 @@ from alignprop_ray.config import (
     read_yaml,
 )
 from alignprop_ray.config.experiment import tracking_uri_source
-from alignprop_ray.engine.families.names import LORA_TARGETS
+from alignprop_ray.engine.families.registry import family_row
 from alignprop_ray.errors import ConfigError, UserError
 from alignprop_ray.problems import section_model
 from alignprop_ray.prompts import builtin_sets, load_prompts
@@ -100,7 +100,7 @@ def test_defaults_follow_the_paper(in_tmp):
     assert (cfg.sampling.steps, cfg.sampling.guidance_scale, cfg.sampling.eta) == (50, 7.5, 0.0)
     assert cfg.truncation.describe() == "uniform:0:50"  # default resolved against sampling.steps
     assert cfg.model.lora.target_modules is None  # the family's own: SD's attention projections
-    assert LORA_TARGETS["sd"] == ("to_q", "to_k", "to_v", "to_out.0")
+    assert family_row("sd").lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
     assert cfg.tracking.uri == f"sqlite:///{in_tmp / 'mlflow.db'}"
     assert cfg.storage.path == str(in_tmp / "runs")
 

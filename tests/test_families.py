@@ -12,9 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from alignprop_ray.engine.families import LORA_TARGETS
-from alignprop_ray.engine.families.sd3 import SD3
-from alignprop_ray.engine.families.sdxl import SDXL
+from alignprop_ray.engine.families import get_family
+from alignprop_ray.engine.families.registry import family_row
 from alignprop_ray.engine.lora import (
     WEIGHT_NAME,
     attach_lora,
@@ -41,7 +40,7 @@ def pipeline_dir(tmp_path_factory):
     `sdxl-ddim` (SDXL shipped with a DDIM scheduler) and `sd3-no-t5` (SD3 without its T5 encoder)."""
     from diffusers import DDIMScheduler
 
-    from alignprop_ray.engine.families.sd import SD_SCHEDULE
+    from alignprop_ray.engine.families.registry import SD_SCHEDULE
 
     made = {}
 
@@ -49,11 +48,11 @@ def pipeline_dir(tmp_path_factory):
         if name not in made:
             path = tmp_path_factory.mktemp(name) / "pipe"
             if name == "sdxl-ddim":
-                parts = SDXL().build_tiny(0)
+                parts = get_family("sdxl").build_tiny(0)
                 parts.scheduler = DDIMScheduler(**SD_SCHEDULE)
                 parts.family.pipeline(parts).save_pretrained(path)
             elif name == "sd3-no-t5":
-                parts = SD3().build_tiny(0, t5=False)
+                parts = get_family("sd3").build_tiny(0, t5=False)
                 parts.family.pipeline(parts).save_pretrained(path)
             else:
                 save_tiny_model(path, family=name)
@@ -128,7 +127,9 @@ def test_adapter_loads_in_diffusers_and_matches(pipeline_dir, tmp_path, family):
     save_adapter(parts.denoiser, tmp_path / "adapter")
     adapter = read_adapter(tmp_path / "adapter")
     assert (adapter.prefix, adapter.family) == (parts.family.denoiser_name, family)
-    assert set(adapter.config["target_modules"]) == set(LORA_TARGETS[family])  # the family's default
+    assert set(adapter.config["target_modules"]) == set(
+        family_row(family).lora_targets
+    )  # the family's default
     settings = sampler_settings(steps=4)
     mine = generate(parts, PROMPTS, SEEDS, settings, resolution=RESOLUTION)
     theirs = diffusers_images(directory, settings, adapter=tmp_path / "adapter")
@@ -248,9 +249,7 @@ def test_predict_x0_is_the_schedulers_own(scheduler):
     import diffusers
 
     from alignprop_ray.engine import schedulers
-    from alignprop_ray.engine.families.sd import SD_SCHEDULE
-    from alignprop_ray.engine.families.sd3 import SD3_SCHEDULE
-    from alignprop_ray.engine.families.sdxl import SDXL_SCHEDULE
+    from alignprop_ray.engine.families.registry import SD3_SCHEDULE, SD_SCHEDULE, SDXL_SCHEDULE
 
     configs = {
         "DDIMScheduler": SD_SCHEDULE,

@@ -96,7 +96,7 @@ def test_the_default_update_is_the_official_update(one_thread):
     spec = {"aesthetic": {"arch": "tiny", "target": AESTHETIC_TARGET, "weight": GRAD_SCALE}}
     reward = build_reward(spec, device="cpu", dtype=torch.float32)
     parts = load_parts("tiny")
-    params = attach_lora(parts.unet, lora)
+    params = attach_lora(parts.denoiser, lora)
     # a short chain at 32 px: the sampler does not enter the update rule
     learner = AlignPropLearner(parts, params, reward, dataclasses.replace(sampler, steps=4), optim, 32)
 

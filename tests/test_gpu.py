@@ -21,7 +21,7 @@ PROMPTS = ["a cat", "a dog"]
 
 def cuda_learner(dtype: torch.dtype, steps: int, checkpoint: bool = True) -> AlignPropLearner:
     parts = load_parts("tiny", dtype=dtype, device="cuda")
-    params = attach_lora(parts.unet, lora_settings(rank=4, alpha=4))
+    params = attach_lora(parts.denoiser, lora_settings(rank=4, alpha=4))
     sampler = sampler_settings(steps=steps, guidance_scale=5.0, checkpoint=checkpoint)
     return AlignPropLearner(
         parts, params, brightness_reward, sampler, optim_settings(lr=1e-2), resolution=128
@@ -77,7 +77,7 @@ def train_two_steps_on_gpu(rank: int, port: int) -> tuple[list[str], bool]:
     backend = process_group_backend(use_gpu=True)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     parts = load_parts("tiny", device=f"cuda:{rank}")
-    params = attach_lora(parts.unet, lora_settings(rank=4, alpha=4))
+    params = attach_lora(parts.denoiser, lora_settings(rank=4, alpha=4))
     before = [p.detach().clone() for p in params]
     sampler = sampler_settings(steps=6, guidance_scale=5.0)
     learner = AlignPropLearner(

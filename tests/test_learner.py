@@ -12,7 +12,7 @@ from tests.helpers import TRAIN_PROMPTS, brightness_reward, tiny_learner, train_
 
 
 def frozen_state(parts):
-    modules = {"unet": parts.unet, "vae": parts.vae, "text": parts.text_encoder}
+    modules = {"unet": parts.denoiser, "vae": parts.vae, "text": parts.text_encoder}
     return {
         f"{m}.{k}": v.clone()
         for m, mod in modules.items()
@@ -89,7 +89,7 @@ def test_bfloat16_base_trains_fp32_lora_without_cast_warnings(capfd):
     before = [p.detach().clone() for p in params]
     results = train_steps(learner, 4)
     assert all(r.updated and not r.nonfinite and math.isfinite(r.grad_norm) for r in results)
-    assert parts.unet.dtype == torch.bfloat16 and {p.dtype for p in params} == {torch.float32}
+    assert parts.denoiser.dtype == torch.bfloat16 and {p.dtype for p in params} == {torch.float32}
     assert any(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from alignprop_ray.config import load_experiment
-from alignprop_ray.engine.families.sd import SD_SCHEDULE
+from alignprop_ray.engine.families.registry import SD_SCHEDULE
 from alignprop_ray.engine.methods import build_method
 from alignprop_ray.engine.methods.ddpo import (
     DdpoSettings,

@@ -6,12 +6,17 @@ problems; a check whose inputs are missing returns nothing, so every independent
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from alignprop_ray.engine.families.names import AUTO, check_family, local_model_index
+from alignprop_ray.engine.families.registry import (
+    AUTO,
+    TINY_FAMILY,
+    check_family,
+    family_row,
+    local_model_index,
+    local_scheduler_class,
+)
 from alignprop_ray.engine.methods.names import DDIM, LABELS, NEEDS_DDIM, REWARD_GRADIENT
 from alignprop_ray.engine.truncation import positive_k_problem
 from alignprop_ray.presets import TINY
@@ -194,29 +199,32 @@ def check_method(v: Sections) -> list[str]:
 
 
 def _scheduler_of(model: Any) -> str | None:
-    """The scheduler class a model samples with, when this machine can tell without loading it.
-
-    sd: DDIM always; sd3: flow-matching Euler; sdxl: its pipeline's scheduler (DDIM or Euler; the tiny
-    preset's is Euler). None when not known here (a hub model not downloaded yet).
-    """
-    index = local_model_index(model.pretrained) if model.pretrained != TINY else None
-    family = model.family
-    if family == AUTO:
-        family = "sd" if model.pretrained == TINY else check_family(AUTO, model.pretrained, index)
-    if family == "sd":
-        return DDIM
-    if family == "sd3":
-        return "FlowMatchEulerDiscreteScheduler"
-    if family != "sdxl":
+    """The scheduler class a model samples with, when this machine can tell without loading it: the tiny
+    preset's, the family's only one, or the one its pipeline directory ships if the family samples with it
+    (else the family's first). None when not known here (a hub model not downloaded yet)."""
+    family = _family_of(model)
+    if family is None:
         return None
+    row = family_row(family)
     if model.pretrained == TINY:
-        return "EulerDiscreteScheduler"
-    config = Path(model.pretrained).expanduser() / "scheduler" / "scheduler_config.json"
-    try:
-        name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError):
+        return row.tiny_scheduler[0]
+    if len(row.schedulers) == 1:
+        return row.schedulers[0]
+    shipped = local_scheduler_class(model.pretrained)
+    if shipped is None:
         return None
-    return name if name == DDIM else "EulerDiscreteScheduler"  # the family samples with Euler otherwise
+    return shipped if shipped in row.schedulers else row.schedulers[0]
+
+
+def _family_of(model: Any) -> str | None:
+    """The family a model is used as, when this machine can tell (`check_family`)."""
+    if model.pretrained == TINY:
+        return TINY_FAMILY if model.family == AUTO else model.family
+    try:
+        family = check_family(model.family, model.pretrained, local_model_index(model.pretrained))
+    except ValueError:  # a family the pipeline contradicts: model.family reports it
+        return None
+    return None if family == AUTO else family
 
 
 def check_activation_budget(v: Sections) -> list[str]:

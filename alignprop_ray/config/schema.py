@@ -33,7 +33,14 @@ from pydantic import (
 from pydantic.dataclasses import dataclass as settings_dataclass
 
 from alignprop_ray.config import paths as _paths
-from alignprop_ray.engine.families.names import AUTO, FAMILIES, check_family, local_model_index
+from alignprop_ray.engine.families.registry import (
+    AUTO,
+    FAMILIES,
+    TINY_FAMILY,
+    check_family,
+    family_row,
+    local_model_index,
+)
 from alignprop_ray.engine.methods.names import METHODS
 from alignprop_ray.engine.truncation import Truncation, parse_truncation
 from alignprop_ray.fields import Float, Int
@@ -85,7 +92,7 @@ class LoraConfig(Section):
         description="LoRA alpha; the update is scaled by alpha / rank. Default: equal to rank (scale 1, as the "
         "paper's LoRA, which had no alpha)",
     )
-    # null: the model family's attention projections, listed once in engine/families/names.py (LORA_TARGETS)
+    # null: the model family's attention projections, listed once in its row (engine/families/registry.py)
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
@@ -165,15 +172,18 @@ class ModelConfig(Section):
 
     @field_validator("dtype")
     @classmethod
-    def _no_float16_sdxl(cls, value: str, info: ValidationInfo) -> str:
+    def _a_dtype_the_family_takes(cls, value: str, info: ValidationInfo) -> str:
+        """The family's row may refuse a dtype (SDXL: float16), when the family is known here."""
         pretrained, family = info.data.get("pretrained"), info.data.get("family")
-        if value == "float16" and family is not None and pretrained is not None:
-            index = local_model_index(pretrained) if pretrained != TINY else None
-            if check_family(family, pretrained, index) == "sdxl":
-                raise ValueError(
-                    "float16 with an SDXL model: SDXL's VAE overflows in float16 (diffusers upcasts it to "
-                    "float32 at every decode); use bfloat16"
-                )
+        if family is None or pretrained is None:
+            return value
+        index = local_model_index(pretrained) if pretrained != TINY else None
+        used_as = check_family(family, pretrained, index)
+        if used_as == AUTO and pretrained == TINY:
+            used_as = TINY_FAMILY
+        why = family_row(used_as).refused_dtypes.get(value) if used_as != AUTO else None
+        if why:
+            raise ValueError(f"{value} with an {used_as.upper()} model: {why}")
         return value
 
 
