@@ -64,7 +64,7 @@ def main() -> None:
     from alignprop_ray.engine.lora import LoraSettings, attach_lora
     from alignprop_ray.engine.models import load_parts
     from alignprop_ray.engine.sampler import SamplerSettings, generate, kept_calls
-    from alignprop_ray.engine.step import AlignPropLearner, OptimSettings, plan_step
+    from alignprop_ray.engine.step import Learner, OptimSettings, plan_step
     from alignprop_ray.engine.truncation import Truncation
 
     t_setup = time.perf_counter()
@@ -98,7 +98,7 @@ def main() -> None:
         warmup_steps=0,
         total_steps=args.iters,
     )
-    learner = AlignPropLearner(parts, params, reward_fn, sampler, optim, resolution=args.resolution)
+    learner = Learner(parts, params, reward_fn, sampler, optim, resolution=args.resolution)
     counter = common.UnetCallCounter(parts.denoiser)
     memory = common.DeviceMemory(args.device)
     setup_s = time.perf_counter() - t_setup
