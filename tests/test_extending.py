@@ -2,6 +2,7 @@
 memory from the diff printed there (tests/noop_method.py); tests/test_methods.py runs the parametrized
 tests of every method row on it, and its 2-worker Ray run is in the sweep there."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from tests import noop_method
 
 ROOT = Path(__file__).resolve().parents[1]
 REGISTRY = "alignprop_ray/engine/methods/registry.py"
+# The no-op row limited to one family, as Flow-GRPO's row will be (flow-matching models only).
+SD3_ONLY = dataclasses.replace(noop_method.ROW, families=("sd3",), limited_because="a test of the flag")
 
 
 def test_the_docs_diff_is_one_new_module_and_one_row_against_this_tree():
@@ -43,3 +46,12 @@ def test_the_noop_row_is_a_method_validate_accepts_and_checks():
     assert err.value.problems == [
         "truncation: only used with method alignprop; noop backpropagates through no step"
     ]
+
+
+def test_a_rows_families_flag_refuses_the_others_in_one_line():
+    name = f"{__name__}:SD3_ONLY"
+    sets = [f"method={{name: '{name}'}}", "truncation=null"]
+    with pytest.raises(ConfigError) as err:
+        load_experiment(ROOT / "sweeps" / "tiny.yaml", sets)  # the tiny model: sd
+    assert err.value.problems == [f"method: {name} trains sd3 models (a test of the flag); this model is sd"]
+    assert load_experiment(ROOT / "sweeps" / "tiny.yaml", [*sets, "model.family=sd3"]).method.name == name
