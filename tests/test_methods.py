@@ -244,7 +244,7 @@ def test_refl_x0_is_the_schedulers_pred_original_sample_on_diffusers_chain(tiny_
         .abs()
         .max(),
     )
-    assert (ours.latents - captured["latents"]).abs().max() <= 1e-4  # sampler parity (test_sampler: 0.0)
+    assert (ours.latents - captured["latents"]).abs().max() <= 1e-4  # sampler parity (test_families: 0.0)
     reference = pipe.scheduler.step(ours.prediction, ours.t, ours.latents).pred_original_sample
     assert (ours.x0 - reference).abs().max() <= 1e-6
 
