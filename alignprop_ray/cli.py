@@ -12,7 +12,7 @@ import os
 import sys
 
 from alignprop_ray import __version__
-from alignprop_ray.engine.families.names import AUTO, FAMILIES
+from alignprop_ray.engine.families.registry import AUTO, FAMILIES
 from alignprop_ray.errors import UserError
 
 DESCRIPTION = (

@@ -1,7 +1,8 @@
 """The metric names training logs (alignprop_ray/train/loop.py), for code that must name them without
 importing torch: sweep validation checks `tune.metric` against these. Reward terms add
 `train/reward/<term>` and `eval/reward/<term>`; held-out rewards (`eval.rewards`) add
-`eval/heldout/<name>`; training methods add METHOD_METRICS."""
+`eval/heldout/<name>`; a training method adds its own, train/<method>/<name> (its row's `metrics`,
+engine/methods/registry.py)."""
 
 TRAIN_METRICS = (
     "train/reward",
@@ -9,7 +10,7 @@ TRAIN_METRICS = (
     # (train.loss_scale scales only what is backpropagated)
     "train/loss",
     "train/k",  # denoising steps per image whose gradient reached LoRA (alignprop, draft: K; refl: 1)
-    "train/k0_skipped",  # batches of the step that added no gradient (alignprop drew K=0, train.k0: skip)
+    "train/k0_skipped",  # batches of the step that added no gradient (alignprop drew K=0, method.k0: skip)
     "train/grad_norm",  # of the gradient of loss_scale x loss, before clipping (what max_grad_norm bounds)
     "train/lr",
     "train/skipped_steps",
@@ -20,11 +21,6 @@ TRAIN_METRICS = (
     "perf/images_per_second",
     "perf/peak_memory_mb",
 )
-# Metrics that mean something for one training method only, logged every step as train/<method>/<name>.
-METHOD_METRICS = {
-    "ddpo": ("train/ddpo/clip_fraction", "train/ddpo/approx_kl"),  # PPO diagnostics (ddpo-pytorch's)
-    "refl": ("train/refl/step",),  # the 0-based index of the step that carried gradient (mean over batches)
-}
 EVAL_METRICS = (
     "eval/reward",
     "eval/diversity",

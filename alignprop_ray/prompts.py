@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from alignprop_ray.errors import UserError
+from alignprop_ray.files import read_text
 
 
 def builtin_sets() -> list[str]:
@@ -35,13 +36,7 @@ def parse_prompt_lines(text: str) -> list[str]:
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
     """The prompts in a text file. Raises UserError if it is missing, unreadable or has no prompt."""
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"prompt file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read prompt file {path}: {err}") from None
-    prompts = parse_prompt_lines(text)
+    prompts = parse_prompt_lines(read_text(path, "prompt file"))
     if not prompts:
         raise UserError(f"prompt file {path} has no prompts (blank lines and # comments are ignored)")
     return prompts

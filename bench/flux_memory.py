@@ -58,13 +58,13 @@ def transformer_with_lora():
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
-    from alignprop_ray.engine.families.names import LORA_TARGETS
+    from alignprop_ray.engine.families.registry import family_row
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**FLUX_DEV)
     torch.nn.Module.to(model, dtype=torch.bfloat16)
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(LORA_TARGETS["flux"])))
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(family_row("flux").lora_targets)))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # as attach_lora keeps LoRA in fp32

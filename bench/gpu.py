@@ -38,10 +38,12 @@ def parse_args() -> argparse.Namespace:
 def write_sd15_random(directory: Path) -> Path:
     """A StableDiffusionPipeline directory with SD 1.5's architecture and random weights (fp16 on disk)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    from alignprop_ray.engine.models import SD_SCHEDULE, clip_tokenizer
+    from alignprop_ray.engine.families.registry import SD_SCHEDULE
+    from alignprop_ray.engine.families.sd import sd_pipeline
+    from alignprop_ray.engine.families.tiny import clip_text_config, clip_tokenizer
 
     if (directory / "model_index.json").is_file():
         return directory
@@ -56,31 +58,9 @@ def write_sd15_random(directory: Path) -> Path:
             latent_channels=4,
             sample_size=512,
         )
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                vocab_size=49408,
-                projection_dim=768,
-                hidden_act="quick_gelu",
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULE),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        # CLIP ViT-L/14's text tower (SD 1.5's text encoder)
+        text = CLIPTextModel(clip_text_config(768, layers=12, heads=12, intermediate=3072))
+    pipe = sd_pipeline(clip_tokenizer(), text, unet, vae, DDIMScheduler(**SD_SCHEDULE))
     pipe.to(torch.float16).save_pretrained(directory, safe_serialization=True)
     return directory
 

@@ -7,7 +7,7 @@
 SQLite, a Ray report every step) on sweeps/tiny.yaml with fixed K; the wall time of a step is the gap
 between rank 0's MLflow timestamps of consecutive steps, so it holds everything a step costs in steady
 state: generation, backward, gradient all-reduce, metrics, MLflow logging, the Ray report barrier.
-`inprocess` builds the same learner (alignprop_ray.train.loop.build_learner) in this process with one
+`inprocess` builds the same learner (alignprop_ray.train.build.build_learner) in this process with one
 thread, as each Ray worker has, and times `train_step` on the same planned batches.
 Steps 1-2 (warm-up) and the last step (which also evaluates and checkpoints) are left out.
 """
@@ -121,7 +121,7 @@ def run_inprocess(args) -> dict:
     import torch
 
     from alignprop_ray.prompts import load_prompts
-    from alignprop_ray.train.loop import build_learner, plan_training_step
+    from alignprop_ray.train.build import build_learner, plan_training_step
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config(tmp, args.steps, args.k, 1)

@@ -64,18 +64,18 @@ def main() -> None:
     from alignprop_ray.engine.lora import LoraSettings, attach_lora
     from alignprop_ray.engine.models import load_parts
     from alignprop_ray.engine.sampler import SamplerSettings, generate, kept_calls
-    from alignprop_ray.engine.step import AlignPropLearner, OptimSettings, plan_step
+    from alignprop_ray.engine.step import Learner, OptimSettings, plan_step
     from alignprop_ray.engine.truncation import Truncation
 
     t_setup = time.perf_counter()
     parts = load_parts(args.pipeline, getattr(torch, args.dtype), args.device)
     if args.channels_last:
-        parts.unet.to(memory_format=torch.channels_last)
+        parts.denoiser.to(memory_format=torch.channels_last)
         parts.vae.to(memory_format=torch.channels_last)
     lora = LoraSettings(
         rank=4, alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"), init="gaussian"
     )
-    params = attach_lora(parts.unet, lora, seed=0)
+    params = attach_lora(parts.denoiser, lora, seed=0)
     sampler = SamplerSettings(
         steps=args.steps,
         guidance_scale=args.guidance,
@@ -98,8 +98,8 @@ def main() -> None:
         warmup_steps=0,
         total_steps=args.iters,
     )
-    learner = AlignPropLearner(parts, params, reward_fn, sampler, optim, resolution=args.resolution)
-    counter = common.UnetCallCounter(parts.unet)
+    learner = Learner(parts, params, reward_fn, sampler, optim, resolution=args.resolution)
+    counter = common.UnetCallCounter(parts.denoiser)
     memory = common.DeviceMemory(args.device)
     setup_s = time.perf_counter() - t_setup
     rss_setup = common.status_kib("VmRSS") / 1024
@@ -230,7 +230,7 @@ class PhaseTimer:
         self.learner, self.in_backward = learner, False
         self.acc: dict[str, float] = {}
         self._t: dict[str, float] = {}
-        for name, module in (("unet", parts.unet), ("decode", parts.vae.decoder)):
+        for name, module in (("unet", parts.denoiser), ("decode", parts.vae.decoder)):
             module.register_forward_pre_hook(self._pre(name))
             module.register_forward_hook(self._post(name))
         learner.reward = self._wrap("reward", learner.reward)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import multiprocessing
 import os
@@ -103,7 +104,7 @@ def engine_defaults():
     """(LoraSettings, SamplerSettings, OptimSettings) of an experiment that sets nothing: the schema's
     defaults, mapped as training maps them. Tests change fields with `dataclasses.replace`."""
     from alignprop_ray.config import ExperimentConfig
-    from alignprop_ray.train.loop import engine_settings
+    from alignprop_ray.train.build import engine_settings
 
     return engine_settings(ExperimentConfig(reward={"saturation": 1.0}))
 
@@ -118,6 +119,58 @@ def sampler_settings(**changes):
 
 def optim_settings(**changes):
     return dataclasses.replace(engine_defaults()[2], **changes)
+
+
+def perturb(params, scale: float = 0.05, seed: int = 0) -> None:
+    """Give a freshly attached adapter (B = 0) a non-zero update, so it changes the images and gradients
+    reach both LoRA factors."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def diffusers_pipeline(directory):
+    """The diffusers pipeline of a tiny pipeline directory (its model_index.json's class), sampling with the
+    scheduler our loader picks: the directory's if its family samples with it, else the family's first."""
+    import json
+
+    import diffusers
+
+    from alignprop_ray.engine.families.registry import family_of_index, family_row
+
+    index = json.loads((Path(directory) / "model_index.json").read_text())
+    cls = index["_class_name"]
+    extra = {"add_watermarker": False} if cls == "StableDiffusionXLPipeline" else {}
+    if index.get("text_encoder_3") == [None, None]:  # diffusers reloads its own T5-less save only so
+        extra.update(text_encoder_3=None, tokenizer_3=None)
+    pipe = getattr(diffusers, cls).from_pretrained(directory, **extra)
+    schedulers = family_row(family_of_index(index, str(directory))).schedulers
+    if type(pipe.scheduler).__name__ not in schedulers:
+        pipe.scheduler = getattr(diffusers, schedulers[0]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def adapter_change(directory, adapter, steps: int = 4, resolution: int = 32) -> float:
+    """How far an adapter moves the image plain diffusers draws (the pipeline at `directory` with and
+    without `pipe.load_lora_weights(adapter)`, same prompt and seed): the largest pixel difference, in [0, 1].
+    An adapter that was never trained (LoRA B = 0) gives 0."""
+
+    def draw(pipe):
+        return pipe(
+            ["a red car"],
+            num_inference_steps=steps,
+            height=resolution,
+            width=resolution,
+            generator=[torch.Generator().manual_seed(0)],
+            output_type="pt",
+        ).images
+
+    pipe = diffusers_pipeline(directory)
+    base = draw(pipe)
+    pipe.load_lora_weights(adapter)
+    return float((draw(pipe) - base).abs().max())
 
 
 class BrightnessReward:
@@ -140,12 +193,12 @@ def tiny_learner(reward, lr: float = 1e-2, dtype: torch.dtype = torch.float32, *
     """A learner on the tiny pipeline: LoRA rank 4, 32 px, 6 DDIM steps with CFG 5."""
     from alignprop_ray.engine.lora import attach_lora
     from alignprop_ray.engine.models import load_parts
-    from alignprop_ray.engine.step import AlignPropLearner
+    from alignprop_ray.engine.step import Learner
 
     parts = load_parts("tiny", dtype=dtype)
-    params = attach_lora(parts.unet, lora_settings(rank=4, alpha=4))
+    params = attach_lora(parts.denoiser, lora_settings(rank=4, alpha=4))
     sampler = sampler_settings(steps=6, guidance_scale=5.0)
-    return AlignPropLearner(parts, params, reward, sampler, optim_settings(lr=lr, **optim), resolution=32)
+    return Learner(parts, params, reward, sampler, optim_settings(lr=lr, **optim), resolution=32)
 
 
 def train_steps(learner, steps: int, truncation: str = "uniform:1:6", grad_accum: int = 1) -> list:
@@ -166,3 +219,59 @@ def train_steps(learner, steps: int, truncation: str = "uniform:1:6", grad_accum
         )
         results.append(learner.train_step(batches, ks))
     return results
+
+
+# --- runs and sweeps on the tiny model ------------------------------------------------------------------
+
+
+def tiny_run(tmp: str | Path, *extra: str) -> list[str]:
+    """`--set` items that log a run (or a sweep's trials) under `tmp`: its MLflow store and Ray storage."""
+    return [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"storage.path={tmp}/runs", *extra]
+
+
+# The base of a small sweep on the tiny model: one CPU worker per trial, a few seconds per step.
+TINY_SWEEP_BASE = {
+    "model": {"pretrained": "tiny", "resolution": 64},
+    "sampling": {"steps": 4},
+    "truncation": "full",
+    "reward": {"saturation": 1.0},
+    "prompts": {"train": "tiny", "eval": "tiny", "eval_seeds": 2},
+    "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2},
+    "scaling": {"num_workers": 1, "use_gpu": False},
+}
+
+
+def tiny_sweep(space: dict, *, base: dict | None = None, **sections) -> dict:
+    """A grid sweep over `space` from TINY_SWEEP_BASE: each section of `base` is merged into the base's
+    (`reward`, a mapping of terms, is replaced; a key set to None is removed); `sections` (name, tune, stop)
+    are the sweep's own."""
+    merged = copy.deepcopy(TINY_SWEEP_BASE)
+    for key, value in (base or {}).items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "reward":
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return {"base": merged, "space": space, "tune": {"algorithm": "grid"}, **sections}
+
+
+def assert_resumes_exactly(cfg, tmp: Path) -> None:
+    """A learner of experiment `cfg` takes a step, writes a checkpoint and takes a second step; a fresh
+    learner (as a restarted worker builds it) restores the checkpoint and takes the second step too: the
+    same adapter bit for bit, and the same method state."""
+    from alignprop_ray.train.build import build_learner, plan_training_step
+    from alignprop_ray.train.checkpoint import Progress, read_checkpoint, write_checkpoint
+
+    def step(learner, index: int) -> None:
+        learner.train_step(*plan_training_step(cfg, TRAIN_PROMPTS, index))
+
+    straight = build_learner(cfg, torch.device("cpu"))
+    step(straight, 0)
+    directory = write_checkpoint(straight, Progress(step=1, run_id="r"), tmp)
+    step(straight, 1)
+    resumed = build_learner(cfg, torch.device("cpu"))
+    assert read_checkpoint(directory).restore(resumed).step == 1
+    step(resumed, 1)
+    assert all(torch.equal(a, b) for a, b in zip(straight.params, resumed.params, strict=True))
+    assert resumed.state_dict()["method"] == straight.state_dict()["method"]

@@ -31,7 +31,7 @@ from alignprop_ray.errors import UserError
 from alignprop_ray.sweep import capacity
 from alignprop_ray.sweep.capacity import Ceiling, autoscaler_ceiling, trials_that_fit
 from alignprop_ray.sweep.config import load_sweep, parse_sweep
-from tests.helpers import free_port
+from tests.helpers import free_port, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 INF = math.inf
@@ -127,19 +127,10 @@ def test_the_truncation_sweep_on_the_aws_cluster_runs_trials_side_by_side(
     assert why == f"node types and max_workers in aws.yaml: room for {gpus // workers}"
 
 
-SWEEP = {
-    "base": {
-        "model": {"pretrained": "tiny", "resolution": 64},
-        "sampling": {"steps": 4},
-        "truncation": "full",
-        "reward": {"saturation": 1.0},
-        "prompts": {"train": "tiny", "eval": "tiny", "eval_seeds": 2},
-        "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2},
-        "scaling": {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1, "fake_gpu": 1}},
-    },
-    "space": {"train.lr": {"grid": [1e-3, 1e-2, 3e-2]}, "train.seed": {"grid": [0, 1]}},  # 6 trials
-    "tune": {"algorithm": "grid"},
-}
+SWEEP = tiny_sweep(
+    {"train.lr": {"grid": [1e-3, 1e-2, 3e-2]}, "train.seed": {"grid": [0, 1]}},  # 6 trials
+    base={"scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 1, "fake_gpu": 1}}},
+)
 NODE = {"CPU": 1, "fake_gpu": 1}
 
 

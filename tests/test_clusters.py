@@ -857,21 +857,34 @@ def test_docs_name_the_kuberay_version_the_manifests_need():
     assert docs and len(versions) == 1 and versions.pop() >= (1, 2)
 
 
-@pytest.mark.parametrize(
-    "needed",
-    [
-        "pip install .",  # the laptop: the alignprop-ray CLI and the pinned Ray
-        "awscli",
-        "default VPC",
-        "Running On-Demand G and VT instances",
-        "Running On-Demand P instances",
-        "default StorageClass",
-        "EBS CSI driver",
-        "docker build -f clusters/Dockerfile",
-        "aws ecr create-repository",
-        "aws rds create-db-instance",
-        "kubectl create secret generic alignprop-mlflow-db",
-    ],
-)
-def test_docs_cover_the_first_time_setup(needed):
-    assert needed in (ROOT / "docs" / "clusters.md").read_text()
+# AWS's quota for each GPU instance family that aws.yaml launches (Service Quotas, "Amazon EC2").
+EC2_QUOTAS = {"g": "Running On-Demand G and VT instances", "p": "Running On-Demand P instances"}
+
+
+def test_the_first_time_setup_in_the_docs_builds_what_the_shipped_files_use():
+    """The setup steps of docs/clusters.md against the files they prepare for: the image the nodes run is the
+    one it builds and the repository it creates, every secret a manifest reads is one it creates (with the key
+    read), every GPU family aws.yaml launches has its EC2 quota named, and the database volume the manifests
+    claim without a storage class has the default StorageClass the docs ask for."""
+    docs = (ROOT / "docs" / "clusters.md").read_text()
+    shipped = "\n".join(p.read_text() for p in [CLUSTERS / "aws.yaml", *MANIFESTS])
+    images = set(re.findall(r"image: \S+/(alignprop-ray:[\w.-]+)", shipped))
+    built = set(re.findall(r"docker build -f (\S+) -t \S+/(alignprop-ray:[\w.-]+) \.", docs))
+    assert images and {tag for _, tag in built} == images, (images, built)
+    assert all((ROOT / dockerfile).is_file() for dockerfile, _ in built)
+    assert "aws ecr create-repository --repository-name alignprop-ray " in docs
+    read = set(re.findall(r"secretKeyRef: \{name: ([\w-]+), key: (\w+)\}", shipped))
+    created = set(re.findall(r"kubectl create secret generic ([\w-]+) --from-literal=(\w+)=", docs))
+    assert read and read <= created, (read, created)
+    families = {
+        node["node_config"]["InstanceType"][0] for node in _load("aws.yaml")["available_node_types"].values()
+    }
+    for family in families & set(EC2_QUOTAS):
+        assert f'"{EC2_QUOTAS[family]}"' in docs, family
+    claims = [
+        claim
+        for doc in _documents(CLUSTERS / "kuberay" / "shared.yaml")
+        for claim in doc.get("spec", {}).get("volumeClaimTemplates", [])
+    ]
+    assert claims and all("storageClassName" not in claim["spec"] for claim in claims)
+    assert "a default StorageClass" in docs

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from alignprop_ray.config import load_experiment
-from tests.helpers import run_ranks
+from tests.helpers import run_ranks, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_DEFAULT = "nccl"  # what Ray Train picks for GPU workers when the trainer names no backend
@@ -21,16 +21,15 @@ GPU_DEFAULT = "nccl"  # what Ray Train picks for GPU workers when the trainer na
 def experiment(tmp, use_gpu: bool):
     return load_experiment(
         ROOT / "sweeps" / "tiny.yaml",
-        [
-            f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-            f"storage.path={tmp}/runs",
+        tiny_run(
+            tmp,
             f"scaling.use_gpu={str(use_gpu).lower()}",
             "model.resolution=32",
             "sampling.steps=3",
             "truncation=fixed:2",
             "train.batch_size=1",
             "prompts.eval_seeds=2",
-        ],
+        ),
     )
 
 
@@ -60,7 +59,9 @@ def train_one_step(rank: int, port: int, backend: str, tmp: str) -> tuple:
     import torch
     import torch.distributed as dist
 
-    from alignprop_ray.train.loop import build_learner, check_workers_in_sync, evaluate, plan_training_step
+    from alignprop_ray.train.build import build_learner, plan_training_step
+    from alignprop_ray.train.evaluate import evaluate
+    from alignprop_ray.train.loop import check_workers_in_sync
 
     torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

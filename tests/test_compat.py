@@ -2,6 +2,8 @@
 upgrade that moves one of them fails here first, by name."""
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +11,33 @@ import numpy as np
 from alignprop_ray import compat
 
 
-def test_ray_instances_are_listed_without_a_cluster():
-    assert isinstance(compat.ray_local_instances(), set)
-    # no `ray start` cluster in the test environment (or a stale record of one): nothing to join
-    assert compat.ray_started_cluster_address() in (None, *compat.ray_local_instances())
+def test_ray_instances_are_found_in_the_process_table_and_a_stale_record_is_not_joined(tmp_path, monkeypatch):
+    """Ray 2.60 finds a local instance by its raylet's command line (`--gcs-address=...`), and `ray start`
+    records its address in <RAY_TMPDIR>/ray/ray_current_cluster. A stand-in raylet process (its argv[0] names
+    it, as Ray's check reads it) makes an instance appear, then vanish when it exits; the recorded address
+    counts only while it is served."""
+    address = "127.0.0.1:1"  # port 1: no real GCS listens there
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(address + "\n")
+    assert address not in compat.ray_local_instances()
+    assert compat.ray_started_cluster_address() is None  # the record outlived its cluster: not joined
+    code = "import sys, time; sys.stdout.write('up\\n'); sys.stdout.flush(); time.sleep(60)"
+    raylet = subprocess.Popen(
+        ["alignprop-test-raylet", "-c", code, f"--gcs-address={address}"],
+        executable=sys.executable,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert raylet.stdout.readline() == "up\n"
+        assert address in compat.ray_local_instances()  # read afresh, not from Ray's cache
+        assert compat.ray_started_cluster_address() == address
+    finally:
+        raylet.kill()
+        raylet.wait()
+    assert address not in compat.ray_local_instances()
+    assert compat.ray_started_cluster_address() is None
 
 
 def test_ray_train_report_logger_is_found_and_quieted():

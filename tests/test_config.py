@@ -22,7 +22,7 @@ from alignprop_ray.config import (
     read_yaml,
 )
 from alignprop_ray.config.experiment import tracking_uri_source
-from alignprop_ray.engine.families.names import LORA_TARGETS
+from alignprop_ray.engine.families.registry import family_row
 from alignprop_ray.errors import ConfigError, UserError
 from alignprop_ray.problems import section_model
 from alignprop_ray.prompts import builtin_sets, load_prompts
@@ -91,16 +91,16 @@ def test_every_shipped_experiment_loads(path, in_tmp, hub_reachable):
 def test_base_is_valid(in_tmp):
     cfg = parse_experiment(BASE, env={})
     assert cfg.images_per_step == 2 * 2 * 1
-    assert cfg.truncation.describe() == "uniform:0:10"
+    assert cfg.method.truncation.describe() == "uniform:0:10"
 
 
 def test_defaults_follow_the_paper(in_tmp):
     cfg = parse_experiment({"reward": {"saturation": 1.0}}, env={})
     assert (cfg.train.lr, cfg.model.lora.rank, cfg.model.lora.alpha) == (1e-3, 4, 4.0)
     assert (cfg.sampling.steps, cfg.sampling.guidance_scale, cfg.sampling.eta) == (50, 7.5, 0.0)
-    assert cfg.truncation.describe() == "uniform:0:50"  # default resolved against sampling.steps
+    assert cfg.method.truncation.describe() == "uniform:0:50"  # default resolved against sampling.steps
     assert cfg.model.lora.target_modules is None  # the family's own: SD's attention projections
-    assert LORA_TARGETS["sd"] == ("to_q", "to_k", "to_v", "to_out.0")
+    assert family_row("sd").lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
     assert cfg.tracking.uri == f"sqlite:///{in_tmp / 'mlflow.db'}"
     assert cfg.storage.path == str(in_tmp / "runs")
 
@@ -111,7 +111,7 @@ def test_the_update_defaults_are_the_paper_codes(in_tmp):
     train = parse_experiment({"reward": {"saturation": 1.0}}, env={}).train
     assert (train.loss_scale, train.max_grad_norm) == (0.01, 5.0)
     assert (train.lr, train.weight_decay, train.adam_betas, train.adam_eps) == (1e-3, 0.1, (0.9, 0.999), 1e-8)
-    assert train.k0 == "skip"
+    assert parse_experiment({"reward": {"saturation": 1.0}}, env={}).method.k0 == "skip"
 
 
 def test_heldout_rewards_and_the_diversity_space_are_eval_settings(in_tmp):
@@ -138,12 +138,65 @@ def test_heldout_rewards_and_the_diversity_space_are_eval_settings(in_tmp):
 
 def test_k0_redraw_needs_a_distribution_that_draws_k_above_zero(in_tmp):
     data = with_change("train.k0", "redraw")
-    assert parse_experiment(data, env={}).train.k0 == "redraw"
+    assert parse_experiment(data, env={}).method.k0 == "redraw"
     data["truncation"] = "fixed:0"
     assert problems_of(data) == [
-        "train.k0: fixed:0 draws K >= 1 with probability 0: redrawing K=0 would not end; use train.k0: skip "
+        "train.k0: fixed:0 draws K >= 1 with probability 0: redrawing K=0 would not end; use method.k0: skip "
         "or a distribution with K >= 1"
     ]
+
+
+# --- AlignProp's truncation and k0 live under `method:`; their older keys stay -----------------------------
+
+
+def test_the_older_keys_and_the_method_section_are_one_experiment(in_tmp, hub_reachable):
+    older = with_change("train.k0", "redraw")  # and BASE's top-level truncation: uniform:0:10
+    moved = with_change("truncation", DELETE)
+    moved["method"] = {"name": "alignprop", "truncation": "uniform:0:10", "k0": "redraw"}
+    cfg = parse_experiment(older, env={})
+    assert cfg.to_dict() == parse_experiment(moved, env={}).to_dict()
+    assert cfg.to_dict()["method"] == {"name": "alignprop", "truncation": "uniform:0:10", "k0": "redraw"}
+    params = cfg.flat_params()  # the MLflow names stay, so runs logged before the move resume
+    assert (params["truncation"], params["train.k0"]) == ("uniform:0:10", "redraw")
+    assert not {"method.truncation", "method.k0"} & set(params)
+    # --set either spelling over a file with either: the one set last counts
+    assert parse_experiment(moved, overrides=["truncation=fixed:1"], env={}).method.truncation.k == 1
+    assert parse_experiment(older, overrides=["method.truncation=fixed:2"], env={}).method.truncation.k == 2
+    assert problems_of({**moved, "truncation": "fixed:3"}) == [
+        "truncation: also set as method.truncation; keep one"
+    ]
+    # a problem is named as the user wrote the key
+    assert problems_of(older, overrides=["truncation=fixed:11"])[0].startswith("truncation: K > T")
+    assert problems_of(moved, overrides=["method.truncation=fixed:11"])[0].startswith(
+        "method.truncation: K > T"
+    )
+    shipped = load_experiment(ROOT / "sweeps" / "paper_aesthetic.yaml", env={})  # top-level truncation, k0
+    assert (shipped.method.truncation.describe(), shipped.method.k0) == ("uniform:0:50", "skip")
+
+
+def test_a_run_logged_before_the_settings_moved_resumes(tmp_path):
+    """Resume compares the run's logged params with the config's (train/launch.py): a run logged when
+    `truncation` and `train.k0` were top-level keys resumes, and a changed truncation is still refused."""
+    from mlflow import MlflowClient
+
+    from alignprop_ray.train.launch import _check_same_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("before")).info.run_id
+    before = {  # what 5598063 logged for BASE (ExperimentConfig.flat_params then)
+        "method.name": "alignprop",
+        "truncation": "uniform:0:10",
+        "train.k0": "skip",
+        "sampling.steps": "10",
+        "train.lr": "0.001",
+    }
+    for key, value in before.items():
+        client.log_param(run_id, key, value)
+    data = {**BASE, "tracking": {"uri": uri}, "storage": {"path": str(tmp_path / "runs")}}
+    _check_same_config(parse_experiment(data, env={}), run_id, "before")
+    with pytest.raises(UserError, match=r"exists with truncation=uniform:0:10 \(now fixed:3\)"):
+        _check_same_config(parse_experiment({**data, "truncation": "fixed:3"}, env={}), run_id, "before")
 
 
 def test_every_field_is_documented():
@@ -407,7 +460,7 @@ def test_set_overrides_parse_yaml_values(in_tmp):
         env={},
     )
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
-    assert cfg.truncation.describe() == "fixed:3"
+    assert cfg.method.truncation.describe() == "fixed:3"
     assert cfg.reward == {"saturation": 2.0}
     assert cfg.model.lora.target_modules == ["to_q", "to_v"]
     assert cfg.sampling.negative_prompt == "blurry, ugly"
@@ -545,7 +598,7 @@ def test_prompt_file_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
     with pytest.raises(UserError, match="has no prompts"):
         load_prompts(str(tmp_path / "empty.txt"))
-    with pytest.raises(UserError, match="prompt file not found"):
+    with pytest.raises(UserError, match="missing.txt: no such prompt file"):
         load_prompts(str(tmp_path / "missing.txt"))
 
 

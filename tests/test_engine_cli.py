@@ -10,8 +10,7 @@ from PIL import Image
 from alignprop_ray.cli import main
 from alignprop_ray.engine.lora import WEIGHT_NAME, attach_lora, save_adapter
 from alignprop_ray.engine.models import load_parts
-from tests.helpers import lora_settings
-from tests.test_sampler import perturb
+from tests.helpers import lora_settings, perturb
 
 PIPELINES = {
     "sdxl": "StableDiffusionXLPipeline",
@@ -93,7 +92,7 @@ def family_dirs(tmp_path_factory):
 @pytest.mark.parametrize("with_adapter", [False, True])
 @pytest.mark.parametrize("family", list(PIPELINES))
 def test_sample_png_equals_the_familys_diffusers_png(family_dirs, tmp_path, family, with_adapter):
-    from tests.test_families import diffusers_pipeline
+    from tests.helpers import diffusers_pipeline
 
     model = family_dirs[family]
     assert json.loads((model / "model_index.json").read_text())["_class_name"] == PIPELINES[family]

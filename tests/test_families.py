@@ -1,8 +1,12 @@
-"""SDXL, SD3 and FLUX.1 through the one sampler: parity with their diffusers pipelines, the exact meaning
-of truncated and checkpointed backprop for each, adapters that plain diffusers loads, family mismatches as
-one-line errors, and a 2-worker Ray run per family that raises an offline reward."""
+"""Every model family through the one sampler. Each claim is written once and parametrized over the family
+registry (engine/families/registry.py), so a new row is tested by joining it: parity with the family's
+diffusers pipeline, gradient through exactly the last K steps (and through a per-step mask's steps),
+checkpointed gradients equal to unchecked ones, an exact resume from a training checkpoint, an adapter that
+plain diffusers loads, and a 2-worker Ray run that raises an offline reward. Then what is particular to one
+family: SD3's joint-attention LoRA and patch size, SD against TRL's per-step truncation, FLUX.1's
+guidance embedding, packed latents and LoRA targets, and families that
+contradict their pipeline, refused in one line."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from alignprop_ray.engine.families import LORA_TARGETS
-from alignprop_ray.engine.families.flux import Flux
-from alignprop_ray.engine.families.sd3 import SD3, SD3_SCHEDULE
-from alignprop_ray.engine.families.sdxl import SDXL
+from alignprop_ray.engine.families import get_family
+from alignprop_ray.engine.families.registry import (
+    SD3_SCHEDULE,
+    SD_SCHEDULE,
+    TINY_FAMILY,
+    family_row,
+    family_rows,
+)
 from alignprop_ray.engine.lora import (
     WEIGHT_NAME,
     attach_lora,
@@ -28,12 +36,24 @@ from alignprop_ray.engine.lora import (
 from alignprop_ray.engine.models import load_parts, save_tiny_model
 from alignprop_ray.engine.sampler import generate
 from alignprop_ray.errors import ConfigError, UserError
-from tests.helpers import lora_settings, sampler_settings
-from tests.test_sampler import PIXEL_TOL, PROMPTS, SEEDS, perturb
+from tests.helpers import (
+    assert_resumes_exactly,
+    diffusers_pipeline,
+    lora_settings,
+    perturb,
+    sampler_settings,
+    tiny_run,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on a shared box
 ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = [row.name for row in family_rows()]
+PROMPTS, SEEDS = ["a photo of a cat", "a red car"], [3, 11]
 RESOLUTION = 32  # 16 x 16 latents: the tiny models' CPU cost stays in seconds
+# float32 end to end with identical op order: we measured a max abs difference of exactly 0.0 for every
+# case; 1e-4 (0.03 of one 8-bit level) leaves room for BLAS kernel choice on other CPUs without hiding a
+# real bug (a wrong timestep or guidance term moves pixels by > 1e-2).
+PIXEL_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -44,26 +64,24 @@ def pipeline_dir(tmp_path_factory):
     `flux-schnell` (FLUX.1 [schnell]: no guidance embedding, no shift)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from alignprop_ray.engine.families.sd import SD_SCHEDULE
-
     made = {}
 
     def make(name: str) -> Path:
         if name not in made:
             path = tmp_path_factory.mktemp(name) / "pipe"
             if name == "sdxl-ddim":
-                parts = SDXL().build_tiny(0)
+                parts = get_family("sdxl").build_tiny(0)
                 parts.scheduler = DDIMScheduler(**SD_SCHEDULE)
                 parts.family.pipeline(parts).save_pretrained(path)
             elif name == "sd3-no-t5":
-                parts = SD3().build_tiny(0, t5=False)
+                parts = get_family("sd3").build_tiny(0, t5=False)
                 parts.family.pipeline(parts).save_pretrained(path)
             elif name == "sd3-dynamic-shift":
-                parts = SD3().build_tiny(0, t5=False)
+                parts = get_family("sd3").build_tiny(0, t5=False)
                 parts.scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE, use_dynamic_shifting=True)
                 parts.family.pipeline(parts).save_pretrained(path)
             elif name == "flux-schnell":
-                parts = Flux().build_tiny(0, variant="schnell")
+                parts = get_family("flux").build_tiny(0, variant="schnell")
                 parts.family.pipeline(parts).save_pretrained(path)
             else:
                 save_tiny_model(path, family=name)
@@ -73,20 +91,9 @@ def pipeline_dir(tmp_path_factory):
     return make
 
 
-def diffusers_pipeline(directory):
-    import diffusers
-
-    index = json.loads((Path(directory) / "model_index.json").read_text())
-    cls = index["_class_name"]
-    extra = {"add_watermarker": False} if cls == "StableDiffusionXLPipeline" else {}
-    if index.get("text_encoder_3") == [None, None]:  # diffusers reloads its own T5-less save only so
-        extra.update(text_encoder_3=None, tokenizer_3=None)
-    pipe = getattr(diffusers, cls).from_pretrained(directory, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def diffusers_images(directory, settings, adapter=None):
+    """What the family's own diffusers pipeline draws for PROMPTS and SEEDS, sampling with the scheduler our
+    loader picks (the directory's when the family samples with it, else the family's first)."""
     pipe = diffusers_pipeline(directory)
     if adapter is not None:
         pipe.load_lora_weights(adapter)
@@ -109,14 +116,14 @@ def ours(directory, settings):
 
 # --- parity with diffusers -------------------------------------------------------------------------
 
-CASES = {
-    "sdxl-euler": ("sdxl", sampler_settings(steps=5, guidance_scale=7.5)),
-    "sdxl-euler-no-cfg": ("sdxl", sampler_settings(steps=4, guidance_scale=1.0)),
-    "sdxl-euler-negative": ("sdxl", sampler_settings(steps=4, negative_prompt="blurry")),
+COMMON = {  # every family
+    "cfg": sampler_settings(steps=5, guidance_scale=7.5),
+    "no-cfg": sampler_settings(steps=4, guidance_scale=1.0),
+    "negative": sampler_settings(steps=4, negative_prompt="blurry"),
+}
+PARTICULAR = {  # a family's own variants: DDIM's noise, SDXL shipped with DDIM, SD3 without T5
+    "sd-eta1": ("sd", sampler_settings(steps=5, guidance_scale=3.0, eta=1.0)),
     "sdxl-ddim-eta1": ("sdxl-ddim", sampler_settings(steps=5, guidance_scale=3.0, eta=1.0)),
-    "sd3": ("sd3", sampler_settings(steps=5, guidance_scale=7.0)),
-    "sd3-no-cfg": ("sd3", sampler_settings(steps=4, guidance_scale=1.0)),
-    "sd3-negative": ("sd3", sampler_settings(steps=4, negative_prompt="blurry")),
     "sd3-no-t5": ("sd3-no-t5", sampler_settings(steps=4, guidance_scale=5.0)),
     # set_timesteps raises without the `mu` the pipeline computes from the image size
     "sd3-dynamic-shift": ("sd3-dynamic-shift", sampler_settings(steps=4, guidance_scale=5.0)),
@@ -125,18 +132,19 @@ CASES = {
     "flux-dev": ("flux", sampler_settings(steps=5, guidance_scale=3.5)),
     "flux-schnell": ("flux-schnell", sampler_settings(steps=4, guidance_scale=3.5)),
 }
+PARITY = {f"{family}-{case}": (family, s) for family in FAMILIES for case, s in COMMON.items()} | PARTICULAR
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(PARITY))
 def test_matches_diffusers_pipeline(pipeline_dir, case):
-    name, settings = CASES[case]
+    name, settings = PARITY[case]
     directory = pipeline_dir(name)
     mine, theirs = ours(directory, settings), diffusers_images(directory, settings)
     assert mine.shape == theirs.shape == (2, 3, RESOLUTION, RESOLUTION)
     assert (mine - theirs).abs().max() <= PIXEL_TOL  # measured: 0.0 for every case
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_loads_in_diffusers_and_matches(pipeline_dir, tmp_path, family):
     directory = pipeline_dir(family)
     parts = load_parts(str(directory))
@@ -144,7 +152,7 @@ def test_adapter_loads_in_diffusers_and_matches(pipeline_dir, tmp_path, family):
     save_adapter(parts.denoiser, tmp_path / "adapter")
     adapter = read_adapter(tmp_path / "adapter")
     assert (adapter.prefix, adapter.family) == (parts.family.denoiser_name, family)
-    assert set(adapter.config["target_modules"]) == set(LORA_TARGETS[family])  # the family's default
+    assert set(adapter.config["target_modules"]) == set(family_row(family).lora_targets)  # the default
     settings = sampler_settings(steps=4)
     mine = generate(parts, PROMPTS, SEEDS, settings, resolution=RESOLUTION)
     theirs = diffusers_images(directory, settings, adapter=tmp_path / "adapter")
@@ -158,33 +166,6 @@ def test_adapter_loads_in_diffusers_and_matches(pipeline_dir, tmp_path, family):
     ).abs().max() <= PIXEL_TOL
 
 
-def test_sd3_adapter_covers_the_joint_attention_text_stream(tmp_path):
-    parts = load_parts("tiny", family="sd3")
-    attach_lora(parts.denoiser, lora_settings())
-    save_adapter(parts.denoiser, tmp_path / "a")
-    with safe_open(str(tmp_path / "a" / WEIGHT_NAME), framework="pt") as f:
-        keys = list(f.keys())
-    assert all(k.startswith("transformer.") for k in keys)
-    for target in ("attn.add_q_proj", "attn.to_add_out", "attn2.to_q", "attn.to_out.0"):
-        assert any(f".{target}.lora_A." in k for k in keys), target
-
-
-def test_flux_adapter_covers_both_streams_and_the_single_blocks(tmp_path):
-    """diffusers' FLUX LoRA script's default: attention and feed-forward of the double-stream blocks' image
-    and text streams, and (by the same names) the single-stream blocks' attention."""
-    parts = load_parts("tiny", family="flux")
-    attach_lora(parts.denoiser, lora_settings())
-    save_adapter(parts.denoiser, tmp_path / "a")
-    with safe_open(str(tmp_path / "a" / WEIGHT_NAME), framework="pt") as f:
-        keys = list(f.keys())
-    assert all(k.startswith("transformer.") for k in keys)
-    double = ("attn.to_q", "attn.add_k_proj", "attn.to_out.0", "attn.to_add_out", "ff.net.2")
-    for target in (*double, "ff_context.net.0.proj"):
-        assert any(f"transformer_blocks.0.{target}.lora_A." in k for k in keys), target
-    assert any(k.startswith("transformer.single_transformer_blocks.1.attn.to_v.lora_A.") for k in keys)
-    assert not any(".proj_mlp." in k or ".norm" in k for k in keys)  # not in the script's list
-
-
 # --- truncation and checkpointing --------------------------------------------------------------------
 
 
@@ -193,10 +174,11 @@ def _timestep(args, kwargs) -> float:
     return float(t.flatten()[0])
 
 
-def denoiser_calls(parts, record):
-    """Record in `record["calls"]` the timestep of every denoiser call as it starts (a pre-hook: the
-    recompute of a checkpointed call stops early, before the call would return), and in
-    `record["received"]` the timesteps whose output gradient is computed during backward."""
+def denoiser_calls(parts) -> dict[str, list]:
+    """A record, filled as the denoiser runs: `calls`, the timestep of every call as it starts (a pre-hook:
+    the recompute of a checkpointed call stops early, before the call would return); `received`, the
+    timesteps whose output gradient is computed during backward; `requires_grad`, per call."""
+    record = {"calls": [], "received": [], "requires_grad": []}
 
     def started(module, args, kwargs):
         record["calls"].append(_timestep(args, kwargs))
@@ -209,27 +191,39 @@ def denoiser_calls(parts, record):
 
     parts.denoiser.register_forward_pre_hook(started, with_kwargs=True)
     parts.denoiser.register_forward_hook(returned, with_kwargs=True)
+    return record
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_exactly_the_last_k_steps_receive_gradient(family, k):
     parts = load_parts("tiny", family=family)
     params = attach_lora(parts.denoiser, lora_settings())
     perturb(params)
-    record = {"calls": [], "received": [], "requires_grad": []}
-    denoiser_calls(parts, record)
+    record = denoiser_calls(parts)
     images = generate(parts, PROMPTS, SEEDS, sampler_settings(steps=4), k=k, resolution=RESOLUTION)
     timesteps = list(record["calls"])  # each step's t as its denoiser call got it (FLUX's: t / 1000)
     assert len(set(timesteps)) == 4
     assert record["requires_grad"] == [False] * (4 - k) + [True] * k  # the no-grad prefix builds no graph
     if k == 0:
-        assert not images.requires_grad
+        assert not images.requires_grad  # no graph at all: nothing to backpropagate
         return
     images.mean().backward()
     assert sorted(record["received"]) == sorted(timesteps[4 - k :])  # a contiguous tail, each once
     assert all(p.grad is not None for p in params)
     assert sum(float(p.grad.abs().sum()) for p in params) > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_per_step_mask_gives_gradient_to_exactly_its_steps(family):
+    parts = load_parts("tiny", family=family)
+    perturb(attach_lora(parts.denoiser, lora_settings()))
+    record = denoiser_calls(parts)
+    mask = (False, True, False, True)
+    images = generate(parts, PROMPTS, SEEDS, sampler_settings(steps=4), k=mask, resolution=RESOLUTION)
+    images.mean().backward()
+    timesteps = [float(t) for t in parts.scheduler.timesteps]
+    assert sorted(record["received"]) == sorted(t for t, m in zip(timesteps, mask, strict=True) if m)
 
 
 def lora_grads(parts, params, k, **kwargs):
@@ -240,15 +234,14 @@ def lora_grads(parts, params, k, **kwargs):
     return torch.cat([p.grad.flatten() for p in params])
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_checkpointing_does_not_change_gradients(family):
     parts = load_parts("tiny", family=family).to("cpu", torch.float64)
     params = attach_lora(parts.denoiser, lora_settings(rank=4, alpha=4))
     for p in params:
         p.data = p.data.double()
     perturb(params)
-    record = {"calls": [], "received": [], "requires_grad": []}
-    denoiser_calls(parts, record)
+    record = denoiser_calls(parts)
     without = lora_grads(parts, params, k=3, checkpoint=False)
     with_ckpt = lora_grads(parts, params, k=3, checkpoint=True)
     record["calls"].clear()
@@ -259,6 +252,61 @@ def test_checkpointing_does_not_change_gradients(family):
     # a checkpointed call runs again during backward; the one left out of the plan does not
     per_step = [record["calls"].count(t) for t in record["calls"][:4]]  # the forward pass's 4 steps first
     assert per_step == [1, 2, 1, 2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_training_checkpoint_resumes_exactly(family, tmp_path):
+    """The family's learner resumes from a checkpoint bit for bit (tests/helpers.py `assert_resumes_exactly`)."""
+    from alignprop_ray.config import load_experiment
+
+    sets = [
+        f"model.family={family}",
+        f"model.resolution={RESOLUTION}",
+        "sampling.steps=4",
+        "truncation=fixed:2",
+    ]
+    assert_resumes_exactly(load_experiment(ROOT / "sweeps" / "tiny.yaml", sets), tmp_path)
+
+
+# --- the x0 primitive ------------------------------------------------------------------------------
+
+TINY_SCHEDULERS = {row.tiny_scheduler[0]: row.tiny_scheduler[1] for row in family_rows()}
+
+
+@pytest.mark.parametrize("scheduler", list(TINY_SCHEDULERS))
+def test_predict_x0_is_the_schedulers_own(scheduler):
+    """x0 from (x_t, prediction) at t, against what the scheduler's step computes for that step."""
+    import diffusers
+
+    from alignprop_ray.engine import schedulers
+
+    solver = getattr(diffusers, scheduler)(**TINY_SCHEDULERS[scheduler])
+    timesteps = schedulers.set_timesteps(solver, 4, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen) * float(getattr(solver, "init_noise_sigma", 1.0))
+    for i, t in enumerate(timesteps):
+        prediction = torch.randn(2, 4, 8, 8, generator=gen)
+        x0 = schedulers.predict_x0(solver, prediction, t, x)
+        out = solver.step(prediction, t, x, return_dict=False)
+        if len(out) > 1:  # DDIM and Euler return their own x0 prediction
+            assert torch.allclose(x0, out[1], atol=1e-5)
+        elif i == len(timesteps) - 1:  # flow matching's last step lands on sigma = 0: x0 itself
+            assert torch.allclose(x0, out[0], atol=1e-5)
+        x = out[0]
+
+
+# --- what is particular to one family ------------------------------------------------------------------
+
+
+def test_sd3_adapter_covers_the_joint_attention_text_stream(tmp_path):
+    parts = load_parts("tiny", family="sd3")
+    attach_lora(parts.denoiser, lora_settings())
+    save_adapter(parts.denoiser, tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / WEIGHT_NAME), framework="pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith("transformer.") for k in keys)
+    for target in ("attn.add_q_proj", "attn.to_add_out", "attn2.to_q", "attn.to_out.0"):
+        assert any(f".{target}.lora_A." in k for k in keys), target
 
 
 def test_a_checkpoint_plan_must_cover_the_k_steps_and_transformers_take_whole_patches():
@@ -277,39 +325,65 @@ def test_a_checkpoint_plan_must_cover_the_k_steps_and_transformers_take_whole_pa
     one_line(err)
 
 
-# --- the x0 primitive ------------------------------------------------------------------------------
+def test_flux_adapter_covers_both_streams_and_the_single_blocks(tmp_path):
+    """diffusers' FLUX LoRA script's default: attention and feed-forward of the double-stream blocks' image
+    and text streams, and (by the same names) the single-stream blocks' attention."""
+    parts = load_parts("tiny", family="flux")
+    attach_lora(parts.denoiser, lora_settings())
+    save_adapter(parts.denoiser, tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / WEIGHT_NAME), framework="pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith("transformer.") for k in keys)
+    double = ("attn.to_q", "attn.add_k_proj", "attn.to_out.0", "attn.to_add_out", "ff.net.2")
+    for target in (*double, "ff_context.net.0.proj"):
+        assert any(f"transformer_blocks.0.{target}.lora_A." in k for k in keys), target
+    assert any(k.startswith("transformer.single_transformer_blocks.1.attn.to_v.lora_A.") for k in keys)
+    assert not any(".proj_mlp." in k or ".norm" in k for k in keys)  # not in the script's list
 
 
-@pytest.mark.parametrize(
-    "scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"]
-)
-def test_predict_x0_is_the_schedulers_own(scheduler):
-    """x0 from (x_t, prediction) at t, against what the scheduler's step computes for that step."""
-    import diffusers
+def test_per_step_truncation_is_trls_per_step_detach(tiny_dir):
+    """`per_step:0:T` against TRL's AlignProp sampler (`pipeline_step_with_grad`, randomized truncation: one
+    `random.randint(0, T)` per step, the noise prediction of step i detached when i < it): on the same
+    seeds and the same index draws, the same images and the same LoRA gradient."""
+    import random
 
-    from alignprop_ray.engine import schedulers
-    from alignprop_ray.engine.families.sd import SD_SCHEDULE
-    from alignprop_ray.engine.families.sd3 import SD3_SCHEDULE
-    from alignprop_ray.engine.families.sdxl import SDXL_SCHEDULE
+    from trl.models.modeling_sd_base import pipeline_step_with_grad
 
-    configs = {
-        "DDIMScheduler": SD_SCHEDULE,
-        "EulerDiscreteScheduler": SDXL_SCHEDULE,
-        "FlowMatchEulerDiscreteScheduler": SD3_SCHEDULE,
-    }
-    solver = getattr(diffusers, scheduler)(**configs[scheduler])
-    timesteps = schedulers.set_timesteps(solver, 4, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=gen) * float(getattr(solver, "init_noise_sigma", 1.0))
-    for i, t in enumerate(timesteps):
-        prediction = torch.randn(2, 4, 8, 8, generator=gen)
-        x0 = schedulers.predict_x0(solver, prediction, t, x)
-        out = solver.step(prediction, t, x, return_dict=False)
-        if len(out) > 1:  # DDIM and Euler return their own x0 prediction
-            assert torch.allclose(x0, out[1], atol=1e-5)
-        elif i == len(timesteps) - 1:  # flow matching's last step lands on sigma = 0: x0 itself
-            assert torch.allclose(x0, out[0], atol=1e-5)
-        x = out[0]
+    from alignprop_ray.engine.truncation import parse_truncation
+
+    steps, seed = 6, 4
+    mask = parse_truncation(f"per_step:0:{steps}").draw(steps, random.Random(seed))
+    assert 0 < sum(mask) < steps and mask != tuple(sorted(mask))  # gradient steps that are not a tail
+
+    parts = load_parts(str(tiny_dir))
+    params = attach_lora(parts.denoiser, lora_settings(rank=4, alpha=8))
+    perturb(params)
+    settings = sampler_settings(steps=steps, guidance_scale=7.5, checkpoint=False)
+    ours = generate(parts, PROMPTS, SEEDS, settings, k=mask)
+    ours.mean().backward()
+    our_grads = [p.grad.clone() for p in params]
+
+    pipe = diffusers_pipeline(tiny_dir)  # the tiny SD directory ships DDIM
+    pipe.unet = parts.denoiser  # the same LoRA parameters
+    for p in params:
+        p.grad = None
+    random.seed(seed)  # TRL draws from the global stream, one randint per step as our draw does
+    theirs = pipeline_step_with_grad(
+        pipe,
+        PROMPTS,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        truncated_rand_backprop_minmax=(0, steps),
+        gradient_checkpoint=False,
+        negative_prompt=[""] * 2,
+        generator=[torch.Generator().manual_seed(s) for s in SEEDS],
+        output_type="pt",
+    ).images
+    theirs.mean().backward()
+    assert (ours - theirs).abs().max() <= PIXEL_TOL
+    for mine, reference in zip(our_grads, (p.grad for p in params), strict=True):
+        assert torch.allclose(mine, reference, rtol=1e-4, atol=1e-9)
+    assert sum(float(g.abs().sum()) for g in our_grads) > 0
 
 
 # --- family mismatches -----------------------------------------------------------------------------
@@ -438,40 +512,44 @@ def test_sample_with_another_familys_adapter_exits_2_in_one_line(tiny_dir, tmp_p
     assert not (tmp_path / "x.png").exists()
 
 
-# --- a 2-worker Ray run per family -----------------------------------------------------------------
+# --- a 2-worker Ray run per family ---------------------------------------------------------------------
+
+RAY_STEPS = {"flux": 4}  # others: 6
+# Fixed eval prompts and seeds on CPU: no noise between the two evaluations. Measured (saturation), single
+# process, batch 4, eval_animals: sdxl (lr 0.03) 0.268 -> 0.351; sd3 0.278 -> 0.310 at lr 0.03 (its zero-init
+# LoRA B grows slowly at first), 0.278 -> 0.358 at lr 0.05; flux (4 steps, lr 0.05) 0.310 -> 0.405. A new
+# family starts at 0.05.
+RAY_LR = {"sdxl": 0.03, "sd3": 0.05, "flux": 0.05}
+RAY_FAMILIES = [family for family in FAMILIES if family != TINY_FAMILY]  # sd: tests/test_train_ray.py
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize(("family", "lr", "steps"), [("sdxl", 0.03, 6), ("sd3", 0.05, 6), ("flux", 0.05, 4)])
-def test_ray_training_raises_the_offline_reward(ray_session, tmp_path, pipeline_dir, family, lr, steps):
+@pytest.mark.parametrize("family", RAY_FAMILIES)
+def test_ray_training_raises_the_offline_reward(ray_session, tmp_path, pipeline_dir, family):
     from mlflow import MlflowClient
 
     from alignprop_ray.config import load_experiment
     from alignprop_ray.train.launch import run_training
 
+    steps = RAY_STEPS.get(family, 6)
     cfg = load_experiment(
         ROOT / "sweeps" / "tiny.yaml",
-        [
+        tiny_run(
+            tmp_path,
             f"model.family={family}",
             f"model.resolution={RESOLUTION}",
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            f"storage.path={tmp_path}/runs",
             "sampling.steps=4",
             "truncation=fixed:2",
             f"train.steps={steps}",
             f"train.eval_every={steps}",
             f"train.checkpoint_every={steps}",
-            f"train.lr={lr}",
+            f"train.lr={RAY_LR.get(family, 0.05)}",
             "prompts.train=tiny",
-        ],
+        ),
     )
     outcome = run_training(cfg, name=f"tiny-{family}")
     client = MlflowClient(cfg.tracking.uri)
     evals = dict((m.step, m.value) for m in client.get_metric_history(outcome.run_id, "eval/reward"))
-    # Fixed eval prompts and seeds on CPU: no noise between the two evaluations. Measured (saturation),
-    # single process, batch 4, eval_animals: sdxl (lr 0.03) 0.268 -> 0.351; sd3 0.278 -> 0.310 at lr 0.03
-    # (its zero-init LoRA B grows slowly at first), 0.278 -> 0.358 at lr 0.05; flux (4 steps, lr 0.05)
-    # 0.310 -> 0.405.
     assert evals[steps] - evals[0] > 0.02, evals
     digests = client.get_run(outcome.run_id).data.tags["alignprop.lora_sha256_by_rank"].split(",")
     assert len(digests) == 2 and digests[0] == digests[1]

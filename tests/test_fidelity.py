@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from alignprop_ray.config import load_experiment
-from tests.helpers import TRAIN_PROMPTS, engine_defaults
+from tests.helpers import TRAIN_PROMPTS, engine_defaults, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_the_default_update_is_the_official_update(one_thread):
     it must move away from the official one, or the gradients never reached the clip and the test is void."""
     from alignprop_ray.engine.lora import attach_lora
     from alignprop_ray.engine.models import load_parts
-    from alignprop_ray.engine.step import AlignPropLearner, plan_step
+    from alignprop_ray.engine.step import Learner, plan_step
     from alignprop_ray.engine.truncation import parse_truncation
     from alignprop_ray.rewards.mixture import build_reward
 
@@ -96,9 +96,9 @@ def test_the_default_update_is_the_official_update(one_thread):
     spec = {"aesthetic": {"arch": "tiny", "target": AESTHETIC_TARGET, "weight": GRAD_SCALE}}
     reward = build_reward(spec, device="cpu", dtype=torch.float32)
     parts = load_parts("tiny")
-    params = attach_lora(parts.unet, lora)
+    params = attach_lora(parts.denoiser, lora)
     # a short chain at 32 px: the sampler does not enter the update rule
-    learner = AlignPropLearner(parts, params, reward, dataclasses.replace(sampler, steps=4), optim, 32)
+    learner = Learner(parts, params, reward, dataclasses.replace(sampler, steps=4), optim, 32)
 
     def reference() -> tuple[list[torch.Tensor], torch.optim.AdamW]:
         copy = [p.detach().double().clone().requires_grad_() for p in params]
@@ -153,7 +153,7 @@ OFFICIAL_PRESET_VALUES = {
     "model.lora.alpha": 4.0,  # no alpha there: update scale 1
     "model.dtype": "float16",  # align_prop.py:25: mixed_precision fp16
     "model.gradient_checkpointing": True,  # :49
-    "truncation": "uniform:0:50",  # :122-123, :173-174: truncated_backprop_rand, minmax (0, 50)
+    "method.truncation": "uniform:0:50",  # :122-123, :173-174: truncated_backprop_rand, minmax (0, 50)
 }
 
 
@@ -161,7 +161,7 @@ def field(cfg, dotted: str):
     value = cfg
     for part in dotted.split("."):
         value = getattr(value, part)
-    return value.describe() if dotted == "truncation" else value
+    return value.describe() if dotted == "method.truncation" else value
 
 
 @pytest.mark.parametrize("name", ["paper_aesthetic", "paper_hps"])
@@ -186,7 +186,8 @@ def test_paper_presets_are_the_official_configs(name, hub_reachable):
 
 # Down to the offline tiny model on CPU; every other setting is the preset's (docs/fidelity.md).
 def tiny_overrides(tmp: Path) -> list[str]:
-    return [
+    return tiny_run(
+        tmp,
         "model.pretrained=tiny",
         "model.resolution=32",
         "model.dtype=float32",
@@ -203,9 +204,7 @@ def tiny_overrides(tmp: Path) -> list[str]:
         "prompts.eval=tiny",
         "prompts.eval_seeds=2",
         "eval.diversity={space: clip, arch: tiny}",
-        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-        f"storage.path={tmp}/runs",
-    ]
+    )
 
 
 TINY_REWARDS = {
@@ -243,7 +242,8 @@ def test_paper_presets_validate_down_to_the_tiny_model_without_torch(tmp_path):
 
 def test_paper_hps_preset_trains_and_evaluates_on_the_tiny_model(tmp_path, one_thread):
     """The HPS preset's settings, one optimizer step and one evaluation in this process (no Ray)."""
-    from alignprop_ray.train.loop import build_learner, evaluate, plan_training_step
+    from alignprop_ray.train.build import build_learner, plan_training_step
+    from alignprop_ray.train.evaluate import evaluate
 
     cfg = load_experiment(
         ROOT / "sweeps" / "paper_hps.yaml", tiny_overrides(tmp_path) + TINY_REWARDS["paper_hps"]
@@ -345,7 +345,7 @@ def test_vendi_within_and_across_prompts_on_a_prompts_by_seeds_grid():
 
 
 def test_eval_seeds_are_per_prompt_and_those_of_the_sample_command():
-    from alignprop_ray.train.loop import EVAL_SEED_BASE, eval_pairs
+    from alignprop_ray.train.evaluate import EVAL_SEED_BASE, eval_pairs
 
     pairs = eval_pairs(["a cat", "a dog", "a cat"], 3)
     seeds = [s for _, s in pairs]
@@ -357,7 +357,8 @@ def test_eval_seeds_are_per_prompt_and_those_of_the_sample_command():
 def test_diversity_does_not_depend_on_the_training_reward(tmp_path, one_thread):
     """Two experiments that differ only in their reward (one with a CLIP term, whose embeddings the
     diversity metrics used to borrow) report the same diversity of the same images."""
-    from alignprop_ray.train.loop import build_learner, evaluate
+    from alignprop_ray.train.build import build_learner
+    from alignprop_ray.train.evaluate import evaluate
 
     def metrics(reward: str) -> dict:
         overrides = [*tiny_overrides(tmp_path), f"reward={reward}", "eval.rewards={}", "prompts.eval_seeds=2"]

@@ -12,20 +12,18 @@ import torch
 
 from alignprop_ray.engine.lora import attach_lora
 from alignprop_ray.engine.models import load_parts
-from alignprop_ray.engine.step import AlignPropLearner, Batch
+from alignprop_ray.engine.step import Batch, Learner
 from tests.helpers import brightness_reward, lora_settings, optim_settings, run_ranks, sampler_settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPTS = ["a cat", "a dog"]
 
 
-def cuda_learner(dtype: torch.dtype, steps: int, checkpoint: bool = True) -> AlignPropLearner:
+def cuda_learner(dtype: torch.dtype, steps: int, checkpoint: bool = True) -> Learner:
     parts = load_parts("tiny", dtype=dtype, device="cuda")
-    params = attach_lora(parts.unet, lora_settings(rank=4, alpha=4))
+    params = attach_lora(parts.denoiser, lora_settings(rank=4, alpha=4))
     sampler = sampler_settings(steps=steps, guidance_scale=5.0, checkpoint=checkpoint)
-    return AlignPropLearner(
-        parts, params, brightness_reward, sampler, optim_settings(lr=1e-2), resolution=128
-    )
+    return Learner(parts, params, brightness_reward, sampler, optim_settings(lr=1e-2), resolution=128)
 
 
 def test_fp16_on_cuda_uses_loss_scaling_and_updates_fp32_lora():
@@ -77,12 +75,10 @@ def train_two_steps_on_gpu(rank: int, port: int) -> tuple[list[str], bool]:
     backend = process_group_backend(use_gpu=True)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     parts = load_parts("tiny", device=f"cuda:{rank}")
-    params = attach_lora(parts.unet, lora_settings(rank=4, alpha=4))
+    params = attach_lora(parts.denoiser, lora_settings(rank=4, alpha=4))
     before = [p.detach().clone() for p in params]
     sampler = sampler_settings(steps=6, guidance_scale=5.0)
-    learner = AlignPropLearner(
-        parts, params, brightness_reward, sampler, optim_settings(lr=1e-2), resolution=64
-    )
+    learner = Learner(parts, params, brightness_reward, sampler, optim_settings(lr=1e-2), resolution=64)
     for step in range(2):
         batches, ks = plan_step(
             PROMPTS,

@@ -18,6 +18,7 @@ RANKS = {
     "presets": 0,
     "problems": 0,
     "fields": 0,
+    "files": 0.5,  # reads a user's text file: above errors (its UserError), below prompts and config
     "compat": 0,
     "prompts": 1,
     "rewards": 2,  # pure torch, like the engine, which uses the rewards' protocol

@@ -16,8 +16,7 @@ from alignprop_ray.engine.lora import (
 from alignprop_ray.engine.models import load_parts
 from alignprop_ray.engine.sampler import generate
 from alignprop_ray.errors import UserError
-from tests.helpers import lora_settings, sampler_settings
-from tests.test_sampler import perturb
+from tests.helpers import lora_settings, perturb, sampler_settings
 
 SETTINGS = sampler_settings(steps=5)
 

@@ -22,36 +22,37 @@ import pytest
 import torch
 
 from alignprop_ray.config import load_experiment
-from alignprop_ray.engine.families.sd import SD_SCHEDULE
-from alignprop_ray.engine.methods import build_method
+from alignprop_ray.engine.families.registry import SD_SCHEDULE
+from alignprop_ray.engine.methods import build_method, get_method, method_rows
+from alignprop_ray.engine.methods.configs import DdpoConfig, DraftConfig, ReflConfig
 from alignprop_ray.engine.methods.ddpo import (
-    DdpoSettings,
     PerPromptStats,
     batch_advantages,
     ddim_log_prob,
     ddim_step_mean_std,
     ppo_clip_loss,
 )
-from alignprop_ray.engine.methods.draft import DraftLV, DraftLVSettings
-from alignprop_ray.engine.methods.refl import Refl, ReflSettings, StepRange
+from alignprop_ray.engine.methods.draft import DraftLV
+from alignprop_ray.engine.methods.refl import Refl
 from alignprop_ray.engine.step import Batch
+from alignprop_ray.engine.truncation import StepRange
 from alignprop_ray.errors import ConfigError
-from tests.helpers import brightness_reward, sampler_settings, tiny_learner
+from tests import noop_method
+from tests.helpers import (
+    assert_resumes_exactly,
+    brightness_reward,
+    perturb,
+    sampler_settings,
+    tiny_learner,
+    tiny_run,
+    tiny_sweep,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS, SEEDS = ["a cat", "a red car"], [3, 11]
-DDPO = DdpoSettings(
-    eta=1.0,
-    clip_range=1e-4,
-    adv_clip_max=10.0,
-    timestep_fraction=1.0,
-    inner_epochs=1,
-    per_prompt_stats=False,
-    stat_buffer=16,
-    stat_min_count=16,
-)
+DDPO = DdpoConfig(per_prompt_stats=False)  # the reference's defaults, advantages over the batch
 
 
 def ddim(steps: int = 10, **config):
@@ -60,14 +61,6 @@ def ddim(steps: int = 10, **config):
     scheduler = DDIMScheduler(**{**SD_SCHEDULE, **config})
     scheduler.set_timesteps(steps)
     return scheduler
-
-
-def perturb(params, scale=0.05, seed=0):
-    """Give a fresh adapter (B = 0) a non-zero update, so gradients reach both LoRA factors."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 # --- DDPO ---------------------------------------------------------------------------------------------------
@@ -186,17 +179,18 @@ def test_ddpo_ratio_is_one_on_a_rounds_first_step_and_moves_on_the_next():
 
 
 def test_ddpo_trains_on_a_non_differentiable_reward():
-    from alignprop_ray.rewards.mixture import build_reward
-
-    reward = build_reward(
-        {"jpeg_compressibility": 1.0}, device="cpu", dtype=torch.float32, for_training=False
-    )
-    learner = ddpo_learner(reward, per_prompt_stats=True, stat_min_count=2)
-    before = [p.detach().clone() for p in learner.params]
-    result = learner.train_step(one_batch(), [0])
+    """From the config, as a run builds it: JPEG size (no gradient) validates as DDPO's objective, and a step
+    updates the adapter and keeps its per-prompt statistics for the checkpoint."""
+    cfg = method_experiment("ddpo", {"stat_min_count": 2}, "reward={jpeg_compressibility: 1}")
+    learner = method_learner(cfg)
+    before = lora_state(learner)
+    batches, draws = plan(cfg, 0)
+    result = learner.train_step(batches, draws)
     assert result.updated and not result.nonfinite and result.grad_norm > 0
+    assert result.terms.keys() == {"jpeg_compressibility"}
     assert any(not torch.equal(b, p) for b, p in zip(before, learner.params, strict=True))
-    assert set(learner.state_dict()["method"]["stats"]) == set(PROMPTS)  # kept in checkpoints
+    stats = learner.state_dict()["method"]["stats"]  # kept in checkpoints
+    assert set(stats) == {p for batch in batches for p in batch.prompts}
 
 
 def test_ddpo_refuses_a_scheduler_without_log_probabilities():
@@ -250,7 +244,7 @@ def test_refl_x0_is_the_schedulers_pred_original_sample_on_diffusers_chain(tiny_
         .abs()
         .max(),
     )
-    assert (ours.latents - captured["latents"]).abs().max() <= 1e-4  # sampler parity (test_sampler: 0.0)
+    assert (ours.latents - captured["latents"]).abs().max() <= 1e-4  # sampler parity (test_families: 0.0)
     reference = pipe.scheduler.step(ours.prediction, ours.t, ours.latents).pred_original_sample
     assert (ours.x0 - reference).abs().max() <= 1e-6
 
@@ -305,7 +299,7 @@ def test_draft_lv_gradient_is_the_average_of_its_copies_gradients():
         autocast=nullcontext,
         reward=brightness_reward,
     )
-    method, batch = DraftLV(DraftLVSettings(samples=3)), Batch(PROMPTS, SEEDS)
+    method, batch = DraftLV(DraftConfig(lv_samples=3)), Batch(PROMPTS, SEEDS)
 
     def grads() -> torch.Tensor:
         out = torch.cat([p.grad.flatten() for p in params])
@@ -355,32 +349,104 @@ def test_draft_lv_and_refl_step_other_families(family):
         reward=brightness_reward,
     )
     batch = Batch(PROMPTS, SEEDS)
-    for method, draw in [(DraftLV(DraftLVSettings(samples=2)), 0), (Refl(ReflSettings(StepRange(1, 2))), 2)]:
+    for method, draw in [(DraftLV(DraftConfig(lv_samples=2)), 0), (Refl(ReflConfig(step_range=(1, 2))), 2)]:
         output = method.micro_batch(engine, 0, batch, draw, lambda loss: loss.backward())
         assert math.isfinite(output.loss)
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
 
 
-# --- every method through the learner -----------------------------------------------------------------------
+# --- what every method row gets: validation, a step through the shared learner, exact resume ---------------
+# Parametrized over the registry (engine/methods/registry.py): a new row is tested by joining it. VARIANTS adds
+# settings that take another code path (DRaFT-LV) or exercise more of one (DDPO's second update of a round).
+
+# Every built-in row, and docs/extending.md's no-op method, built in memory from the diff printed there
+# (tests/noop_method.py): a row outside the table, named by import path, gets the same tests.
+ROWS = [*method_rows(), get_method(noop_method.NAME)]
+VARIANTS = {"draft": [{}, {"lv_samples": 2}], "ddpo": [{"inner_epochs": 2, "per_prompt_stats": False}]}
+CASES = [(row, settings) for row in ROWS for settings in VARIANTS.get(row.name, [{}])]
+CASE_IDS = [row.name + "".join(f"-{k}{v}" for k, v in settings.items()) for row, settings in CASES]
 
 
-@pytest.mark.parametrize(
-    "settings, draw, grad_steps",
-    [
-        (DraftLVSettings(samples=2), 0, 1),
-        (ReflSettings(StepRange(3, 5)), 4, 1),
-        (DDPO, 0, 6),
-    ],
-    ids=["draft-lv", "refl", "ddpo"],
-)
-def test_each_method_updates_only_lora_through_the_shared_step(settings, draw, grad_steps):
-    learner = tiny_learner(brightness_reward)
-    learner.method = build_method(settings)
-    before = [p.detach().clone() for p in learner.params]
-    result = learner.train_step(one_batch(), [draw])
-    assert result.updated and not result.nonfinite and math.isfinite(result.grad_norm)
-    assert result.k == grad_steps and result.ks == [grad_steps] and result.images == 2
-    assert any(not torch.equal(b, p) for b, p in zip(before, learner.params, strict=True))
+def method_experiment(name: str, settings: dict, *sets: str):
+    """tiny.yaml with the method `name` (its other settings at their defaults), 4 sampling steps at 32 px."""
+    method = "{" + ", ".join([f"name: '{name}'", *(f"{k}: {v}" for k, v in settings.items())]) + "}"
+    return experiment(f"method={method}", "sampling.steps=4", "model.resolution=32", *sets)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
+def test_every_method_validates_round_trips_and_refuses_what_is_not_its_setting(row):
+    from alignprop_ray.config import ExperimentConfig
+
+    assert row.label and row.summary and row.gradient_steps
+    assert row.limited_because or (row.schedulers is None and row.families is None)  # a refusal says why
+    cfg = method_experiment(row.name, {})
+    assert type(cfg.method) is row.config and cfg.method.name == row.name
+    assert ExperimentConfig.model_validate(cfg.to_dict()).method == cfg.method  # what a worker re-reads
+    assert cfg.flat_params()["method.name"] == row.name
+    assert all(row.config.__pydantic_fields__[setting].description for setting in row.settings)
+    [line] = problems(f"method={{name: '{row.name}', bogus_setting: 1}}")
+    assert line == (
+        f"method.bogus_setting: not a setting of method {row.name}; {row.name}'s settings: "
+        f"{', '.join(row.settings) or 'none'}"
+    )
+
+
+def frozen_state(learner) -> dict[str, torch.Tensor]:
+    """Every parameter of the pipeline that is not LoRA."""
+    modules = dict(zip(("denoiser", "vae"), (learner.parts.denoiser, learner.parts.vae), strict=True))
+    modules.update({f"text{i}": m for i, m in enumerate(learner.parts.text_encoders)})
+    return {
+        f"{name}.{key}": value.clone()
+        for name, module in modules.items()
+        for key, value in module.state_dict().items()
+        if "lora_" not in key
+    }
+
+
+def lora_state(learner) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in learner.params]
+
+
+def method_learner(cfg):
+    """The learner a run of `cfg` builds on its worker (train/build.py), on the CPU."""
+    from alignprop_ray.train.build import build_learner
+
+    return build_learner(cfg, torch.device("cpu"))
+
+
+def plan(cfg, step: int):
+    from alignprop_ray.train.build import plan_training_step
+
+    return plan_training_step(cfg, PROMPTS, step)
+
+
+@pytest.mark.parametrize(("row", "settings"), CASES, ids=CASE_IDS)
+def test_every_method_trains_only_lora_and_reports_its_own_metrics(row, settings):
+    """One optimizer step of the method as a run builds it: finite, the frozen model untouched, LoRA moved iff
+    some denoiser call carried gradient, and exactly the row's metrics logged as train/<method>/<metric>."""
+    from alignprop_ray.train.checkpoint import Progress
+    from alignprop_ray.train.loop import step_metrics
+
+    cfg = method_experiment(row.name, settings)
+    learner = method_learner(cfg)
+    frozen, lora = frozen_state(learner), lora_state(learner)
+    result = learner.train_step(*plan(cfg, 0))
+    assert math.isfinite(result.loss) and math.isfinite(result.reward) and not result.nonfinite
+    assert result.images == cfg.train.batch_size * cfg.train.grad_accum  # sampled from noise, this worker
+    after = frozen_state(learner)
+    assert all(torch.equal(frozen[key], after[key]) for key in frozen)
+    moved = any(not torch.equal(a, b) for a, b in zip(lora, learner.params, strict=True))
+    assert moved == (result.k > 0) == result.updated, (result.k, result.updated)
+    logged = step_metrics(result, learner, 1.0, Progress(step=1, run_id="r"), 1)
+    assert {key for key in logged if key.startswith(f"train/{row.name}/")} == set(row.metric_names)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
+def test_every_method_resumes_from_a_checkpoint_exactly(row, tmp_path):
+    """At the method's defaults (a DDPO round with inner_epochs > 1 is sampled again after a resume in its
+    middle, engine/methods/ddpo.py): tests/helpers.py `assert_resumes_exactly`; DDPO's per-prompt reward
+    statistics ride in the checkpoint."""
+    assert_resumes_exactly(method_experiment(row.name, {}), tmp_path)
 
 
 def test_a_nonfinite_method_loss_skips_the_update():
@@ -389,7 +455,7 @@ def test_a_nonfinite_method_loss_skips_the_update():
         return SimpleNamespace(total=value, terms={"nan": value})
 
     learner = tiny_learner(nan_reward)
-    learner.method = build_method(ReflSettings(StepRange(3, 5)))
+    learner.method = build_method(ReflConfig(step_range=(3, 5)))
     before = [p.detach().clone() for p in learner.params]
     result = learner.train_step(one_batch(), [4])
     assert result.nonfinite and not result.updated
@@ -409,20 +475,24 @@ def problems(*sets) -> list[str]:
     return str(err.value).splitlines()
 
 
-def test_method_settings_reach_the_engine():
-    from alignprop_ray.engine.truncation import Truncation
-    from alignprop_ray.train.loop import engine_settings, method_settings
+def test_method_settings_reach_the_engine_as_validated():
+    from alignprop_ray.engine.truncation import NoDraw, RedrawZero, Truncation
+    from alignprop_ray.train.build import build_learner
 
-    assert experiment().method.name == "alignprop" and experiment().truncation.describe() == "uniform:0:10"
-    draft_k = method_settings(experiment("method={name: draft, k: 3}"))
-    assert draft_k.name == "draft" and draft_k.draws == Truncation("fixed", k=3)
-    assert method_settings(experiment("method={name: draft, lv_samples: 2}")) == DraftLVSettings(2)
+    alignprop = experiment()
+    assert alignprop.method.name == "alignprop" and alignprop.method.truncation.describe() == "uniform:0:10"
+    assert alignprop.method.draw_rule == Truncation("uniform", low=0, high=10)
+    redraw = experiment("truncation=uniform:0:10", "train.k0=redraw").method.draw_rule
+    assert redraw == RedrawZero(Truncation("uniform", low=0, high=10))
+    assert experiment("method={name: draft, k: 3}").method.draw_rule == Truncation("fixed", k=3)
+    assert experiment("method={name: draft, lv_samples: 2}").method.draw_rule == NoDraw()
     refl = experiment("method=refl")
-    assert refl.method.step_range == (7, 9) and refl.truncation is None  # 3T/4 .. T-1 of T = 10
-    assert method_settings(refl) == ReflSettings(StepRange(7, 9))
-    ddpo = engine_settings(experiment("method={name: ddpo, clip_range: 2.0e-4}")).method
-    assert dataclasses.replace(ddpo, clip_range=1e-4, per_prompt_stats=False) == DDPO
-    assert experiment("method=ddpo").flat_params()["method.name"] == "ddpo"
+    assert refl.method.step_range == (7, 9) and refl.method.draw_rule == StepRange(7, 9)  # 3T/4 .. T-1
+    ddpo = experiment("method={name: ddpo, clip_range: 2.0e-4}", "model.resolution=32")
+    learner = build_learner(ddpo, torch.device("cpu"))
+    assert learner.method.config is ddpo.method and learner.method.config.clip_range == 2e-4
+    assert dataclasses.replace(ddpo.method, clip_range=1e-4, per_prompt_stats=False) == DDPO
+    assert ddpo.flat_params()["method.name"] == "ddpo"
 
 
 @pytest.mark.parametrize(
@@ -441,8 +511,8 @@ def test_method_settings_reach_the_engine():
         (["method={name: draft, k: 11}"], "method.k: K=11 but sampling has 10 steps"),
         (["method={name: refl, step_range: [8, 10]}"], "method.step_range: [8, 10] must satisfy"),
         (["method={name: ddpo, eta: 0}"], "method.eta: must be > 0"),
-        (["method=ddpo", "model.family=sd3"], "method: ddpo needs a DDIM scheduler"),
-        (["method=ddpo", "model.family=flux"], "method: ddpo needs a DDIM scheduler"),
+        (["method=ddpo", "model.family=sd3"], "method: ddpo needs a DDIMScheduler (its policy is DDIM's"),
+        (["method=ddpo", "model.family=flux"], "method: ddpo needs a DDIMScheduler (its policy is DDIM's"),
         (["method=dpo"], "method: unknown method 'dpo'; did you mean ddpo?"),
         (
             ["reward={jpeg_compressibility: 1}"],
@@ -457,11 +527,6 @@ def test_method_settings_reach_the_engine():
 def test_validate_rejects_what_the_method_does_not_use_one_line_each(sets, line):
     found = problems(*sets)
     assert len(found) == 1 and found[0].startswith(line), found
-
-
-def test_ddpo_trains_on_a_non_differentiable_reward_config():
-    cfg = experiment("method=ddpo", "reward={jpeg_compressibility: 1}")
-    assert cfg.method.name == "ddpo"
 
 
 def test_validate_imports_no_torch():
@@ -536,66 +601,64 @@ def test_cost_plots_have_a_line_per_run_colored_by_method():
     assert plot_reward_vs_time(runs, history[history["key"] == "eval/reward"]) is None
 
 
-# --- a 2-worker Ray run per method -----------------------------------------------------------------------
+# --- two Ray workers per method: one sweep whose grid is every method row ------------------------------------
+# AlignProp's 2-worker run is tests/test_train_ray.py's; each other row joins the grid (with its last VARIANT:
+# DRaFT-LV, whose code path AlignProp's run does not take; DDPO's second update of a round).
+
+SWEPT = [(row, VARIANTS.get(row.name, [{}])[-1]) for row in ROWS if row.name != "alignprop"]
+SWEEP_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def method_sweep(ray_session, tmp_path_factory):
+    from mlflow import MlflowClient
+
+    from alignprop_ray.sweep.config import parse_sweep
+    from alignprop_ray.sweep.launch import run_sweep
+
+    tmp = tmp_path_factory.mktemp("methods")
+    grid = [{"name": row.name, **settings} for row, settings in SWEPT]
+    base = {
+        "model": {"resolution": 32},
+        "truncation": None,
+        "reward": {"saturation": 1.0},
+        "train": {"steps": SWEEP_STEPS, "eval_every": SWEEP_STEPS, "checkpoint_every": SWEEP_STEPS},
+        "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 1}},
+        "tracking": {"experiment": "methods"},
+    }
+    tune = {"algorithm": "grid", "max_concurrent_trials": 1}  # one 2-worker trial fills 2 CPUs
+    data = tiny_sweep({"method": {"grid": grid}}, base=base, tune=tune)
+    sweep = parse_sweep(data, tmp, tiny_run(tmp), env={})
+    outcome = run_sweep(sweep, say=lambda line: None)
+    client = MlflowClient(sweep.reference.tracking.uri)
+    found = client.search_runs([client.get_experiment_by_name("methods").experiment_id])
+    trials = {r.data.params["method.name"]: r for r in found if "mlflow.parentRunId" in r.data.tags}
+    return outcome, client, trials, tmp
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize(
-    ("method", "reward", "own_metrics"),
-    [
-        ("{name: draft, k: 2}", "saturation", []),
-        ("{name: draft, lv_samples: 2}", "saturation", []),
-        ("refl", "saturation", ["train/refl/step"]),
-        # DDPO needs only reward values: JPEG compressibility, refused by the gradient methods, trains here
-        (
-            "{name: ddpo, inner_epochs: 2}",
-            "compressibility",
-            ["train/ddpo/clip_fraction", "train/ddpo/approx_kl"],
-        ),
-    ],
-    ids=["draft-k", "draft-lv", "refl", "ddpo"],
-)
-def test_two_worker_ray_run_of_each_method(ray_session, tmp_path, method, reward, own_metrics):
-    """Each method through the whole stack (Ray Train on 2 workers, MLflow, checkpoints): the workers end with
-    the same LoRA weights, the adapter moved, and the method's own metrics and the cost metrics are logged."""
-    from mlflow import MlflowClient
+def test_every_method_trains_on_two_ray_workers_in_sync(method_sweep):
+    """Each method through the whole stack (a sweep trial, Ray Train on 2 workers, MLflow, checkpoints): the
+    workers end with the same LoRA weights, the adapter moved, and the method's own metrics and the cost
+    metrics are logged at every step."""
     from safetensors.torch import load_file
 
-    from alignprop_ray.config import load_experiment
-    from alignprop_ray.train.launch import run_training
-
-    steps = 4
-    cfg = load_experiment(
-        ROOT / "sweeps" / "tiny.yaml",
-        [
-            f"method={method}",
-            "truncation=null",
-            "reward={" + reward + ": 1.0}",
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            f"storage.path={tmp_path}/runs",
-            "sampling.steps=4",
-            "model.resolution=32",
-            f"train.steps={steps}",
-            f"train.eval_every={steps}",
-            f"train.checkpoint_every={steps}",
-            "prompts.train=tiny",
-            "prompts.eval=tiny",
-        ],
-    )
-    outcome = run_training(cfg, name="method-run")
-    client = MlflowClient(cfg.tracking.uri)
-    run = client.get_run(outcome.run_id)
-    assert run.info.status == "FINISHED"
-    digests = run.data.tags["alignprop.lora_sha256_by_rank"].split(",")
-    assert len(digests) == 2 and digests[0] == digests[1]
-    for key in ["train/loss", "perf/wall_seconds", "perf/images_generated", *own_metrics]:
-        assert [m.step for m in client.get_metric_history(outcome.run_id, key)] == list(
-            range(1, steps + 1)
-        ), key
-    images = [m.value for m in client.get_metric_history(outcome.run_id, "perf/images_generated")]
-    assert images == sorted(images) and images[-1] > 0  # cumulative
-    adapter = client.download_artifacts(outcome.run_id, "adapter", str(tmp_path / "download"))
-    weights = load_file(next(Path(adapter).glob("*.safetensors")))
-    assert any(
-        float(w.abs().sum()) > 0 for name, w in weights.items() if "lora_B" in name or "lora.up" in name
-    )
+    outcome, client, trials, tmp = method_sweep
+    assert [row["status"] for row in outcome.rows] == ["completed"] * len(SWEPT)
+    assert set(trials) == {row.name for row, _ in SWEPT}
+    for row, _ in SWEPT:
+        run = trials[row.name]
+        assert run.info.status == "FINISHED", row.name
+        digests = run.data.tags["alignprop.lora_sha256_by_rank"].split(",")
+        assert len(digests) == 2 and digests[0] == digests[1], row.name
+        for key in ["train/loss", "perf/wall_seconds", "perf/images_generated", *row.metric_names]:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert steps == list(range(1, SWEEP_STEPS + 1)), (row.name, key)
+        images = [m.value for m in client.get_metric_history(run.info.run_id, "perf/images_generated")]
+        assert images == sorted(images) and images[-1] > 0  # cumulative
+        # the adapter moved iff some step backpropagated through a denoiser call (B starts at zero)
+        trained = max(m.value for m in client.get_metric_history(run.info.run_id, "train/k")) > 0
+        adapter = client.download_artifacts(run.info.run_id, "adapter", str(tmp / row.name))
+        weights = load_file(next(Path(adapter).glob("*.safetensors")))
+        moved = any(float(w.abs().sum()) > 0 for name, w in weights.items() if "lora_B" in name)
+        assert moved == trained, row.name

@@ -25,26 +25,22 @@ import yaml
 from alignprop_ray import cli
 from alignprop_ray.sweep.console import HIDDEN_TUNE_LINES, LineFilter
 from alignprop_ray.sweep.tracking import BEST_RUN_TAG, compare_url, ui_base, ui_command
-from tests.helpers import free_port, serving
+from tests.helpers import free_port, serving, tiny_sweep
 
 MODEL = "ui-best"
 # Two trials, each drawing train.lr and truncation (seeded).
-SWEEP = {
-    "name": "ui",
-    "base": {
-        "model": {"pretrained": "tiny", "resolution": 64},
+SWEEP = tiny_sweep(
+    {"train.lr": {"loguniform": [1e-3, 1e-1]}, "truncation": {"choice": ["fixed:1", "full"]}},
+    name="ui",
+    base={
         "sampling": {"steps": 2},
-        "truncation": "full",
-        "reward": {"saturation": 1.0},
-        "prompts": {"train": "tiny", "eval": "tiny", "eval_seeds": 2},
         "train": {"steps": 2, "batch_size": 2, "eval_every": 2, "checkpoint_every": 2},
-        "scaling": {"num_workers": 1, "use_gpu": False, "resources_per_worker": {"CPU": 1}},
+        "scaling": {"resources_per_worker": {"CPU": 1}},
         "tracking": {"experiment": "ui"},
         "failure": {"max_failures": 0},
     },
-    "space": {"train.lr": {"loguniform": [1e-3, 1e-1]}, "truncation": {"choice": ["fixed:1", "full"]}},
-    "tune": {"algorithm": "random", "num_samples": 2, "seed": 0},
-}
+    tune={"algorithm": "random", "num_samples": 2, "seed": 0},
+)
 SWEPT = list(SWEEP["space"])
 
 

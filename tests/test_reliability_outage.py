@@ -2,7 +2,8 @@
 
 Two 300-step runs on the tiny model train side by side (one CPU each):
 - "uninterrupted" logs to SQLite and is never disturbed: the reference, and the leak check (one worker
-  process for all 300 steps: its resident memory after step 50 and after step 300 must be within 10%);
+  process for all 300 steps: its resident memory after step 50 and after step 300 must be within 10%; the
+  resumed run's workers never live past 50 steps, so they cannot show a leak);
 - "resumed" logs to a real `mlflow server` on a loopback port, and its worker is killed one step after
   each checkpoint (steps 50, 100, ..., 250): Ray restarts it from that checkpoint. Once it has logged a
   few steps the server is stopped for 5 minutes, then started again.
@@ -176,15 +177,11 @@ def test_the_resumed_run_ends_with_the_metrics_of_the_uninterrupted_one(runs):
 
 
 def test_memory_after_step_300_is_within_10_percent_of_step_50(runs):
-    _, server, sqlite, _, _ = runs
-    for uri, name in ((sqlite, "uninterrupted"), (server.uri, "resumed")):
-        client, run_id = run_of(uri, name)
-        rss = {m.step: m.value for m in history(client, run_id, "perf/rss_mb")}
-        print(
-            f"{name}: RSS {rss[CHECKPOINT_EVERY]:.0f} MB after step {CHECKPOINT_EVERY}, {rss[STEPS]:.0f} MB after {STEPS}"
-        )
-        assert abs(rss[STEPS] - rss[CHECKPOINT_EVERY]) <= 0.1 * rss[CHECKPOINT_EVERY], (
-            name,
-            rss[50],
-            rss[STEPS],
-        )
+    """The leak check: one worker process through all 300 steps, the uninterrupted run's (the resumed run's
+    workers are restarted every 50 steps, so none of its processes is older than that: no evidence)."""
+    _, _, sqlite, _, _ = runs
+    client, run_id = run_of(sqlite, "uninterrupted")
+    rss = {m.step: m.value for m in history(client, run_id, "perf/rss_mb")}
+    early, late = rss[CHECKPOINT_EVERY], rss[STEPS]
+    print(f"uninterrupted: RSS {early:.0f} MB after step {CHECKPOINT_EVERY}, {late:.0f} MB after {STEPS}")
+    assert abs(late - early) <= 0.1 * early, (early, late)

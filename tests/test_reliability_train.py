@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import tiny_run
 from tests.test_reliability import fill, tmpfs, wait_for
 
 pytestmark = pytest.mark.ray
@@ -46,7 +47,7 @@ run_training(cfg, spec["name"], fail_at_step=spec["fail_at"], fail_marker=spec["
 
 
 def overrides(tmp: Path, *extra: str) -> list[str]:
-    return [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"storage.path={tmp / 'runs'}", *SMALL, *extra]
+    return tiny_run(tmp, *SMALL, *extra)
 
 
 def ray_env(ray_session) -> dict[str, str]:

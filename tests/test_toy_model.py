@@ -93,7 +93,7 @@ def test_the_committed_pipeline_loads_like_any_diffusers_pipeline():
     assert parts.native_resolution == 64 and parts.vae_scale_factor == 4
     assert {k: parts.scheduler.config[k] for k in SD_SCHEDULE} == SD_SCHEDULE
     pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL)  # HF_HUB_OFFLINE=1 (conftest): no download
-    assert torch.equal(pipe.unet.conv_in.weight, parts.unet.conv_in.weight)
+    assert torch.equal(pipe.unet.conv_in.weight, parts.denoiser.conv_in.weight)
     weights = sum(f.stat().st_size for f in TOY_MODEL.rglob("*") if f.is_file())
     assert weights < 20 * 2**20
 

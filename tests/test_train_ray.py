@@ -16,6 +16,7 @@ from alignprop_ray.cli import main
 from alignprop_ray.config import load_experiment
 from alignprop_ray.errors import UserError
 from alignprop_ray.metrics import TRAIN_METRICS
+from tests.helpers import adapter_change, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -24,9 +25,8 @@ STEPS = 6
 def tiny_config(tmp, *extra):
     return load_experiment(
         ROOT / "sweeps" / "tiny.yaml",
-        [
-            f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-            f"storage.path={tmp}/runs",
+        tiny_run(
+            tmp,
             f"train.steps={STEPS}",
             "train.eval_every=3",
             "train.checkpoint_every=3",
@@ -34,7 +34,7 @@ def tiny_config(tmp, *extra):
             "truncation=fixed:10",
             "prompts.train=tiny",
             *extra,
-        ],
+        ),
     )
 
 
@@ -102,8 +102,6 @@ def test_reward_rises_and_workers_stay_in_sync(runs):
 @pytest.mark.ray
 def test_artifacts_grid_table_and_a_diffusers_loadable_adapter(runs, tiny_dir, tmp_path):
     import pyarrow.parquet as pq
-    import torch
-    from diffusers import StableDiffusionPipeline
 
     _, cfg, clean, _ = runs
     client = mlflow_client(cfg)
@@ -114,10 +112,7 @@ def test_artifacts_grid_table_and_a_diffusers_loadable_adapter(runs, tiny_dir, t
     assert sorted(table["step"].unique()) == [0, 3, 6]
     assert {"prompt", "seed", "k", "reward", "reward/saturation"} <= set(table.columns)
     adapter = client.download_artifacts(clean.run_id, "adapter", str(tmp_path))
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
-    pipe.load_lora_weights(adapter)
-    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
-    assert torch.isfinite(next(p for n, p in pipe.unet.named_parameters() if "lora_B" in n)).all()
+    assert adapter_change(tiny_dir, adapter) > 1e-2  # plain diffusers loads it, and it draws another image
 
 
 @pytest.mark.ray

@@ -6,33 +6,21 @@ problems; a check whose inputs are missing returns nothing, so every independent
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from alignprop_ray.engine.families.names import AUTO, check_family, local_model_index
-from alignprop_ray.engine.methods.names import DDIM, LABELS, NEEDS_DDIM, REWARD_GRADIENT
-from alignprop_ray.engine.truncation import positive_k_problem
+from alignprop_ray.engine.families.registry import (
+    AUTO,
+    TINY_FAMILY,
+    check_family,
+    family_row,
+    local_model_index,
+    local_scheduler_class,
+)
+from alignprop_ray.engine.methods.registry import MethodRow, get_method
 from alignprop_ray.presets import TINY
 
 Sections = dict[str, Any]
-
-
-def check_truncation(v: Sections) -> list[str]:
-    """The distribution can be drawn with T = sampling.steps (no K > T; gaussian_index lands in 1..T-1), and
-    train.k0: redraw has a K >= 1 to redraw toward; its own shape was checked when it parsed (AlignProp only:
-    `check_method` reports a truncation given to another method)."""
-    if v.get("truncation") is None or "sampling" not in v or _method(v) != "alignprop":
-        return []
-    steps = v["sampling"].steps
-    try:
-        v["truncation"].validate(steps)
-    except ValueError as err:
-        return [f"truncation: {err}"]
-    train = v.get("train")
-    problem = positive_k_problem(v["truncation"], steps) if train and train.k0 == "redraw" else None
-    return [f"train.k0: {problem}"] if problem else []
 
 
 def check_schedule(v: Sections) -> list[str]:
@@ -79,8 +67,8 @@ def check_reward(v: Sections) -> list[str]:
     if not spec:
         return ["reward: must name at least one reward term, e.g. {saturation: 1.0}"]
     # Differentiability depends on the method; when the method itself is invalid, it is not checked.
-    method = _method(v)
-    gradient = LABELS[method] if method and REWARD_GRADIENT[method] else None
+    row = _method(v)
+    gradient = row.label if row is not None and row.reward_gradient else None
     return [_reward_line(p) for p in validate_reward_spec(spec, gradient_method=gradient)]
 
 
@@ -139,84 +127,63 @@ def check_eval_diversity(v: Sections) -> list[str]:
     return [f"eval.diversity.{problem}" for problem in term.check()]
 
 
-def _method(v: Sections) -> str | None:
-    """The method's name, or None when `method` did not validate."""
-    return v["method"].name if "method" in v else None
-
-
-# How each other method chooses the steps that carry gradient, for the line that rejects `truncation` there.
-_STEPS_WITH_GRADIENT = {
-    "draft": "draft backpropagates through the last method.k steps (DRaFT-LV: the last one)",
-    "refl": "refl backpropagates through one step drawn from method.step_range",
-    "ddpo": "ddpo trains on the log-probabilities of int(T x method.timestep_fraction) steps",
-}
+def _method(v: Sections) -> MethodRow | None:
+    """The method's row, or None when `method` did not validate."""
+    return get_method(v["method"].name) if "method" in v else None
 
 
 def check_method(v: Sections) -> list[str]:
-    """Settings only AlignProp reads; each method's settings against T; what DDPO needs of the model."""
-    method = _method(v)
-    if method is None:
+    """The method's own checks (its settings against the other sections: its row), then what its flags ask
+    of the model: the schedulers and families it can train."""
+    row = _method(v)
+    if row is None:
         return []
-    settings, problems = v["method"], []
-    if method != "alignprop" and v.get("truncation") is not None:
-        problems.append(f"truncation: only used with method alignprop; {_STEPS_WITH_GRADIENT[method]}")
-    if method != "alignprop" and "train" in v and v["train"].k0 == "redraw":
-        problems.append(f"train.k0: only used with method alignprop (method {method} never draws K=0)")
-    steps = v["sampling"].steps if "sampling" in v else None
-    if method == "draft":
-        if settings.lv_samples is not None and settings.k != 1:
-            problems.append(
-                "method.k: DRaFT-LV (method.lv_samples) backpropagates through the last step only; "
-                "k does not apply (drop it, or lv_samples for DRaFT-K)"
-            )
-        elif steps is not None and settings.k > steps:
-            problems.append(f"method.k: K={settings.k} but sampling has {steps} steps")
-    if method == "refl" and steps is not None and settings.step_range is not None:
-        low, high = settings.step_range
-        if not 0 <= low <= high <= steps - 1:
-            problems.append(
-                f"method.step_range: [{low}, {high}] must satisfy 0 <= low <= high <= T-1 = {steps - 1} "
-                "(0-based step indices of the T = sampling.steps chain)"
-            )
-    if method == "ddpo" and steps is not None and int(steps * settings.timestep_fraction) < 1:
+    problems = row.check(v)
+    model = v.get("model")
+    if model is None:
+        return problems
+    family = _family_of(model)
+    if row.families is not None and family is not None and family not in row.families:
         problems.append(
-            f"method.timestep_fraction: {settings.timestep_fraction:g} of {steps} steps trains on none "
-            "(int(T x fraction) must be >= 1)"
+            f"method: {row.name} trains {' or '.join(row.families)} models ({row.limited_because}); "
+            f"this model is {family}"
         )
-    if method in NEEDS_DDIM and "model" in v:
-        scheduler = _scheduler_of(v["model"])
-        if scheduler is not None and scheduler != DDIM:
-            problems.append(
-                f"method: {method} needs a DDIM scheduler (its policy is DDIM's Gaussian step, eta > 0); "
-                f"this model samples with {scheduler}"
-            )
+    scheduler = _scheduler_of(model)
+    if row.schedulers is not None and scheduler is not None and scheduler not in row.schedulers:
+        problems.append(
+            f"method: {row.name} needs a {' or '.join(row.schedulers)} ({row.limited_because}); "
+            f"this model samples with {scheduler}"
+        )
     return problems
 
 
 def _scheduler_of(model: Any) -> str | None:
-    """The scheduler class a model samples with, when this machine can tell without loading it.
-
-    sd: DDIM always; sd3, flux: flow-matching Euler; sdxl: its pipeline's scheduler (DDIM or Euler; the tiny
-    preset's is Euler). None when not known here (a hub model not downloaded yet).
-    """
-    index = local_model_index(model.pretrained) if model.pretrained != TINY else None
-    family = model.family
-    if family == AUTO:
-        family = "sd" if model.pretrained == TINY else check_family(AUTO, model.pretrained, index)
-    if family == "sd":
-        return DDIM
-    if family in ("sd3", "flux"):
-        return "FlowMatchEulerDiscreteScheduler"
-    if family != "sdxl":
+    """The scheduler class a model samples with, when this machine can tell without loading it: the tiny
+    preset's, the family's only one, or the one its pipeline directory ships if the family samples with it
+    (else the family's first). None when not known here (a hub model not downloaded yet)."""
+    family = _family_of(model)
+    if family is None:
         return None
+    row = family_row(family)
     if model.pretrained == TINY:
-        return "EulerDiscreteScheduler"
-    config = Path(model.pretrained).expanduser() / "scheduler" / "scheduler_config.json"
-    try:
-        name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError):
+        return row.tiny_scheduler[0]
+    if len(row.schedulers) == 1:
+        return row.schedulers[0]
+    shipped = local_scheduler_class(model.pretrained)
+    if shipped is None:
         return None
-    return name if name == DDIM else "EulerDiscreteScheduler"  # the family samples with Euler otherwise
+    return shipped if shipped in row.schedulers else row.schedulers[0]
+
+
+def _family_of(model: Any) -> str | None:
+    """The family a model is used as, when this machine can tell (`check_family`)."""
+    if model.pretrained == TINY:
+        return TINY_FAMILY if model.family == AUTO else model.family
+    try:
+        family = check_family(model.family, model.pretrained, local_model_index(model.pretrained))
+    except ValueError:  # a family the pipeline contradicts: model.family reports it
+        return None
+    return None if family == AUTO else family
 
 
 def check_activation_budget(v: Sections) -> list[str]:
@@ -232,7 +199,6 @@ def check_activation_budget(v: Sections) -> list[str]:
 
 CHECKS: list[Callable[[Sections], list[str]]] = [
     check_method,
-    check_truncation,
     check_schedule,
     check_devices,
     check_activation_budget,

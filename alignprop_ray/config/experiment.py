@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from alignprop_ray.config.aliases import move_aliases, written_as
 from alignprop_ray.config.checks import run_checks
 from alignprop_ray.config.overrides import apply_env, collect_overrides, read_yaml, tracking_uri_from_env
 from alignprop_ray.config.paths import PathContext
@@ -44,11 +45,12 @@ def parse_experiment(
         raise ConfigError(["(top level): must be a mapping of sections (model:, train:, ...)"])
     merged, problems = collect_overrides(apply_env(data, env), overrides, ExperimentConfig)
     _fill_tracking_uri(merged, data, env)
+    merged, alias_problems, moved = move_aliases(merged)
     context = (
         {PATHS_KEY: PathContext(Path(base_dir) if base_dir is not None else None)} if check_files else None
     )
     sections, section_problems = _validate_sections(merged, context)
-    problems += section_problems + run_checks(sections)
+    problems += alias_problems + [written_as(p, moved) for p in section_problems + run_checks(sections)]
     if problems:
         raise ConfigError(problems)
     return ExperimentConfig.model_validate(sections)

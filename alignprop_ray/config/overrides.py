@@ -17,8 +17,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, PlainValidator
 
-from alignprop_ray.config.schema import ExperimentConfig
+from alignprop_ray.config.aliases import drop_twin
+from alignprop_ray.config.schema import DEFAULT_METHOD, ExperimentConfig
 from alignprop_ray.errors import ConfigError, UserError
+from alignprop_ray.files import read_text
 from alignprop_ray.problems import section_model, unknown_field
 
 # A cluster-wide setting that overrides the experiment file (clusters point checkpoints at shared storage).
@@ -71,13 +73,7 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (an empty file is {})."""
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read: {err}") from None
-    data = parse_yaml(text, str(path))
+    data = parse_yaml(read_text(path), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -107,9 +103,9 @@ def apply_overrides(
 ) -> dict[str, Any]:
     """A copy of `data` with each ``a.b=value`` applied; raises ConfigError naming every bad key.
 
-    Keys must name fields of `schema` (default: the experiment schema); inside free-form fields (`reward`,
-    `truncation`, `scaling.resources_per_worker`) any sub-key is allowed. With schema=None (e.g. for a
-    sweep file, whose own module checks it) any key is set.
+    Keys must name fields of `schema` (default: the experiment schema), or an older key it still accepts
+    (`truncation`); inside free-form fields (`reward`, `method`, `scaling.resources_per_worker`) any sub-key
+    is allowed. With schema=None (e.g. for a sweep file, whose own module checks it) any key is set.
     """
     out, problems = collect_overrides(data, overrides, schema)
     if problems:
@@ -129,10 +125,24 @@ def collect_overrides(
             problems.append(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=3e-4")
             continue
         problem = _check_key(path, schema, item) if schema is not None else None
-        problem = problem or _set(out, path, parse_value(text))
+        if problem is None:
+            setter = set_experiment_field if schema is ExperimentConfig else _set
+            problem = setter(out, path, parse_value(text))
         if problem:
             problems.append(problem)
     return out, problems
+
+
+def set_experiment_field(data: dict[str, Any], path: list[str], value: Any) -> str | None:
+    """Set a dotted field of experiment data: a setting inside a method given by name alone, or by default
+    (`method: draft`, then `method.k=2`), makes it a mapping; and the setting's other spelling (an older
+    key such as `truncation`, or its place `method.truncation`) is removed, so this value counts."""
+    if len(path) > 1 and path[0] == "method" and not isinstance(data.get("method"), dict):
+        data["method"] = {"name": data.get("method") or DEFAULT_METHOD}
+    problem = _set(data, path, value)
+    if problem is None:
+        drop_twin(data, ".".join(path))
+    return problem
 
 
 def _check_key(path: list[str], schema: type[BaseModel], item: str) -> str | None:
@@ -146,6 +156,10 @@ def check_field_path(
 
     `prefix` is prepended to the dotted name (e.g. `space.`), `suffix` appended to the message.
     """
+    dotted = ".".join(path)
+    older_keys = schema.key_aliases() if hasattr(schema, "key_aliases") else {}
+    if any(dotted == old or dotted.startswith(old + ".") for old in older_keys):
+        return None  # an older key the schema still reads (`truncation`), moved where it belongs later
     model: type[BaseModel] | None = schema
     for i, part in enumerate(path):
         if model is None:  # inside a free-form field: anything goes

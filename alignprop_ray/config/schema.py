@@ -10,14 +10,15 @@ resolved and checked, and cross-field rules (K <= T, intervals, reward names) ap
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import math
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,25 +31,32 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.dataclasses import dataclass as settings_dataclass
 
 from alignprop_ray.config import paths as _paths
-from alignprop_ray.engine.families.names import AUTO, FAMILIES, check_family, local_model_index
-from alignprop_ray.engine.methods.names import METHODS
-from alignprop_ray.engine.truncation import Truncation, parse_truncation
+from alignprop_ray.config.aliases import move_aliases
+from alignprop_ray.engine.families.registry import (
+    AUTO,
+    FAMILIES,
+    TINY_FAMILY,
+    check_family,
+    family_row,
+    local_model_index,
+)
+from alignprop_ray.engine.methods.configs import MethodConfig
+from alignprop_ray.engine.methods.registry import (
+    DEFAULT_METHOD,
+    METHODS,
+    MethodRow,
+    get_method,
+    key_aliases,
+    method_rows,
+)
 from alignprop_ray.fields import Float, Int
 from alignprop_ray.presets import TINY
 
 PATHS_KEY = "paths"  # validation-context key holding a PathContext
 
 
-# Parsed from its YAML forms once, here; written back in its short form (`uniform:0:50`) everywhere.
-TruncationField = Annotated[
-    Truncation,
-    PlainValidator(parse_truncation),
-    PlainSerializer(Truncation.describe, return_type=str),
-    WithJsonSchema({"type": "string"}),
-]
 Dtype = Literal["float32", "float16", "bfloat16"]
 
 
@@ -72,6 +80,24 @@ def _context_paths(info: ValidationInfo) -> _paths.PathContext | None:
     return (info.context or {}).get(PATHS_KEY)
 
 
+def _resolved(
+    resolve: Callable[[str, _paths.PathContext], str], check: Callable[[str], None] | None = None
+) -> AfterValidator:
+    """A path or URI field's validator: with a PathContext in the validation context (`parse_experiment`),
+    `resolve` checks the value and makes it absolute; without one (a resolved config read again, e.g. on a
+    worker), `check` alone, if any, applies. Either raises ValueError without the field's name."""
+
+    def validate(value: str, info: ValidationInfo) -> str:
+        context = _context_paths(info)
+        if context is not None:
+            return resolve(value, context)
+        if check is not None:
+            check(value)
+        return value
+
+    return AfterValidator(validate)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -85,7 +111,7 @@ class LoraConfig(Section):
         description="LoRA alpha; the update is scaled by alpha / rank. Default: equal to rank (scale 1, as the "
         "paper's LoRA, which had no alpha)",
     )
-    # null: the model family's attention projections, listed once in engine/families/names.py (LORA_TARGETS)
+    # null: the model family's attention projections, listed once in its row (engine/families/registry.py)
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
@@ -105,7 +131,7 @@ class LoraConfig(Section):
 
 
 class ModelConfig(Section):
-    pretrained: str = Field(
+    pretrained: Annotated[str, _resolved(_paths.resolve_pretrained)] = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         description="'tiny' (offline test model of the family), a hub id (org/name) or a local diffusers "
         "pipeline directory",
@@ -148,12 +174,6 @@ class ModelConfig(Section):
         "probe less a margin (10% of total). null: checkpoint them all (needs gradient_checkpointing: true)",
     )
 
-    @field_validator("pretrained")
-    @classmethod
-    def _resolve_pretrained(cls, value: str, info: ValidationInfo) -> str:
-        context = _context_paths(info)
-        return _paths.resolve_pretrained(value, context) if context else value
-
     @field_validator("family")
     @classmethod
     def _family_matches_the_pipeline(cls, value: str, info: ValidationInfo) -> str:
@@ -165,15 +185,18 @@ class ModelConfig(Section):
 
     @field_validator("dtype")
     @classmethod
-    def _no_float16_sdxl(cls, value: str, info: ValidationInfo) -> str:
+    def _a_dtype_the_family_takes(cls, value: str, info: ValidationInfo) -> str:
+        """The family's row may refuse a dtype (SDXL: float16), when the family is known here."""
         pretrained, family = info.data.get("pretrained"), info.data.get("family")
-        if value == "float16" and family is not None and pretrained is not None:
-            index = local_model_index(pretrained) if pretrained != TINY else None
-            if check_family(family, pretrained, index) == "sdxl":
-                raise ValueError(
-                    "float16 with an SDXL model: SDXL's VAE overflows in float16 (diffusers upcasts it to "
-                    "float32 at every decode); use bfloat16"
-                )
+        if family is None or pretrained is None:
+            return value
+        index = local_model_index(pretrained) if pretrained != TINY else None
+        used_as = check_family(family, pretrained, index)
+        if used_as == AUTO and pretrained == TINY:
+            used_as = TINY_FAMILY
+        why = family_row(used_as).refused_dtypes.get(value) if used_as != AUTO else None
+        if why:
+            raise ValueError(f"{value} with an {used_as.upper()} model: {why}")
         return value
 
 
@@ -188,100 +211,14 @@ class SamplingConfig(Section):
 
 # --- training methods: `method: NAME`, or `method: {name: NAME, <its settings>}` ---------------------------
 # One mapping per method (rather than a section per method) so that a sweep's grid over `method` carries each
-# method's settings with it, and a setting of another method is an unknown key, not a silent no-op.
-# Defaults follow each method's reference code; docs/methods.md.
-
-_METHOD = ConfigDict(extra="forbid", validate_default=True)
-
-
-@settings_dataclass(config=_METHOD)
-class AlignPropMethod:
-    """AlignProp: backprop through the last K steps, K drawn per batch from `truncation:` (K=0: train.k0)."""
-
-    name: Literal["alignprop"] = "alignprop"
-
-
-@settings_dataclass(config=_METHOD)
-class DraftMethod:
-    """DRaFT (Clark et al. 2023): DRaFT-K, or DRaFT-LV with lv_samples."""
-
-    name: Literal["draft"] = "draft"
-    k: Int = Field(
-        1,
-        ge=1,
-        description="DRaFT-K: gradient through the last k steps, every batch (truncation fixed:k); "
-        "1 = DRaFT-1, the paper's recommendation",
-    )
-    lv_samples: Int | None = Field(
-        None,
-        ge=1,
-        description="DRaFT-LV: sample without gradient, then backprop the last step from this many re-noised "
-        "copies of the final latent and average their reward gradients (the paper: 2); k is then 1. "
-        "null: DRaFT-K",
-    )
-
-
-@settings_dataclass(config=_METHOD)
-class ReflMethod:
-    """ReFL (Xu et al. 2023, ImageReward): score the x0 predicted by one step with gradient."""
-
-    name: Literal["refl"] = "refl"
-    # ImageReward's ReFL: 40 steps, gradient at a step drawn from 30..39; the default is that share of T.
-    step_range: tuple[Int, Int] | None = Field(
-        None,
-        description="[low, high]: 0-based index of the one step that carries gradient, drawn uniformly per "
-        "batch; the steps before it run without gradient and its x0 prediction is scored. Default: "
-        "[3T/4 rounded down, T-1] (ImageReward: 30..39 of 40)",
-    )
-
-
-@settings_dataclass(config=_METHOD)
-class DdpoMethod:
-    """DDPO (Black et al. 2023), PPO-clip on the DDIM chain's log-probabilities; trains on any reward."""
-
-    name: Literal["ddpo"] = "ddpo"
-    # Defaults: kvablack/ddpo-pytorch config/base.py.
-    eta: Float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="DDIM eta of the training samples (the policy's noise; evaluation keeps sampling.eta)",
-    )
-    clip_range: Float = Field(1e-4, gt=0, description="PPO ratio clip epsilon")
-    adv_clip_max: Float = Field(
-        10.0, gt=0, description="advantages are clipped to [-adv_clip_max, adv_clip_max]"
-    )
-    timestep_fraction: Float = Field(
-        1.0, gt=0, le=1, description="share of the T steps trained on per batch (int(T x fraction) of them)"
-    )
-    inner_epochs: Int = Field(
-        1,
-        ge=1,
-        description="optimizer steps per sampled round: the first samples the batches, the next ones reuse them "
-        "(the PPO ratio is 1 on the first; clipping acts from the second)",
-    )
-    per_prompt_stats: bool = Field(
-        True, description="normalize each reward by its prompt's recent rewards (else by the whole batch's)"
-    )
-    stat_buffer: Int = Field(16, ge=1, description="rewards kept per prompt (per_prompt_stats)")
-    stat_min_count: Int = Field(
-        16, ge=1, description="rewards a prompt needs before its own statistics replace the batch's"
-    )
-
-
-METHOD_TYPES = {"alignprop": AlignPropMethod, "draft": DraftMethod, "refl": ReflMethod, "ddpo": DdpoMethod}
-assert tuple(METHOD_TYPES) == METHODS
-MethodConfig = AlignPropMethod | DraftMethod | ReflMethod | DdpoMethod
-
-
-def method_settings(kind: type) -> list[str]:
-    """The settings of a method type, `name` excluded."""
-    return [f.name for f in dataclasses.fields(kind) if f.name != "name"]
+# method's settings with it, and a setting of another method is an unknown key, not a silent no-op. Each
+# method's settings are its config class (engine/methods/configs.py), listed in its row of the method
+# registry (engine/methods/registry.py) with its defaults from the method's reference code; docs/methods.md.
 
 
 def parse_method(value: Any) -> MethodConfig:
-    """`ddpo` or `{name: ddpo, clip_range: 1.0e-3}` -> the method's settings; every problem one pydantic error."""
-    if isinstance(value, tuple(METHOD_TYPES.values())):
+    """`ddpo` or `{name: ddpo, clip_range: 1.0e-3}` -> the method's config; every problem one pydantic error."""
+    if isinstance(value, MethodConfig):
         return value
     fields = {"name": value} if isinstance(value, str) else value
     if not isinstance(fields, dict):
@@ -291,19 +228,21 @@ def parse_method(value: Any) -> MethodConfig:
         raise ValueError(
             f"name the method with its settings, e.g. {{name: draft, k: 2}} (one of {', '.join(METHODS)})"
         )
-    if name not in METHOD_TYPES:
+    row = get_method(str(name))
+    if row is None:
         close = difflib.get_close_matches(str(name), METHODS, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
-        raise ValueError(f"unknown method {name!r}{hint} (valid: {', '.join(METHODS)})")
-    kind = METHOD_TYPES[name]
-    known = {key: v for key, v in fields.items() if key == "name" or key in method_settings(kind)}
+        raise ValueError(
+            f"unknown method {name!r}{hint} (valid: {', '.join(METHODS)}, or a plugin module:attr)"
+        )
+    known = {key: v for key, v in fields.items() if key == "name" or key in row.settings}
     problems = [
-        {"type": "value_error", "loc": (key,), "input": v, "ctx": {"error": _not_a_setting(name, key)}}
+        {"type": "value_error", "loc": (key,), "input": v, "ctx": {"error": _not_a_setting(row, key)}}
         for key, v in fields.items()
         if key not in known
     ]
     try:
-        parsed = TypeAdapter(kind).validate_python(known)
+        parsed = TypeAdapter(row.config).validate_python({**known, "name": str(name)})
     except ValidationError as err:
         problems += [{k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in err.errors()]
     if problems:
@@ -311,24 +250,33 @@ def parse_method(value: Any) -> MethodConfig:
     return parsed
 
 
-def _not_a_setting(name: str, key: str) -> ValueError:
-    owners = [other for other, kind in METHOD_TYPES.items() if key in method_settings(kind)]
-    own = method_settings(METHOD_TYPES[name])
+def _not_a_setting(row: MethodRow, key: str) -> ValueError:
+    owners = [other.name for other in method_rows() if key in other.settings]
     where = f" (a setting of {', '.join(owners)})" if owners else ""
-    return ValueError(f"not a setting of method {name}{where}; {name}'s settings: {', '.join(own) or 'none'}")
+    own = ", ".join(row.settings) or "none"
+    return ValueError(f"not a setting of method {row.name}{where}; {row.name}'s settings: {own}")
+
+
+def _dump_method(config: MethodConfig) -> dict:
+    return TypeAdapter(type(config)).dump_python(config, mode="json")
 
 
 MethodField = Annotated[
     Any,  # a MethodConfig; `Any` keeps the field free-form for dotted overrides (`--set method.k=2`)
     PlainValidator(parse_method),
-    PlainSerializer(dataclasses.asdict, return_type=dict),
+    PlainSerializer(_dump_method, return_type=dict),
     WithJsonSchema({"anyOf": [{"type": "string", "enum": list(METHODS)}, {"type": "object"}]}),
 ]
 
 
+PromptSpec = Annotated[str, _resolved(_paths.resolve_prompts)]
+
+
 class PromptsConfig(Section):
-    train: str = Field("animals", description="training prompts: a built-in set name or a text file path")
-    eval: str = Field(
+    train: PromptSpec = Field(
+        "animals", description="training prompts: a built-in set name or a text file path"
+    )
+    eval: PromptSpec = Field(
         "eval_animals", description="held-out evaluation prompts: a built-in set name or a file"
     )
     eval_seeds: Int = Field(
@@ -337,12 +285,6 @@ class PromptsConfig(Section):
         description="images per eval prompt, each with its own fixed seed (image j of prompt i: 10000 + i x "
         "eval_seeds + j, the same at every evaluation); >= 2 so within-prompt diversity is defined",
     )
-
-    @field_validator("train", "eval")
-    @classmethod
-    def _resolve(cls, value: str, info: ValidationInfo) -> str:
-        context = _context_paths(info)
-        return _paths.resolve_prompts(value, context) if context else value
 
 
 class TrainConfig(Section):
@@ -383,13 +325,6 @@ class TrainConfig(Section):
         "is that norm before clipping); null: no clipping. 5.0 with loss_scale 0.01 is the paper's code's update "
         "(config/align_prop.py aesthetic/hps: max_grad_norm 5.0, loss_coeff 0.01): a clip at 500 on the "
         "gradient of the unscaled objective",
-    )
-    # skip: today's behaviour and the distribution as written; redraw: K | K >= 1 (engine/truncation.py).
-    k0: Literal["skip", "redraw"] = Field(
-        "skip",
-        description="what a batch that draws K=0 (no step carries gradient) does: skip: its images are scored "
-        "but add no gradient (a step whose batches all drew K=0 makes no update; train/k0_skipped counts "
-        "such batches); redraw: K is drawn again until K >= 1",
     )
     seed: Int = Field(42, description="base random seed (the paper: 42)")
     eval_every: Int = Field(
@@ -432,7 +367,7 @@ class ScalingConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str = Field(
+    uri: Annotated[str, _resolved(_paths.resolve_tracking_uri, _paths.check_tracking_uri)] = Field(
         "sqlite:///mlflow.db",
         description="MLflow tracking URI: sqlite:///FILE (relative to the cwd; one machine only), "
         "http(s)://HOST for a shared server, or databricks. Precedence: --set, this file, "
@@ -449,31 +384,13 @@ class TrackingConfig(Section):
         "back (RELIABILITY.md)",
     )
 
-    @field_validator("uri")
-    @classmethod
-    def _resolve_uri(cls, value: str, info: ValidationInfo) -> str:
-        context = _context_paths(info)
-        if context is None:
-            _paths.check_tracking_uri(value)
-            return value
-        return _paths.resolve_tracking_uri(value, context)
-
 
 class StorageConfig(Section):
-    path: str = Field(
+    path: Annotated[str, _resolved(_paths.resolve_storage_path, _paths.check_storage_path)] = Field(
         "./runs",
         description="Ray storage_path for checkpoints: a local folder (relative to the cwd) or s3:// / gs:// "
         "(shared storage is needed on a multi-node cluster). Env: ALIGNPROP_STORAGE_PATH",
     )
-
-    @field_validator("path")
-    @classmethod
-    def _resolve_path(cls, value: str, info: ValidationInfo) -> str:
-        context = _context_paths(info)
-        if context is None:
-            _paths.check_storage_path(value)
-            return value
-        return _paths.resolve_storage_path(value, context)
 
 
 class DiversityConfig(Section):
@@ -547,16 +464,10 @@ class ExperimentConfig(Section):
         default_factory=SamplingConfig, description="DDIM sampling with guidance"
     )
     method: MethodField = Field(
-        "alignprop",
-        description="training method: alignprop, draft, refl or ddpo, or {name: ..., <its settings>} "
-        "(e.g. {name: draft, lv_samples: 2}); docs/methods.md",
-    )
-    truncation: TruncationField | None = Field(
-        None,
-        description="method alignprop: distribution of K, the trailing DDIM steps that carry gradient, drawn "
-        "once per batch: 'fixed:K', 'uniform:LOW:HIGH', 'normal:MEAN:STD', 'full', 'gaussian_index:MEAN:STD' "
-        "(the paper's v2 code); or 'per_step:LOW:HIGH' (the v1 code and TRL: step i carries gradient iff "
-        "i >= its own draw from LOW..HIGH); or a mapping {kind: ...}. Default: uniform:0:T. K=0: train.k0",
+        DEFAULT_METHOD,
+        description=f"training method: {', '.join(METHODS)}, or {{name: ..., <its settings>}} "
+        "(e.g. {name: draft, lv_samples: 2}); docs/methods.md. AlignProp's settings `truncation` and `k0` may "
+        "also be written as the top-level `truncation:` and `train.k0`",
     )
     reward: dict[str, Any] = Field(
         description="reward mixture, reward name -> weight or settings, e.g. {aesthetic: 1.0, hpsv2: 0.5}"
@@ -582,21 +493,32 @@ class ExperimentConfig(Section):
         """Images per optimizer step: workers x per-worker batch x accumulation."""
         return self.scaling.num_workers * self.train.batch_size * self.train.grad_accum
 
-    @model_validator(mode="after")
-    def _truncation_defaults_to_the_whole_chain(self) -> ExperimentConfig:
-        """Unset: uniform:0:T, the paper's randomized truncation over all T = sampling.steps steps (AlignProp
-        only: the other methods do not read it, and log none)."""
-        if self.truncation is None and isinstance(self.method, AlignPropMethod):
-            self.truncation = Truncation("uniform", low=0, high=self.sampling.steps)
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _older_keys(cls, data: Any) -> Any:
+        """`truncation:` and `train.k0` are AlignProp's settings, moved into `method:` (`move_aliases`)."""
+        if not isinstance(data, dict):
+            return data
+        data, problems, _ = move_aliases(data)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return data
 
     @model_validator(mode="after")
-    def _refl_range_defaults_to_the_last_quarter(self) -> ExperimentConfig:
-        """ReFL unset: [3T/4, T-1], the share of the chain ImageReward draws from (30..39 of 40)."""
-        if isinstance(self.method, ReflMethod) and self.method.step_range is None:
-            steps = self.sampling.steps
-            self.method = dataclasses.replace(self.method, step_range=(3 * steps // 4, steps - 1))
+    def _method_defaults(self) -> ExperimentConfig:
+        """The method's defaults that depend on other sections (AlignProp: truncation uniform:0:T; ReFL: its
+        step range [3T/4, T-1])."""
+        self.method = self.method.resolve(self.sections())
         return self
+
+    @classmethod
+    def key_aliases(cls) -> dict[str, str]:
+        """Older keys still accepted -> where their setting lives now (`truncation` -> `method.truncation`)."""
+        return key_aliases()
+
+    def sections(self) -> dict[str, Any]:
+        """Section name -> its validated value (what the methods' checks and defaults read)."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML/JSON-able data (absolute paths, defaults filled in)."""
@@ -606,8 +528,14 @@ class ExperimentConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
     def flat_params(self) -> dict[str, str]:
-        """Dotted keys -> strings, for MLflow params; truncation in its canonical short form."""
-        return dict(_flatten(self.to_dict()))
+        """Dotted keys -> strings, for MLflow params; truncation in its canonical short form. A method setting
+        that moved keeps its older key as its name (`truncation`, `train.k0`), so runs logged before still
+        resume."""
+        params = dict(_flatten(self.to_dict()))
+        row = get_method(self.method.name)
+        for old, setting in (row.aliases if row else {}).items():
+            params[old] = params.pop(f"method.{setting}")
+        return params
 
 
 def _flatten(data: Any, prefix: str = ""):

@@ -35,7 +35,7 @@ class LoraSettings:
 
     rank: int
     alpha: float
-    target_modules: tuple[str, ...] | None  # None: the family's default (families/names.py LORA_TARGETS)
+    target_modules: tuple[str, ...] | None  # None: the family's default (its row's lora_targets)
     init: str  # peft init_lora_weights: "gaussian" or "default" (Kaiming A); B starts at 0 either way
 
 

@@ -17,8 +17,7 @@ import torch
 
 from alignprop_ray.engine.families import AUTO, get_family
 from alignprop_ray.engine.families.base import DiffusionParts
-from alignprop_ray.engine.families.names import check_family
-from alignprop_ray.engine.families.sd import SD_SCHEDULE
+from alignprop_ray.engine.families.registry import SD_SCHEDULE, TINY_FAMILY, check_family
 from alignprop_ray.engine.families.tiny import clip_tokenizer, seeded
 from alignprop_ray.errors import UserError
 from alignprop_ray.presets import TINY, looks_like_path
@@ -56,8 +55,8 @@ def load_parts(
 
 
 def build_tiny_parts(seed: int = 0, family: str = AUTO) -> DiffusionParts:
-    """The random-init tiny pipeline of `family` (sd for auto), deterministic in `seed`."""
-    return get_family("sd" if family == AUTO else family).build_tiny(seed)
+    """The random-init tiny pipeline of `family` (TINY_FAMILY for auto), deterministic in `seed`."""
+    return get_family(TINY_FAMILY if family == AUTO else family).build_tiny(seed)
 
 
 def save_tiny_model(directory: str | os.PathLike, seed: int = 0, family: str = "sd") -> Path:

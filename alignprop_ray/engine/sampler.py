@@ -204,14 +204,14 @@ def kept_calls(k: int, settings: SamplerSettings, probe: Probe | None) -> int:
     return min(k, max(budget_bytes, 0) // max(probe.call_bytes, 1))
 
 
-def free_memory_bytes(device: torch.device) -> int:
+def free_memory_bytes(device: torch.device, meminfo: str = "/proc/meminfo") -> int:
     """Free device memory less AUTO_MARGIN of the total (CUDA: the driver's free memory plus what torch's
-    caching allocator holds unused; CPU: the kernel's MemAvailable)."""
+    caching allocator holds unused; CPU: the kernel's MemAvailable, read from `meminfo`)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     else:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(meminfo, encoding="ascii") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
         free, total = info["MemAvailable"], info["MemTotal"]
     return int(free - AUTO_MARGIN * total)

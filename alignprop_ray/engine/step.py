@@ -29,9 +29,10 @@ from alignprop_ray.engine.distributed import average_gradients, mean_across_work
 from alignprop_ray.engine.families.base import DiffusionParts
 from alignprop_ray.engine.methods.alignprop import TruncatedBackprop
 from alignprop_ray.engine.methods.base import Batch, Method, MicroBatchOutput
+from alignprop_ray.engine.methods.configs import AlignPropConfig
 from alignprop_ray.engine.models import compile_denoiser
 from alignprop_ray.engine.sampler import SamplerSettings, generate
-from alignprop_ray.engine.truncation import Draw, KDistribution
+from alignprop_ray.engine.truncation import Draw, DrawRule
 from alignprop_ray.rewards.base import RewardModel
 
 
@@ -84,7 +85,7 @@ class StepResult:
 
 def plan_step(
     prompts: Sequence[str],
-    truncation: KDistribution,
+    rule: DrawRule,
     steps: int,
     *,
     step: int,
@@ -94,11 +95,13 @@ def plan_step(
     rank: int = 0,
     world_size: int = 1,
 ) -> tuple[list[Batch], list[Draw]]:
-    """The micro-batches and K draws for one optimizer step, a pure function of its arguments.
+    """The micro-batches of one optimizer step and the method's draw for each, a pure function of its
+    arguments. `rule` is the method config's `draw_rule`: AlignProp's truncation (K, or a per-step mask),
+    DRaFT-K's fixed K, ReFL's step range, or nothing.
 
     Each worker draws its prompts from its own shard (prompts[rank::world_size]) and its noise seeds
-    from a stream keyed by (seed, step, rank); K is keyed by (seed, step, micro-batch) only, so all
-    workers backpropagate through the same number of steps and stay in lock-step.
+    from a stream keyed by (seed, step, rank); the draws are keyed by (seed, step, micro-batch) only, so
+    all workers backpropagate through the same steps and stay in lock-step.
     """
     shard = list(prompts[rank::world_size]) or list(prompts)
     rng = random.Random(f"{seed}:batch:{step}:{rank}")
@@ -108,12 +111,12 @@ def plan_step(
         )
         for _ in range(grad_accum)
     ]
-    ks = [truncation.draw(steps, random.Random(f"{seed}:k:{step}:{m}")) for m in range(grad_accum)]
-    return batches, ks
+    draws = [rule.draw(steps, random.Random(f"{seed}:k:{step}:{m}")) for m in range(grad_accum)]
+    return batches, draws
 
 
-class AlignPropLearner:
-    """Owns the LoRA parameters' optimizer and performs optimizer steps on generated batches."""
+class Learner:
+    """Owns the LoRA parameters' optimizer and performs optimizer steps of any method on generated batches."""
 
     def __init__(
         self,
@@ -127,7 +130,8 @@ class AlignPropLearner:
     ):
         self.parts, self.params, self.reward = parts, lora_params, reward
         self.sampler, self.optim, self.resolution = sampler, optim, resolution
-        self.method = method or TruncatedBackprop()  # None: AlignProp, with the K the caller planned
+        # None: AlignProp, with the K the caller planned
+        self.method = method or TruncatedBackprop(AlignPropConfig())
         if sampler.compile:  # here too, not only in generate: methods also call the denoiser directly
             compile_denoiser(parts.denoiser)
         self.optimizer = torch.optim.AdamW(
@@ -157,7 +161,8 @@ class AlignPropLearner:
     def train_step(self, batches: Sequence[Batch], draws: Sequence[Draw]) -> StepResult:
         """Accumulate the method's gradients over the micro-batches, sync them, and update unless non-finite.
 
-        `draws` holds what the plan drew per micro-batch (`plan_step`): K for AlignProp and DRaFT-K.
+        `draws` holds what the plan drew per micro-batch (`plan_step`): K for AlignProp and DRaFT-K, the
+        gradient step for ReFL.
         """
         for p in self.params:
             p.grad = None
@@ -262,7 +267,7 @@ class AlignPropLearner:
 
 @torch.no_grad()
 def generate_eval(
-    learner: AlignPropLearner, prompts: Sequence[str], seeds: Sequence[int], batch_size: int
+    learner: Learner, prompts: Sequence[str], seeds: Sequence[int], batch_size: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """No-grad images for (prompt, seed) pairs, with each reward term and the weighted total per image."""
     images, terms, totals = [], {}, []

@@ -26,9 +26,9 @@ carry gradient are then not a contiguous tail: step i does with probability P(d 
 others, and the latents carry the gradient of every later step back through the solver steps between them.
 A draw is then a mask (one bool per step, `GradMask`) rather than K; "K" (train/k) counts its True steps.
 
-A distribution that can draw K=0 leaves some batches without gradient; ``train.k0`` says what happens
-then: ``skip`` (the batch's images are scored but add no gradient) or ``redraw`` (`RedrawZero`: K is drawn
-again until K >= 1, i.e. the distribution conditioned on K >= 1).
+A distribution that can draw K=0 leaves some batches without gradient; AlignProp's ``method.k0`` (alias
+``train.k0``) says what happens then: ``skip`` (the batch's images are scored but add no gradient) or
+``redraw`` (`RedrawZero`: K is drawn again until K >= 1, i.e. the distribution conditioned on K >= 1).
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ def grad_steps(draw: Draw) -> int:
     return draw if isinstance(draw, int) else sum(draw)
 
 
-class KDistribution(Protocol):
-    """What planning a step needs: one draw per batch, K in [0, steps] or a `GradMask` (`Truncation`,
-    `RedrawZero`)."""
+class DrawRule(Protocol):
+    """What planning a step needs of a method (its config's `draw_rule`): one draw per micro-batch, the same
+    on every worker. AlignProp and DRaFT-K draw K in [0, steps] or a `GradMask` (`Truncation`, `RedrawZero`),
+    ReFL the step that carries gradient (`StepRange`), the others nothing (`NoDraw`)."""
 
     def draw(self, steps: int, rng: random.Random) -> Draw: ...
 
@@ -174,7 +175,7 @@ class Truncation:
 
 @dataclass(frozen=True)
 class RedrawZero:
-    """`base` conditioned on K >= 1 (``train.k0: redraw``): a K=0 draw is replaced by another draw."""
+    """`base` conditioned on K >= 1 (``method.k0: redraw``): a K=0 draw is replaced by another draw."""
 
     base: Truncation
 
@@ -186,6 +187,28 @@ class RedrawZero:
         raise RuntimeError(f"{self.base.describe()} drew K=0 {MAX_DRAWS} times in a row")
 
 
+@dataclass(frozen=True)
+class StepRange:
+    """ReFL's draw: the 0-based index of the step that carries gradient, uniform on [low, high] (inclusive;
+    within the T-step chain)."""
+
+    low: int
+    high: int
+
+    def draw(self, steps: int, rng: random.Random) -> int:
+        if not 0 <= self.low <= self.high < steps:
+            raise ValueError(f"ReFL step range {self.low}..{self.high} is not within 0..{steps - 1}")
+        return rng.randint(self.low, self.high)
+
+
+@dataclass(frozen=True)
+class NoDraw:
+    """The draw of methods that draw nothing per micro-batch (DRaFT-LV, DDPO): 0."""
+
+    def draw(self, steps: int, rng: random.Random) -> int:
+        return 0
+
+
 def positive_k_problem(truncation: Truncation, steps: int) -> str | None:
     """Why K=0 cannot be redrawn with this distribution (it draws K >= 1 too rarely), or None."""
     positive = 1.0 - truncation.probabilities(steps).get(0, 0.0)
@@ -193,7 +216,7 @@ def positive_k_problem(truncation: Truncation, steps: int) -> str | None:
         return None
     return (
         f"{truncation.describe()} draws K >= 1 with probability {positive:.2g}: redrawing K=0 would not end; "
-        "use train.k0: skip or a distribution with K >= 1"
+        "use method.k0: skip or a distribution with K >= 1"
     )
 
 

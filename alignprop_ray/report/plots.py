@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from alignprop_ray.engine.methods.registry import METHODS
 from alignprop_ray.metrics import HELDOUT_PREFIX
 from alignprop_ray.report.data import metric
 
@@ -264,8 +265,6 @@ def plot_k_histograms(runs: pd.DataFrame, history: pd.DataFrame, ncols: int = 4)
 
 # --- cost: eval reward against training time and samples, one color per method ---------------------------
 
-METHOD_ORDER = ("alignprop", "draft", "refl", "ddpo")
-
 
 def method_label(params: dict) -> str:
     """A run's method as its params name it: `alignprop`, `draft-K1`, `draft-LV2`, `refl`, `ddpo`; runs
@@ -289,8 +288,9 @@ def method_labels(runs: pd.DataFrame) -> dict[str, str]:
 
 
 def method_order(label: str) -> tuple:
+    """Methods in the registry's order (engine/methods/registry.py), then any other, by label."""
     base = label.split("-", 1)[0]
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), label)
+    return (METHODS.index(base) if base in METHODS else len(METHODS), label)
 
 
 def reward_at_cost(history: pd.DataFrame, run_id: str, cost_key: str) -> pd.DataFrame:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from alignprop_ray.config import ExperimentConfig, parse_experiment, read_yaml
 from alignprop_ray.config.overrides import collect_overrides, parse_value
+from alignprop_ray.engine.methods.registry import method_rows
 from alignprop_ray.errors import ConfigError, UserError
 from alignprop_ray.metrics import EVAL_METRICS, TERM_PREFIXES, TRAIN_METRICS
 from alignprop_ray.problems import format_validation_error
@@ -359,7 +360,8 @@ def known_metrics(reference: ExperimentConfig | None, base: dict | None, domains
     terms = set(reference.reward) if reference is not None else set((base or {}).get("reward") or {})
     terms |= {d.field.removeprefix("reward.") for d in domains if d.field.startswith("reward.")}
     terms = {split_key(t)[0] for t in terms}
-    return {*TRAIN_METRICS, *EVAL_METRICS, *(p + t for p in TERM_PREFIXES for t in terms)}
+    methods = [m for row in method_rows() for m in row.metric_names]  # train/ddpo/approx_kl, ...
+    return {*TRAIN_METRICS, *EVAL_METRICS, *methods, *(p + t for p in TERM_PREFIXES for t in terms)}
 
 
 def _check_metric(name: str, metric: str, known: set[str]) -> list[str]:

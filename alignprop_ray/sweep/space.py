@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignprop_ray.config import ExperimentConfig
+from alignprop_ray.config.aliases import drop_twin
 from alignprop_ray.config.overrides import check_field_path
 from alignprop_ray.problems import section_model
 
@@ -154,12 +155,17 @@ def apply_point(data: dict[str, Any], point: dict[str, Any]) -> tuple[dict[str, 
         problem = _set_field(out, key.split("."), value)
         if problem:
             problems.append(f"space.{key}: {problem}")
+        else:
+            drop_twin(out, key)  # `truncation` searched: the base's method.truncation gives way
     return out, problems
 
 
 def _set_field(data: dict[str, Any], path: list[str], value: Any) -> str | None:
+    older = _older_key(path)
     node, model = data, ExperimentConfig
     for i, part in enumerate(path[:-1]):
+        if older is not None and i == len(older) - 1:  # inside an older key's value (a truncation mapping)
+            return _set_free_form(node, part, path[i + 1 :], copy.deepcopy(value))
         field = model.model_fields[part]
         sub = section_model(field.annotation)
         if sub is None:  # a free-form field: the rest of the path is inside its mapping
@@ -168,6 +174,15 @@ def _set_field(data: dict[str, Any], path: list[str], value: Any) -> str | None:
             node[part] = {}
         node, model = node[part], sub
     node[path[-1]] = copy.deepcopy(value)
+    return None
+
+
+def _older_key(path: list[str]) -> list[str] | None:
+    """The older key (`truncation`, `train.k0`) that `path` names or lies inside, as its parts; else None."""
+    for old in ExperimentConfig.key_aliases():
+        parts = old.split(".")
+        if path[: len(parts)] == parts:
+            return parts
     return None
 
 

@@ -30,7 +30,7 @@ def panel(model: str, adapter: str | None, prompts: list[str], seeds: int, steps
 
     parts = load_parts(model)
     if adapter is not None:
-        load_adapter_like_diffusers(parts.unet, adapter)
+        load_adapter_like_diffusers(parts.denoiser, adapter)
     settings = SamplerSettings.for_sampling(steps, guidance)
     rows = [p for p in prompts for _ in range(seeds)]
     with torch.no_grad():

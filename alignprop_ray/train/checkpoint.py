@@ -1,4 +1,5 @@
-"""Training checkpoints: adapter + optimizer + step + RNG states + MLflow run id, in one directory.
+"""Training checkpoints: adapter + optimizer + step + RNG states + MLflow run id, in one directory; reported
+to Ray Train with a step's metrics, and restored from when a run resumes.
 
 Rank 0 writes the directory under a temporary name and renames it when complete; `meta.json` is written
 last and lists every other file with its size. Ray Train then copies the directory to storage, in no
@@ -9,8 +10,11 @@ DamagedCheckpoint for such a folder (the loop then resumes from the checkpoint b
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
+import posixpath
 import random
 import tempfile
 from collections.abc import Callable
@@ -20,8 +24,9 @@ from typing import Any
 
 import torch
 
+from alignprop_ray.engine.distributed import gather_objects, world
 from alignprop_ray.engine.lora import load_adapter, read_adapter, save_adapter
-from alignprop_ray.engine.step import AlignPropLearner
+from alignprop_ray.engine.step import Learner
 
 META = "meta.json"
 STATE = "training_state.pt"
@@ -57,7 +62,7 @@ class CheckpointContents:
     progress: Progress
     state: dict[str, Any]  # learner (optimizer, scaler, schedule) and RNG states
 
-    def restore(self, learner: AlignPropLearner) -> Progress:
+    def restore(self, learner: Learner) -> Progress:
         """Load adapter, optimizer and RNG states into `learner`; the progress the checkpoint recorded."""
         load_adapter(learner.parts.denoiser, self.directory / ADAPTER)
         learner.load_state_dict(self.state["learner"])
@@ -66,7 +71,7 @@ class CheckpointContents:
 
 
 def write_checkpoint(
-    learner: AlignPropLearner,
+    learner: Learner,
     progress: Progress,
     parent: str | os.PathLike,
     extras: Callable[[Path], None] | None = None,
@@ -134,3 +139,122 @@ def _restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# --- in a Ray Train worker: report a checkpoint with each step's metrics, and resume from one ------------
+
+# A report's count of the run's steps, read by the sweep's stoppers (sweep/stoppers.py TOTAL_STEPS): a run
+# its time budget ends early reports it at its last step, so Tune sees that step as the last, not a cut.
+TOTAL_STEPS = "total_steps"
+
+
+def report_step(
+    learner: Learner, progress: Progress, metrics: dict, cfg, rank: int, logger, last: bool
+) -> None:
+    """Report every step (all ranks: it is a barrier); attach a checkpoint every checkpoint_every steps.
+
+    The checkpoint carries rank 0's MLflow calls not yet sent (written, not waited for: training does not
+    wait on MLflow), so a restart from it loses none of the logs of the steps it covers. A checkpoint that
+    cannot be written ends the run with a StorageError, its partial copy in storage removed.
+    """
+    import ray.train
+
+    metrics = {**metrics, "step": progress.step}
+    if last and progress.step < cfg.train.steps:  # ended by train.max_wall_seconds: this is the last step
+        metrics[TOTAL_STEPS] = progress.step
+    due = progress.step % cfg.train.checkpoint_every == 0 or last
+    if not due:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as parent:
+        checkpoint, name = None, None
+        if rank == 0:  # every worker holds the same adapter: one copy is enough
+            extras = (lambda directory: logger.save_unsent(directory / UNSENT_LOGS)) if logger else None
+            try:
+                directory = write_checkpoint(learner, progress, parent, extras)
+            except OSError as err:
+                raise _storage_error(err, progress, "a local temporary folder") from err
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+            # Ray's own names are timestamps; the step first tells a reader which is which.
+            name = f"checkpoint_{progress.step:07d}_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
+        try:
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        except OSError as err:
+            if name:
+                _remove_from_storage(cfg.storage.path, name)
+            raise _storage_error(err, progress, cfg.storage.path) from err
+
+
+def _storage_error(err: OSError, progress: Progress, where: str) -> StorageError:
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    return StorageError(
+        f"could not save the checkpoint of step {progress.step} to {where}: {reason}; "
+        "the checkpoints saved before it are intact"
+    )
+
+
+def _remove_from_storage(storage_path: str, checkpoint_name: str) -> None:
+    """Delete what a failed upload left of a checkpoint (it was never registered; on a full disk the room
+    helps the rerun): `<storage.path>/<run name>/<checkpoint_name>`, Ray's documented layout."""
+    import pyarrow.fs
+    import ray.train
+
+    with contextlib.suppress(Exception):  # nothing was written, or the storage is gone: nothing to clean
+        if "://" in storage_path:
+            filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        else:
+            filesystem, root = pyarrow.fs.LocalFileSystem(), os.path.abspath(storage_path)
+        run = ray.train.get_context().get_experiment_name()
+        filesystem.delete_dir(posixpath.join(root, run, checkpoint_name))
+
+
+def restore(checkpoint, learner: Learner, logger, run_id: str, say: Callable[[str], None]) -> Progress:
+    """Resume from the newest intact checkpoint: the one Ray hands, or if that one is damaged (a node died
+    while writing or uploading it), the newest intact one the run keeps; each damaged one is named in one
+    line (`say`, on rank 0). None intact (or none at all): step 0. Rank 0 queues the MLflow calls the
+    checkpoint carried."""
+    from alignprop_ray.tracking import read_unsent
+
+    rank = world()[0]
+    progress = Progress(step=0, run_id=run_id)
+    for candidate in _newest_first(checkpoint, say):
+        try:
+            with candidate.as_directory() as directory:
+                contents = read_checkpoint(directory)
+                unsent = Path(directory) / UNSENT_LOGS
+                try:
+                    read_unsent(unsent)
+                except ValueError as err:
+                    raise DamagedCheckpoint(f"{UNSENT_LOGS}/{err}") from err
+                progress = contents.restore(learner)
+                if logger:
+                    logger.resend(unsent)
+            break
+        except DamagedCheckpoint as err:
+            if rank == 0:
+                say(f"damaged checkpoint skipped: {candidate.path} ({err})")
+    else:
+        if checkpoint is not None and rank == 0:
+            say("no intact checkpoint left: training starts over from step 0")
+    steps = gather_objects(progress.step)
+    if len(set(steps)) != 1:  # a download that failed on one node only: the ranks would train apart
+        raise RuntimeError(f"workers restored different checkpoints (steps by rank: {steps})")
+    return progress
+
+
+def _newest_first(checkpoint, say: Callable[[str], None]):
+    """`checkpoint` (the newest, as Ray hands it), then the run's other kept checkpoints, newest first."""
+    if checkpoint is None:
+        return
+    yield checkpoint
+    from ray.train import Result
+
+    run_dir = posixpath.dirname(checkpoint.path.rstrip("/"))  # <storage.path>/<run name>/checkpoint_*
+    try:
+        kept = Result.from_path(run_dir, storage_filesystem=checkpoint.filesystem).best_checkpoints
+    except Exception as err:  # Ray's own record of the run is unreadable: nothing older to offer
+        say(f"cannot list the older checkpoints of {run_dir}: {err}")
+        return
+    for older, _ in sorted(kept, key=lambda pair: pair[1].get("step", -1), reverse=True):
+        if older.path != checkpoint.path:
+            yield older

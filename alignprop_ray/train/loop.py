@@ -1,58 +1,37 @@
-"""The Ray Train worker loop: build the engine, resume, train, evaluate, log (rank 0), checkpoint.
+"""The Ray Train worker loop: set up, (resume,) train, evaluate, log on rank 0, checkpoint, finish.
 
-Every worker runs this function. Prompts are sharded by rank, K is shared, LoRA gradients are
-averaged across workers once per optimizer step, so every worker holds the same adapter.
+Every worker runs `train_loop`. Prompts are sharded by rank, the method's draws are shared, LoRA gradients
+are averaged across workers once per optimizer step, so every worker holds the same adapter. Beside it:
+train/build.py (config -> engine), train/evaluate.py (evaluation), train/checkpoint.py (checkpoints:
+written, reported to Ray, restored).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import math
 import os
-import posixpath
 import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
 
 from alignprop_ray.engine.distributed import gather_objects, world
-from alignprop_ray.engine.lora import LoraSettings, attach_lora, save_adapter
-from alignprop_ray.engine.methods import REWARD_GRADIENT, build_method
-from alignprop_ray.engine.methods.alignprop import TruncatedBackpropSettings
-from alignprop_ray.engine.methods.ddpo import DdpoSettings
-from alignprop_ray.engine.methods.draft import DraftLVSettings
-from alignprop_ray.engine.methods.refl import ReflSettings, StepRange
-from alignprop_ray.engine.models import DTYPES, load_parts
-from alignprop_ray.engine.sampler import SamplerSettings
-from alignprop_ray.engine.step import AlignPropLearner, OptimSettings, StepResult, generate_eval, plan_step
-from alignprop_ray.engine.truncation import RedrawZero, Truncation
-from alignprop_ray.train.checkpoint import (
-    UNSENT_LOGS,
-    DamagedCheckpoint,
-    Progress,
-    StorageError,
-    read_checkpoint,
-    write_checkpoint,
-)
+from alignprop_ray.engine.lora import save_adapter
+from alignprop_ray.engine.step import Learner, StepResult
+from alignprop_ray.train.build import build_learner, plan_training_step
+from alignprop_ray.train.checkpoint import Progress, report_step, restore
+from alignprop_ray.train.evaluate import evaluate
 from alignprop_ray.train.inputs import LoopInput
 
 if TYPE_CHECKING:
     from alignprop_ray.config import ExperimentConfig
-    from alignprop_ray.rewards.diversity import Features
-    from alignprop_ray.rewards.mixture import RewardMixture
 
-# A report's count of the run's steps, read by the sweep's stoppers (sweep/stoppers.py TOTAL_STEPS): a run
-# its time budget ends early reports it at its last step, so Tune sees that step as the last, not a cut.
-TOTAL_STEPS = "total_steps"
-EVAL_SEED_BASE = 10_000  # eval image j of prompt i: seed EVAL_SEED_BASE + i x eval_seeds + j (eval_pairs)
 FLUSH_ON_FAILURE_S = 10.0  # a failing worker waits this long at most for its queued MLflow calls
 
 
@@ -70,10 +49,9 @@ def train_loop(loop_input: dict) -> None:
     quiet_ray_train_report_logs()
     data = LoopInput(**loop_input)
     cfg = ExperimentConfig.model_validate(data.experiment)
-    rank, world_size = world()
     threads = gather_objects(use_assigned_cpus())  # every rank: a collective
     learner = build_learner(cfg, ray.train.torch.get_device())
-    logger = _rank0_logger(cfg, data.run_id) if rank == 0 else None
+    logger = _rank0_logger(cfg, data.run_id) if world()[0] == 0 else None
     try:
         _train(learner, cfg, data, logger, threads)
     except BaseException:
@@ -83,11 +61,11 @@ def train_loop(loop_input: dict) -> None:
         raise
 
 
-def _train(learner: AlignPropLearner, cfg, data: LoopInput, logger, threads: list[int]) -> None:
+def _train(learner: Learner, cfg, data: LoopInput, logger, threads: list[int]) -> None:
     import ray.train
 
     rank, world_size = world()
-    progress = restore(ray.train.get_checkpoint(), learner, logger, data.run_id)
+    progress = restore(ray.train.get_checkpoint(), learner, logger, data.run_id, say=_say)
     if rank == 0:
         _print_header(cfg, world_size, progress.step, threads)
     started, first_step, first_wall = time.perf_counter(), progress.step, progress.wall_seconds
@@ -125,7 +103,7 @@ def _train(learner: AlignPropLearner, cfg, data: LoopInput, logger, threads: lis
                 seconds,
                 eta(cfg, progress, started, first_step, first_wall),
             )
-        _report(learner, progress, metrics, cfg, rank, logger, last)
+        report_step(learner, progress, metrics, cfg, rank, logger, last)
         if last:
             break
     digests = check_workers_in_sync(learner)
@@ -134,81 +112,13 @@ def _train(learner: AlignPropLearner, cfg, data: LoopInput, logger, threads: lis
         _finish(learner, logger)
 
 
-def restore(checkpoint, learner: AlignPropLearner, logger, run_id: str) -> Progress:
-    """Resume from the newest intact checkpoint: the one Ray hands, or if that one is damaged (a node died
-    while writing or uploading it), the newest intact one the run keeps; each damaged one is named in one
-    line. None intact (or none at all): step 0. Rank 0 queues the MLflow calls the checkpoint carried."""
-    from alignprop_ray.tracking import read_unsent
-
-    rank = world()[0]
-    progress = Progress(step=0, run_id=run_id)
-    for candidate in _newest_first(checkpoint):
-        try:
-            with candidate.as_directory() as directory:
-                contents = read_checkpoint(directory)
-                unsent = Path(directory) / UNSENT_LOGS
-                try:
-                    read_unsent(unsent)
-                except ValueError as err:
-                    raise DamagedCheckpoint(f"{UNSENT_LOGS}/{err}") from err
-                progress = contents.restore(learner)
-                if logger:
-                    logger.resend(unsent)
-            break
-        except DamagedCheckpoint as err:
-            if rank == 0:
-                _say(f"damaged checkpoint skipped: {candidate.path} ({err})")
-    else:
-        if checkpoint is not None and rank == 0:
-            _say("no intact checkpoint left: training starts over from step 0")
-    steps = gather_objects(progress.step)
-    if len(set(steps)) != 1:  # a download that failed on one node only: the ranks would train apart
-        raise RuntimeError(f"workers restored different checkpoints (steps by rank: {steps})")
-    return progress
-
-
-def _newest_first(checkpoint):
-    """`checkpoint` (the newest, as Ray hands it), then the run's other kept checkpoints, newest first."""
-    if checkpoint is None:
-        return
-    yield checkpoint
-    from ray.train import Result
-
-    run_dir = posixpath.dirname(checkpoint.path.rstrip("/"))  # <storage.path>/<run name>/checkpoint_*
-    try:
-        kept = Result.from_path(run_dir, storage_filesystem=checkpoint.filesystem).best_checkpoints
-    except Exception as err:  # Ray's own record of the run is unreadable: nothing older to offer
-        _say(f"cannot list the older checkpoints of {run_dir}: {err}")
-        return
-    for older, _ in sorted(kept, key=lambda pair: pair[1].get("step", -1), reverse=True):
-        if older.path != checkpoint.path:
-            yield older
-
-
 def out_of_time(cfg, progress: Progress) -> bool:
     """Whether train.max_wall_seconds has been spent (perf/wall_seconds: training steps only)."""
     budget = cfg.train.max_wall_seconds
     return budget is not None and progress.wall_seconds >= budget
 
 
-def plan_training_step(cfg, prompts: list[str], step: int, rank: int = 0, world_size: int = 1):
-    """`plan_step` for optimizer step `step` of experiment `cfg` on worker `rank` of `world_size`: the
-    micro-batches, and the method's draw for each (AlignProp's K, with train.k0: redraw K | K >= 1;
-    DRaFT-K's fixed K; ReFL's gradient step; nothing for DRaFT-LV and DDPO)."""
-    return plan_step(
-        prompts,
-        method_settings(cfg).draws,
-        cfg.sampling.steps,
-        step=step,
-        seed=cfg.train.seed,
-        batch_size=cfg.train.batch_size,
-        grad_accum=cfg.train.grad_accum,
-        rank=rank,
-        world_size=world_size,
-    )
-
-
-def check_workers_in_sync(learner: AlignPropLearner) -> list[str]:
+def check_workers_in_sync(learner: Learner) -> list[str]:
     """Every worker's LoRA digest; raise if any differs (gradients were not averaged the same way)."""
     import hashlib
 
@@ -219,85 +129,6 @@ def check_workers_in_sync(learner: AlignPropLearner) -> list[str]:
     if len(set(digests)) != 1:
         raise RuntimeError(f"LoRA weights differ across workers: {digests}")
     return digests
-
-
-def build_learner(cfg, device: torch.device) -> AlignPropLearner:
-    from alignprop_ray.rewards.mixture import build_reward
-
-    if device.type == "cuda":  # TF32 matmuls on Ampere+: ~2x faster, plenty for LoRA fine-tuning
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    parts = load_parts(cfg.model.pretrained, DTYPES[cfg.model.dtype], device, family=cfg.model.family)
-    lora, sampler, optim, method = engine_settings(cfg)
-    params = attach_lora(parts.denoiser, lora, seed=cfg.train.seed)
-    # DDPO needs reward values only: a non-differentiable term is a valid objective (validated with the method)
-    gradient = REWARD_GRADIENT[cfg.method.name]
-    reward = build_reward(cfg.reward, device=device, dtype=torch.float32, for_training=gradient)
-    return AlignPropLearner(
-        parts, params, reward, sampler, optim, resolution=cfg.model.resolution, method=build_method(method)
-    )
-
-
-class EngineSettings(NamedTuple):
-    lora: LoraSettings
-    sampler: SamplerSettings
-    optim: OptimSettings
-    method: TruncatedBackpropSettings | DraftLVSettings | ReflSettings | DdpoSettings
-
-
-def engine_settings(cfg) -> EngineSettings:
-    """The engine's settings from the experiment config: the one place where config meets engine."""
-    lora, sampling, train = cfg.model.lora, cfg.sampling, cfg.train
-    return EngineSettings(
-        LoraSettings(
-            lora.rank, lora.alpha, tuple(lora.target_modules) if lora.target_modules else None, lora.init
-        ),
-        SamplerSettings(
-            steps=sampling.steps,
-            guidance_scale=sampling.guidance_scale,
-            eta=sampling.eta,
-            negative_prompt=sampling.negative_prompt,
-            checkpoint=cfg.model.gradient_checkpointing,
-            compile=cfg.model.compile,
-            activation_budget_mb=cfg.model.activation_budget_mb,
-        ),
-        OptimSettings(
-            lr=train.lr,
-            weight_decay=train.weight_decay,
-            loss_scale=train.loss_scale,
-            max_grad_norm=train.max_grad_norm,
-            betas=tuple(train.adam_betas),
-            eps=train.adam_eps,
-            schedule=train.lr_schedule,
-            warmup_steps=train.warmup_steps,
-            total_steps=train.steps,
-        ),
-        method_settings(cfg),
-    )
-
-
-def method_settings(cfg) -> TruncatedBackpropSettings | DraftLVSettings | ReflSettings | DdpoSettings:
-    """The training method's engine settings (`engine_settings`); their `draws` is what the plan draws."""
-    method = cfg.method
-    if method.name == "alignprop":
-        truncation = RedrawZero(cfg.truncation) if cfg.train.k0 == "redraw" else cfg.truncation
-        return TruncatedBackpropSettings("alignprop", truncation)
-    if method.name == "draft" and method.lv_samples is None:
-        return TruncatedBackpropSettings("draft", Truncation("fixed", k=method.k))
-    if method.name == "draft":
-        return DraftLVSettings(samples=method.lv_samples)
-    if method.name == "refl":
-        return ReflSettings(StepRange(*method.step_range))
-    return DdpoSettings(
-        eta=method.eta,
-        clip_range=method.clip_range,
-        adv_clip_max=method.adv_clip_max,
-        timestep_fraction=method.timestep_fraction,
-        inner_epochs=method.inner_epochs,
-        per_prompt_stats=method.per_prompt_stats,
-        stat_buffer=method.stat_buffer,
-        stat_min_count=method.stat_min_count,
-    )
 
 
 def _count_nonfinite(progress: Progress, result: StepResult, limit: int) -> None:
@@ -314,13 +145,13 @@ def _count_nonfinite(progress: Progress, result: StepResult, limit: int) -> None
 
 
 def step_metrics(
-    result: StepResult, learner: AlignPropLearner, seconds: float, progress: Progress, world_size: int
+    result: StepResult, learner: Learner, seconds: float, progress: Progress, world_size: int
 ) -> dict[str, float]:
     metrics = {
         "train/reward": result.reward,
         "train/loss": result.loss,
         "train/k": result.k,
-        "train/k0_skipped": sum(k == 0 for k in result.ks),  # batches without gradient (train.k0: skip)
+        "train/k0_skipped": sum(k == 0 for k in result.ks),  # batches without gradient (method.k0: skip)
         "train/lr": result.lr,
         "train/skipped_steps": progress.skipped_steps,
         "perf/step_seconds": seconds,
@@ -343,194 +174,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def eval_pairs(prompts: list[str], per_prompt: int) -> list[tuple[str, int]]:
-    """(prompt, seed) of every eval image, prompt by prompt: image j of prompt i has seed
-    EVAL_SEED_BASE + i * per_prompt + j at every evaluation. No two images share their initial noise, so
-    across-prompt diversity does not measure shared noise; `alignprop-ray sample --seed 10000 --n per_prompt`
-    with the eval prompts in order draws the same noise."""
-    return [
-        (p, EVAL_SEED_BASE + i * per_prompt + j) for i, p in enumerate(prompts) for j in range(per_prompt)
-    ]
-
-
-def evaluate(
-    learner: AlignPropLearner, cfg, prompts: list[str], step: int, result: StepResult | None, logger
-) -> dict:
-    """Eval prompts x their seeds, sharded over workers: the trained reward's terms, the held-out rewards
-    (eval.rewards) and the diversity features (eval.diversity) of each image; rank 0 gets every image and
-    logs grid and table."""
-    from alignprop_ray.rewards.diversity import diversity
-
-    pairs = eval_pairs(prompts, cfg.prompts.eval_seeds)
-    rank, world_size = world()
-    mine = pairs[rank::world_size]
-    mine_prompts, batch = [p for p, _ in mine], cfg.train.batch_size
-    images, terms, totals = generate_eval(learner, mine_prompts, [s for _, s in mine], batch)
-    heldout, features = eval_models(cfg, learner.device).measure(images, mine_prompts, batch)
-    columns = _in_image_order(
-        list(range(rank, len(pairs), world_size)),
-        {
-            "images": (images * 255).round().to(torch.uint8),
-            "features": features,
-            "reward": totals,
-            **{f"reward/{name}": value for name, value in terms.items()},
-            **{f"heldout/{name}": value for name, value in heldout.items()},  # metrics eval/heldout/<name>
-        },
-    )
-    images, features = columns.pop("images").float() / 255, columns.pop("features")
-    metrics = {f"eval/{name}": float(value.mean()) for name, value in columns.items()}
-    groups = [i for i in range(len(prompts)) for _ in range(cfg.prompts.eval_seeds)]
-    metrics.update(diversity(images, groups, features, prefix="eval/"))
-    if logger:
-        _log_eval_artifacts(logger, pairs, images, columns, step, result, cfg.prompts.eval_seeds)
-    return metrics
-
-
-def _in_image_order(
-    index: list[int], columns: dict[str, torch.Tensor | None]
-) -> dict[str, torch.Tensor | None]:
-    """Every worker's `columns` of its images (`index`: their positions), concatenated in image order; a
-    column that is None on the workers stays None. A collective: every worker calls it."""
-    shards = gather_objects((index, columns))
-    order = torch.argsort(torch.tensor([i for shard_index, _ in shards for i in shard_index]))
-    return {
-        name: None if value is None else torch.cat([shard[name] for _, shard in shards])[order]
-        for name, value in columns.items()
-    }
-
-
-@dataclass
-class EvalModels:
-    """What an evaluation measures besides the trained reward, built once per worker (`eval_models`)."""
-
-    device: torch.device
-    heldout: RewardMixture | None  # eval.rewards; None when there are none
-    features: Features | None  # the eval.diversity space; None: pixels
-
-    @torch.no_grad()
-    def measure(
-        self, images: torch.Tensor, prompts: list[str], batch_size: int
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """({held-out reward: raw value per image}, diversity features per image or None), on the CPU."""
-        heldout, features = {}, []
-        for start in range(0, len(prompts), batch_size):
-            chunk = images[start : start + batch_size].to(self.device)
-            if self.heldout is not None:
-                for name, value in self.heldout(chunk, prompts[start : start + batch_size]).terms.items():
-                    heldout.setdefault(name, []).append(value.float().cpu())
-            if self.features is not None:
-                features.append(self.features(chunk).float().cpu())
-        return {n: torch.cat(v) for n, v in heldout.items()}, (torch.cat(features) if features else None)
-
-
-_EVAL_MODELS: dict[tuple[str, str], EvalModels] = {}
-
-
-def eval_models(cfg, device: torch.device) -> EvalModels:
-    """The held-out rewards and the diversity feature model of `cfg.eval` on `device`, built at the first
-    evaluation and kept for the next ones (a worker trains one experiment; a new one replaces it)."""
-    from alignprop_ray.errors import UserError
-    from alignprop_ray.rewards.diversity import clip_features
-    from alignprop_ray.rewards.mixture import build_reward
-    from alignprop_ray.rewards.weights import WeightsError
-
-    key = (json.dumps(cfg.eval.model_dump(mode="json"), sort_keys=True), str(device))
-    if key not in _EVAL_MODELS:
-        _EVAL_MODELS.clear()
-        rewards, space = cfg.eval.rewards, cfg.eval.diversity
-        heldout = None
-        if rewards:
-            heldout = build_reward(rewards, device=device, dtype=torch.float32, for_training=False)
-        features = None
-        if space.space == "clip":
-            try:
-                features = clip_features(space.arch, space.path, seed=space.seed, device=device)
-            except WeightsError as err:
-                raise UserError(f"eval.diversity.{err.option}: {err.message}") from err
-        _EVAL_MODELS[key] = EvalModels(device, heldout, features)
-    return _EVAL_MODELS[key]
-
-
-def _log_eval_artifacts(logger, pairs, images, columns, step, result, nrow) -> None:
-    """The eval grid (a row per prompt, a column per seed) and a table with a row per image: its prompt,
-    seed, the K of the step just taken, and `columns` (reward, reward/<term>, heldout/<name>)."""
-    import pyarrow as pa
-    from torchvision.utils import make_grid
-
-    from alignprop_ray.engine.images import to_pil
-
-    logger.log_image(to_pil(make_grid(images, nrow=nrow, padding=2)), key="eval/images", step=step)
-    k = result.k if result else 0.0  # the K of the training step just taken (0 before training)
-    table = {
-        "prompt": [p for p, _ in pairs],
-        "seed": [s for _, s in pairs],
-        "step": [step] * len(pairs),
-        "k": [k] * len(pairs),
-    }
-    table.update({name: values.tolist() for name, values in columns.items()})
-    logger.log_table(pa.table(table), step)
-
-
-def _report(
-    learner: AlignPropLearner, progress: Progress, metrics: dict, cfg, rank: int, logger, last: bool
-) -> None:
-    """Report every step (all ranks: it is a barrier); attach a checkpoint every checkpoint_every steps.
-
-    The checkpoint carries rank 0's MLflow calls not yet sent (written, not waited for: training does not
-    wait on MLflow), so a restart from it loses none of the logs of the steps it covers. A checkpoint that
-    cannot be written ends the run with a StorageError, its partial copy in storage removed.
-    """
-    import ray.train
-
-    metrics = {**metrics, "step": progress.step}
-    if last and progress.step < cfg.train.steps:  # ended by train.max_wall_seconds: this is the last step
-        metrics[TOTAL_STEPS] = progress.step
-    due = progress.step % cfg.train.checkpoint_every == 0 or last
-    if not due:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as parent:
-        checkpoint, name = None, None
-        if rank == 0:  # every worker holds the same adapter: one copy is enough
-            extras = (lambda directory: logger.save_unsent(directory / UNSENT_LOGS)) if logger else None
-            try:
-                directory = write_checkpoint(learner, progress, parent, extras)
-            except OSError as err:
-                raise _storage_error(err, progress, "a local temporary folder") from err
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-            # Ray's own names are timestamps; the step first tells a reader which is which.
-            name = f"checkpoint_{progress.step:07d}_{datetime.datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
-        try:
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-        except OSError as err:
-            if name:
-                _remove_from_storage(cfg.storage.path, name)
-            raise _storage_error(err, progress, cfg.storage.path) from err
-
-
-def _storage_error(err: OSError, progress: Progress, where: str) -> StorageError:
-    reason = os.strerror(err.errno) if err.errno else str(err)
-    return StorageError(
-        f"could not save the checkpoint of step {progress.step} to {where}: {reason}; "
-        "the checkpoints saved before it are intact"
-    )
-
-
-def _remove_from_storage(storage_path: str, checkpoint_name: str) -> None:
-    """Delete what a failed upload left of a checkpoint (it was never registered; on a full disk the room
-    helps the rerun): `<storage.path>/<run name>/<checkpoint_name>`, Ray's documented layout."""
-    import pyarrow.fs
-    import ray.train
-
-    with contextlib.suppress(Exception):  # nothing was written, or the storage is gone: nothing to clean
-        if "://" in storage_path:
-            filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-        else:
-            filesystem, root = pyarrow.fs.LocalFileSystem(), os.path.abspath(storage_path)
-        run = ray.train.get_context().get_experiment_name()
-        filesystem.delete_dir(posixpath.join(root, run, checkpoint_name))
-
-
 def _rank0_logger(cfg, run_id: str):
     from alignprop_ray.tracking import BufferedLogger, use_own_retries
 
@@ -538,7 +181,7 @@ def _rank0_logger(cfg, run_id: str):
     return BufferedLogger(cfg.tracking.uri, run_id, cfg.tracking.outage_limit_s, say=_say)
 
 
-def _finish(learner: AlignPropLearner, logger) -> None:
+def _finish(learner: Learner, logger) -> None:
     """Log the adapter, then wait until MLflow holds everything (at most tracking.outage_limit_s)."""
     with tempfile.TemporaryDirectory() as tmp:
         logger.log_dir(save_adapter(learner.parts.denoiser, Path(tmp) / "adapter"), "adapter")

@@ -1,50 +1,36 @@
 """Model families: what differs between Stable Diffusion 1.x/2.x (`sd`), SDXL (`sdxl`), SD3/3.5 (`sd3`) and
 FLUX.1 (`flux`).
 
-Importing this package does not import torch (the config layer reads the names); `get_family` imports
-the family's module when first asked.
+One row per family in engine/families/registry.py (torch-free: the config layer reads it); `get_family`
+imports the family's implementation when first asked.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import TYPE_CHECKING
 
-from alignprop_ray.engine.families.names import AUTO, FAMILIES, LORA_TARGETS, PIPELINE_FAMILIES
+from alignprop_ray.engine.families.registry import AUTO, FAMILIES, family_row, family_rows
 
 if TYPE_CHECKING:
     import torch
 
     from alignprop_ray.engine.families.base import Family
 
-__all__ = ["AUTO", "FAMILIES", "LORA_TARGETS", "PIPELINE_FAMILIES", "family_of", "get_family"]
+__all__ = ["AUTO", "FAMILIES", "family_of", "get_family"]
 
 
+@cache
 def get_family(name: str) -> Family:
-    """The family named `name` (sd, sdxl, sd3, flux)."""
-    if name == "sd":
-        from alignprop_ray.engine.families.sd import SD
-
-        return SD()
-    if name == "sdxl":
-        from alignprop_ray.engine.families.sdxl import SDXL
-
-        return SDXL()
-    if name == "sd3":
-        from alignprop_ray.engine.families.sd3 import SD3
-
-        return SD3()
-    if name == "flux":
-        from alignprop_ray.engine.families.flux import Flux
-
-        return Flux()
-    raise ValueError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})")
+    """The family named `name` (a row of the registry); ValueError for an unknown name."""
+    return family_row(name).load()
 
 
 def family_of(denoiser: torch.nn.Module) -> Family:
     """The family a denoiser belongs to, read off its class and config (an SDXL UNet is the UNet whose
     added embedding is `text_time`)."""
-    for name in FAMILIES:
-        family = get_family(name)
+    for row in family_rows():
+        family = get_family(row.name)
         if family.is_denoiser(denoiser):
             return family
     raise ValueError(

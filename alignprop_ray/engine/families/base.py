@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from alignprop_ray.engine.families.names import LORA_TARGETS
+from alignprop_ray.engine.families.registry import FamilyRow
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,6 @@ class DiffusionParts:
     vae: torch.nn.Module
     scheduler: Any  # a diffusers scheduler the family samples with
     pipeline_config: dict[str, Any] = field(default_factory=dict)  # model_index.json's own settings
-
-    @property
-    def unet(self) -> torch.nn.Module:
-        """The denoiser under its SD-era name (a transformer for sd3); new code says `denoiser`."""
-        return self.denoiser
 
     @property
     def text_encoder(self) -> torch.nn.Module:
@@ -95,23 +90,47 @@ class DiffusionParts:
 
 
 class Family:
-    """What one model family supplies. Subclasses set the class attributes and the abstract methods."""
+    """What one model family supplies in code; its data (pipeline class, schedulers, LoRA targets, tiny
+    preset) is its row in engine/families/registry.py. Subclasses implement the abstract methods."""
 
-    name: ClassVar[str]  # sd | sdxl | sd3 | flux
-    pipeline_class: ClassVar[str]  # the diffusers pipeline (model_index.json `_class_name`)
-    denoiser_name: ClassVar[str]  # unet | transformer: its subfolder, and the prefix of its LoRA keys
-    # Scheduler classes sampled with as the pipeline directory ships them; any other class is replaced
-    # by the first one, built from the directory's scheduler config.
-    schedulers: ClassVar[tuple[str, ...]]
     # Classifier-free guidance: with a guidance scale above 1 the denoiser runs on [uncond; cond] and the
     # sampler mixes the two. A guidance-distilled family (FLUX.1) samples without it: the scale is an input
     # of the denoiser instead (`guidance_input`).
     classifier_free_guidance: ClassVar[bool] = True
 
+    def __init__(self, row: FamilyRow):
+        self.row = row
+
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+    @property
+    def pipeline_class(self) -> str:
+        """The diffusers pipeline (model_index.json `_class_name`)."""
+        return self.row.pipeline_class
+
+    @property
+    def denoiser_name(self) -> str:
+        """unet | transformer: the denoiser's subfolder, and the prefix of its LoRA keys."""
+        return self.row.denoiser
+
+    @property
+    def schedulers(self) -> tuple[str, ...]:
+        """Scheduler classes sampled with as shipped; any other is replaced by the first."""
+        return self.row.schedulers
+
     @property
     def lora_targets(self) -> tuple[str, ...]:
-        """Default LoRA target modules (peft names), from the one table in families/names.py."""
-        return LORA_TARGETS[self.name]
+        """Default LoRA target modules (peft names)."""
+        return self.row.lora_targets
+
+    def tiny_scheduler(self):
+        """The tiny preset's scheduler, built from its row."""
+        import diffusers
+
+        name, config = self.row.tiny_scheduler
+        return getattr(diffusers, name)(**config)
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

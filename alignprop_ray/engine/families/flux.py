@@ -28,50 +28,17 @@ import numpy as np
 import torch
 
 from alignprop_ray.engine import schedulers
-from alignprop_ray.engine.families import sd
 from alignprop_ray.engine.families.base import Conditioning, DiffusionParts, Family
+from alignprop_ray.engine.families.registry import FLUX_SCHEDULES
 from alignprop_ray.engine.families.sd import clip_tokens
-from alignprop_ray.engine.families.tiny import clip_tokenizer, seeded, t5_tokenizer, tiny_clip_config
+from alignprop_ray.engine.families.tiny import clip_text_config, clip_tokenizer, seeded, t5_tokenizer
 
 T5_TOKENS = 512  # FluxPipeline's max_sequence_length default
 SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 128 latents a side, 1024 px with the 8x VAE
 VARIANTS = ("dev", "schnell")
 
-TINY_CLIP = 32  # CLIP-L's width (768 in FLUX.1) = the pooled projection's
-TINY_T5 = 64  # T5's d_model = joint_attention_dim (4096 in FLUX.1)
-TINY_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,  # packed 2 x 2 patches of the 16-channel latents, as in FLUX.1
-    num_layers=1,  # double-stream (MMDiT) blocks: 19 in FLUX.1
-    num_single_layers=2,  # single-stream blocks: 38 in FLUX.1
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=TINY_T5,
-    pooled_projection_dim=TINY_CLIP,
-    axes_dims_rope=(4, 6, 6),  # rotary dims of (text index, row, column); they sum to the head dim
-)
-# FLUX.1's 16-channel VAE (no quant convs) with its latent scaling and shift, at toy width.
-TINY_VAE = dict(
-    sd.TINY_VAE,
-    latent_channels=16,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-)
-# The schedulers of FLUX.1-dev (shift 3, dynamic shifting) and FLUX.1-schnell (no shift).
-SHIFTS = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
-SCHEDULES = {
-    "dev": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, **SHIFTS),
-    "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, **SHIFTS),
-}
-
 
 class Flux(Family):
-    name = "flux"
-    pipeline_class = "FluxPipeline"
-    denoiser_name = "transformer"
-    schedulers = ("FlowMatchEulerDiscreteScheduler",)
     classifier_free_guidance = False  # guidance-distilled ([dev]) or guidance-free ([schnell])
 
     def load(self, source: str, dtype: torch.dtype, model_index: dict) -> DiffusionParts:
@@ -105,23 +72,14 @@ class Flux(Family):
 
         if variant not in VARIANTS:
             raise ValueError(f"unknown FLUX.1 variant {variant!r} (known: {', '.join(VARIANTS)})")
+        tiny = self.row.tiny
         t5_tok = t5_tokenizer()
         with seeded(seed):
-            transformer = FluxTransformer2DModel(**TINY_TRANSFORMER, guidance_embeds=variant == "dev")
-            vae = AutoencoderKL(**TINY_VAE)
-            clip = CLIPTextModel(tiny_clip_config(TINY_CLIP, TINY_CLIP))
-            t5 = T5EncoderModel(
-                T5Config(
-                    vocab_size=len(t5_tok),
-                    d_model=TINY_T5,
-                    d_kv=16,
-                    d_ff=2 * TINY_T5,
-                    num_layers=2,
-                    num_heads=4,
-                    feed_forward_proj="gated-gelu",  # T5 v1.1, FLUX.1's T5-XXL
-                )
-            )
-        scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULES[variant])
+            transformer = FluxTransformer2DModel(**tiny["transformer"], guidance_embeds=variant == "dev")
+            vae = AutoencoderKL(**tiny["vae"])
+            clip = CLIPTextModel(clip_text_config(**tiny["text_encoder"]))
+            t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), **tiny["text_encoder_2"]))
+        scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULES[variant])
         return DiffusionParts(self, [clip_tokenizer(), t5_tok], [clip, t5], transformer, vae, scheduler, {})
 
     def pipeline(self, parts: DiffusionParts):

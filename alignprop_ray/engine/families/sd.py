@@ -9,59 +9,11 @@ from __future__ import annotations
 import torch
 
 from alignprop_ray.engine.families.base import Conditioning, DiffusionParts, Family
-from alignprop_ray.engine.families.tiny import clip_tokenizer, seeded
-
-TINY_UNET = dict(
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    norm_num_groups=8,
-    sample_size=64,
-)
-TINY_TEXT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    vocab_size=49408,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=49407,
-    projection_dim=32,
-)
-# Stable Diffusion's own DDPM training schedule; sampling uses DDIM on top of it.
-SD_SCHEDULE = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+from alignprop_ray.engine.families.tiny import clip_text_config, clip_tokenizer, seeded
 
 
 class UNetFamily(Family):
     """What the UNet families (sd, sdxl) share: CLIP tokens and a UNet called with (x, t, embeddings)."""
-
-    denoiser_name = "unet"
 
     def load_lora_like_diffusers(self, denoiser: torch.nn.Module, directory: str) -> None:
         pipeline = self.pipeline_type()
@@ -91,10 +43,6 @@ def clip_tokens(tokenizer, prompts: list[str], device: torch.device, max_length:
 
 
 class SD(UNetFamily):
-    name = "sd"
-    pipeline_class = "StableDiffusionPipeline"
-    schedulers = ("DDIMScheduler",)
-
     def load(self, source: str, dtype: torch.dtype, model_index: dict) -> DiffusionParts:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -112,32 +60,18 @@ class SD(UNetFamily):
         )
 
     def build_tiny(self, seed: int) -> DiffusionParts:
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
 
+        tiny = self.row.tiny
         with seeded(seed):
-            unet = UNet2DConditionModel(**TINY_UNET)
-            vae = AutoencoderKL(**TINY_VAE)
-            text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
-        return self.parts(clip_tokenizer(), text_encoder, unet, vae, DDIMScheduler(**SD_SCHEDULE))
-
-    def parts(self, tokenizer, text_encoder, unet, vae, scheduler) -> DiffusionParts:
-        """Parts of a Stable Diffusion pipeline from its components."""
-        return DiffusionParts(self, [tokenizer], [text_encoder], unet, vae, scheduler, {})
+            unet = UNet2DConditionModel(**tiny["unet"])
+            vae = AutoencoderKL(**tiny["vae"])
+            text_encoder = CLIPTextModel(clip_text_config(**tiny["text_encoder"]))
+        return DiffusionParts(self, [clip_tokenizer()], [text_encoder], unet, vae, self.tiny_scheduler(), {})
 
     def pipeline(self, parts: DiffusionParts):
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoder,
-            tokenizer=parts.tokenizer,
-            unet=parts.denoiser,
-            scheduler=parts.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        return sd_pipeline(parts.tokenizer, parts.text_encoder, parts.denoiser, parts.vae, parts.scheduler)
 
     def encode(self, parts, prompts, negative_prompt, guided, resolution) -> Conditioning:
         """CLIP's last hidden state, as StableDiffusionPipeline.encode_prompt computes it."""
@@ -152,3 +86,20 @@ class SD(UNetFamily):
 
     def denoise(self, denoiser, model_input, t, cond) -> torch.Tensor:
         return denoiser(model_input, t, **cond.tensors, return_dict=False)[0]
+
+
+def sd_pipeline(tokenizer, text_encoder, unet, vae, scheduler):
+    """A `StableDiffusionPipeline` of these components, without safety checker or feature extractor (the
+    one builder: the tiny preset, bench/gpu.py's SD 1.5-shaped model, the toy model)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -13,47 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from alignprop_ray.engine import schedulers
-from alignprop_ray.engine.families import sd
 from alignprop_ray.engine.families.base import Conditioning, DiffusionParts, Family
 from alignprop_ray.engine.families.sd import clip_tokens
-from alignprop_ray.engine.families.tiny import clip_tokenizer, seeded, t5_tokenizer, tiny_clip_config
+from alignprop_ray.engine.families.tiny import clip_text_config, clip_tokenizer, seeded, t5_tokenizer
 
 T5_TOKENS = 256  # the pipeline's max_sequence_length default
-TINY_WIDTHS = (32, 48)  # CLIP-L, CLIP-G (768, 1280 in SD3)
-TINY_T5 = 96  # T5 d_model = joint_attention_dim (4096 in SD3); >= the CLIPs' concatenated width
-TINY_TRANSFORMER = dict(
-    sample_size=32,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=4,
-    joint_attention_dim=TINY_T5,
-    caption_projection_dim=32,  # = heads x head dim
-    pooled_projection_dim=sum(TINY_WIDTHS),
-    pos_embed_max_size=32,
-    qk_norm="rms_norm",  # SD3.5's
-    dual_attention_layers=(0,),  # SD3.5 Medium's MMDiT-X: a second self-attention in the first blocks
-)
-# SD3's 16-channel VAE (no quant convs) with its latent scaling and shift.
-TINY_VAE = dict(
-    sd.TINY_VAE,
-    latent_channels=16,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    scaling_factor=1.5305,
-    shift_factor=0.0609,
-)
-SD3_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0)  # SD3 Medium's and SD3.5's scheduler config
 
 
 class SD3(Family):
-    name = "sd3"
-    pipeline_class = "StableDiffusion3Pipeline"
-    denoiser_name = "transformer"
-    schedulers = ("FlowMatchEulerDiscreteScheduler",)
-
     def load(self, source: str, dtype: torch.dtype, model_index: dict) -> DiffusionParts:
         from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
@@ -83,32 +50,23 @@ class SD3(Family):
         )
 
     def build_tiny(self, seed: int, t5: bool = True) -> DiffusionParts:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+        tiny = self.row.tiny
         tokenizers = [clip_tokenizer(), clip_tokenizer(pad_token="!")]
         t5_tok = t5_tokenizer() if t5 else None
         with seeded(seed):
-            transformer = SD3Transformer2DModel(**TINY_TRANSFORMER)
-            vae = AutoencoderKL(**TINY_VAE)
+            transformer = SD3Transformer2DModel(**tiny["transformer"])
+            vae = AutoencoderKL(**tiny["vae"])
             encoders = [
-                CLIPTextModelWithProjection(tiny_clip_config(TINY_WIDTHS[0], TINY_WIDTHS[0])),
-                CLIPTextModelWithProjection(tiny_clip_config(TINY_WIDTHS[1], TINY_WIDTHS[1], act="gelu")),
+                CLIPTextModelWithProjection(clip_text_config(**tiny[name]))
+                for name in ("text_encoder", "text_encoder_2")
             ]
             if t5:
-                config = T5Config(
-                    vocab_size=len(t5_tok),
-                    d_model=TINY_T5,
-                    d_kv=16,
-                    d_ff=2 * TINY_T5,
-                    num_layers=2,
-                    num_heads=4,
-                    feed_forward_proj="gated-gelu",  # T5 v1.1, SD3's T5-XXL
-                )
-                encoders.append(T5EncoderModel(config))
+                encoders.append(T5EncoderModel(T5Config(vocab_size=len(t5_tok), **tiny["text_encoder_3"])))
                 tokenizers.append(t5_tok)
-        scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE)
-        return DiffusionParts(self, tokenizers, encoders, transformer, vae, scheduler, {})
+        return DiffusionParts(self, tokenizers, encoders, transformer, vae, self.tiny_scheduler(), {})
 
     def pipeline(self, parts: DiffusionParts):
         from diffusers import StableDiffusion3Pipeline

@@ -12,47 +12,11 @@ from __future__ import annotations
 import torch
 
 from alignprop_ray.engine.families.base import Conditioning, DiffusionParts
-from alignprop_ray.engine.families.sd import TINY_VAE, UNetFamily, clip_tokens, takes_time_ids
-from alignprop_ray.engine.families.tiny import clip_tokenizer, seeded, tiny_clip_config
-
-TINY_WIDTHS = (32, 48)  # CLIP-L, CLIP-G hidden sizes (768, 1280 in SDXL): unequal, so an order slip shows
-TIME_EMBED = 8  # addition_time_embed_dim (256 in SDXL)
-TINY_UNET = dict(
-    sample_size=32,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 4),
-    transformer_layers_per_block=(1, 2),
-    use_linear_projection=True,
-    cross_attention_dim=sum(TINY_WIDTHS),
-    addition_embed_type="text_time",
-    addition_time_embed_dim=TIME_EMBED,
-    projection_class_embeddings_input_dim=6 * TIME_EMBED + TINY_WIDTHS[1],
-    norm_num_groups=8,
-)
-# SDXL base's scheduler_config.json (EulerDiscreteScheduler).
-SDXL_SCHEDULE = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    steps_offset=1,
-    timestep_spacing="leading",
-    prediction_type="epsilon",
-    interpolation_type="linear",
-    use_karras_sigmas=False,
-)
+from alignprop_ray.engine.families.sd import UNetFamily, clip_tokens, takes_time_ids
+from alignprop_ray.engine.families.tiny import clip_text_config, clip_tokenizer, seeded
 
 
 class SDXL(UNetFamily):
-    name = "sdxl"
-    pipeline_class = "StableDiffusionXLPipeline"
-    schedulers = ("EulerDiscreteScheduler", "DDIMScheduler")
-
     def load(self, source: str, dtype: torch.dtype, model_index: dict) -> DiffusionParts:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -75,22 +39,22 @@ class SDXL(UNetFamily):
         )
 
     def build_tiny(self, seed: int) -> DiffusionParts:
-        from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        (width_l, width_g) = TINY_WIDTHS
+        tiny = self.row.tiny
         with seeded(seed):
-            unet = UNet2DConditionModel(**TINY_UNET)
-            vae = AutoencoderKL(**TINY_VAE, scaling_factor=0.13025, force_upcast=True)
-            clip_l = CLIPTextModel(tiny_clip_config(width_l, width_l))
-            clip_g = CLIPTextModelWithProjection(tiny_clip_config(width_g, width_g, act="gelu"))
+            unet = UNet2DConditionModel(**tiny["unet"])
+            vae = AutoencoderKL(**tiny["vae"])
+            clip_l = CLIPTextModel(clip_text_config(**tiny["text_encoder"]))
+            clip_g = CLIPTextModelWithProjection(clip_text_config(**tiny["text_encoder_2"]))
         return DiffusionParts(
             family=self,
             tokenizers=[clip_tokenizer(), clip_tokenizer(pad_token="!")],
             text_encoders=[clip_l, clip_g],
             denoiser=unet,
             vae=vae,
-            scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULE),
+            scheduler=self.tiny_scheduler(),
             pipeline_config={"force_zeros_for_empty_prompt": True},
         )
 

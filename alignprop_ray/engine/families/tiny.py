@@ -33,21 +33,30 @@ class seeded:
         return self._fork.__exit__(*exc)
 
 
-def tiny_clip_config(hidden: int, projection: int, act: str = "quick_gelu"):
-    """A 2-layer CLIP text tower at toy width (2 layers: SDXL/SD3 read the penultimate hidden state)."""
+def clip_text_config(
+    width: int,
+    *,
+    projection: int | None = None,
+    act: str = "quick_gelu",
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int | None = None,
+):
+    """A CLIP text tower's config: 2 layers at toy width by default (2: SDXL and SD3 read the penultimate
+    hidden state), or any size (CLIP ViT-L/14's: width 768, 12 layers, 12 heads, intermediate 3072)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        hidden_size=width,
+        intermediate_size=intermediate or 2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         vocab_size=CLIP_VOCAB,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
-        projection_dim=projection,
+        projection_dim=projection or width,
         hidden_act=act,
     )
 

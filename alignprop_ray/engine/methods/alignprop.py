@@ -4,38 +4,24 @@
             checkpointed): engine/sampler.py `generate`
     loss =  -reward_mixture(decode(x0)).mean()
 
-K is the plan's draw (train/loop.py): AlignProp's randomized truncation, or DRaFT-K's fixed K; with the
-per_step truncation, a mask of the steps that carry gradient. K = 0 (no such step) leaves the batch without
-gradient (train.k0).
+K is the plan's draw (the config's `draw_rule`, engine/methods/configs.py): AlignProp's randomized
+truncation, or DRaFT-K's fixed K; with the per_step truncation, a mask of the steps that carry gradient.
+K = 0 (no such step) leaves the batch without gradient (method.k0).
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 
 from alignprop_ray.engine.methods.base import Backward, Method, MicroBatchOutput
 from alignprop_ray.engine.sampler import generate
-from alignprop_ray.engine.truncation import Draw, KDistribution, grad_steps
-
-
-@dataclass(frozen=True)
-class TruncatedBackpropSettings:
-    """AlignProp and DRaFT-K: the distribution of K (DRaFT-K: fixed); `name` says which, for the logs."""
-
-    name: str  # alignprop | draft
-    truncation: KDistribution  # truncation (train.k0: redraw wraps it in RedrawZero), or fixed:method.k
-
-    @property
-    def draws(self) -> KDistribution:
-        return self.truncation
+from alignprop_ray.engine.truncation import Draw, grad_steps
 
 
 class TruncatedBackprop(Method):
-    def __init__(self, name: str = "alignprop"):
-        self.name = name
+    """AlignProp, and DRaFT-K (its config: `draft` without lv_samples); K comes with each micro-batch."""
 
     def micro_batch(self, learner, index, batch, draw: Draw, backward: Backward) -> MicroBatchOutput:
         k = grad_steps(draw)

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from alignprop_ray.engine.families.base import Conditioning, DiffusionParts
+from alignprop_ray.engine.methods.configs import MethodConfig
 from alignprop_ray.engine.sampler import SamplerSettings, guided_prediction, solver_step
 from alignprop_ray.engine.truncation import Draw
 from alignprop_ray.rewards.base import RewardModel, RewardOutput
@@ -30,8 +31,8 @@ class Batch:
     seeds: list[int]
 
 
-class Learner(Protocol):
-    """What a method may use of the learner (engine/step.py `AlignPropLearner`)."""
+class LearnerView(Protocol):
+    """What a method may use of the learner (engine/step.py `Learner`)."""
 
     parts: DiffusionParts
     reward: RewardModel
@@ -60,19 +61,22 @@ class MicroBatchOutput:
 
 
 class Method:
-    """A training method: how a micro-batch of prompts and seeds becomes a loss. Subclasses set `name` and
-    implement `micro_batch`; methods that keep state across steps (DDPO) also its checkpoint hooks."""
+    """A training method: how a micro-batch of prompts and seeds becomes a loss. Built from its validated
+    config (engine/methods/configs.py) by its row (registry.py); subclasses implement `micro_batch`, and
+    methods that keep state across steps (DDPO) also its checkpoint hooks."""
 
-    name: str
+    def __init__(self, config: MethodConfig):
+        self.config = config
+        self.name = config.name  # its metrics are logged as train/<name>/<metric>
 
-    def begin_step(self, learner: Learner, batches: Sequence[Batch], draws: Sequence[Draw]) -> None:
+    def begin_step(self, learner: LearnerView, batches: Sequence[Batch], draws: Sequence[Draw]) -> None:
         """Called once per optimizer step before its micro-batches, on every worker (may be a collective)."""
 
     def micro_batch(
-        self, learner: Learner, index: int, batch: Batch, draw: Draw, backward: Backward
+        self, learner: LearnerView, index: int, batch: Batch, draw: Draw, backward: Backward
     ) -> MicroBatchOutput:
-        """Micro-batch `index` of the step: `draw` is what the plan drew for it (train/loop.py
-        `method_draws`: K for alignprop and draft, the gradient step for refl)."""
+        """Micro-batch `index` of the step: `draw` is what the plan drew for it with the config's
+        `draw_rule` (K for alignprop and draft, the gradient step for refl, 0 for the others)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -81,14 +85,6 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-@dataclass(frozen=True)
-class NoDraw:
-    """The plan's draw for methods that draw nothing per micro-batch (draft with lv_samples, ddpo): 0."""
-
-    def draw(self, steps: int, rng) -> int:
-        return 0
 
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:

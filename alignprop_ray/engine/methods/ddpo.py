@@ -36,39 +36,21 @@ import torch
 
 from alignprop_ray.engine.distributed import gather_objects, world
 from alignprop_ray.engine.families.base import Conditioning
+from alignprop_ray.engine.families.registry import DDIM
 from alignprop_ray.engine.methods.base import (
     Backward,
     Method,
     MicroBatchOutput,
-    NoDraw,
     generators,
     run_chain,
 )
-from alignprop_ray.engine.methods.names import DDIM
+from alignprop_ray.engine.methods.configs import DdpoConfig
 from alignprop_ray.engine.sampler import decode, encode, guided_prediction, initial_latents, start
 from alignprop_ray.errors import UserError
 from alignprop_ray.rewards.base import RewardOutput
 
 STD_EPS = 1e-6  # the reference's per-prompt normalization: (r - mean) / (std + 1e-6)
 BATCH_STD_EPS = 1e-8  # without per-prompt statistics: (r - mean) / (std + 1e-8)
-
-
-@dataclass(frozen=True)
-class DdpoSettings:
-    """Every value comes from the config's `method:` (name: ddpo) mapping."""
-
-    eta: float  # DDIM noise of the sampled chains (the policy's variance); evaluation keeps sampling.eta
-    clip_range: float  # PPO's epsilon
-    adv_clip_max: float
-    timestep_fraction: float  # of the T steps, the share trained on per micro-batch
-    inner_epochs: int  # optimizer steps per sampled round
-    per_prompt_stats: bool
-    stat_buffer: int  # rewards kept per prompt
-    stat_min_count: int  # rewards a prompt needs before its own statistics are used
-
-    @property
-    def draws(self) -> NoDraw:
-        return NoDraw()
 
 
 # --- the DDIM step as a Gaussian policy ------------------------------------------------------------------
@@ -184,14 +166,12 @@ class Rollout:
 
 
 class Ddpo(Method):
-    name = "ddpo"
+    config: DdpoConfig
 
-    def __init__(self, settings: DdpoSettings):
-        self.settings = settings
+    def __init__(self, config: DdpoConfig):
+        super().__init__(config)
         self.stats = (
-            PerPromptStats(settings.stat_buffer, settings.stat_min_count)
-            if settings.per_prompt_stats
-            else None
+            PerPromptStats(config.stat_buffer, config.stat_min_count) if config.per_prompt_stats else None
         )
         self.rollouts: list[Rollout] | None = None
         self.fresh = False  # whether this step's round was sampled at this step
@@ -200,7 +180,7 @@ class Ddpo(Method):
         """Sample a new round at the first step of each (and after a resume mid-round: its samples are not
         in the checkpoint), then normalize its rewards over every worker's images."""
         check_scheduler(learner.parts.scheduler)
-        self.fresh = self.rollouts is None or learner.step % self.settings.inner_epochs == 0
+        self.fresh = self.rollouts is None or learner.step % self.config.inner_epochs == 0
         if not self.fresh:
             return
         self.rollouts = [self.sample(learner, batch) for batch in batches]
@@ -235,14 +215,14 @@ class Ddpo(Method):
 
         def record(i, t, x, prediction, following):
             latents.append(x)
-            log_probs.append(ddim_log_prob(parts.scheduler, prediction, t, x, following, self.settings.eta))
+            log_probs.append(ddim_log_prob(parts.scheduler, prediction, t, x, following, self.config.eta))
 
         with learner.autocast(), torch.no_grad():
             cond = encode(parts, batch.prompts, settings, resolution)
             timesteps = start(parts, settings.steps, resolution)
             noise = initial_latents(parts, gens, resolution)
             final = run_chain(
-                parts, cond, noise, timesteps, settings.guidance_scale, self.settings.eta, gens, record
+                parts, cond, noise, timesteps, settings.guidance_scale, self.config.eta, gens, record
             )
             out = learner.reward(decode(parts, final), batch.prompts)
         return Rollout(cond, timesteps, [*latents, final], torch.stack(log_probs), out)
@@ -252,7 +232,7 @@ class Ddpo(Method):
         resolution = learner.resolution or parts.native_resolution
         start(parts, learner.sampler.steps, resolution)  # the step count sets each step's previous timestep
         chosen = self.trained_steps(rollout, batch.seeds, learner.step)
-        advantages = rollout.advantages.clamp(-self.settings.adv_clip_max, self.settings.adv_clip_max)
+        advantages = rollout.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
         advantages = advantages.to(learner.device)
         losses, kl, clipped = [], [], []
         for i in chosen:
@@ -260,18 +240,16 @@ class Ddpo(Method):
             with learner.autocast():
                 prediction = guided_prediction(parts, x, t, rollout.cond, learner.sampler.guidance_scale)
             log_prob = ddim_log_prob(
-                parts.scheduler, prediction, t, x, rollout.latents[i + 1], self.settings.eta
+                parts.scheduler, prediction, t, x, rollout.latents[i + 1], self.config.eta
             )
             old = rollout.log_probs[i].float()
             ratio = torch.exp(log_prob - old)
-            loss = ppo_clip_loss(advantages, ratio, self.settings.clip_range)
+            loss = ppo_clip_loss(advantages, ratio, self.config.clip_range)
             backward(loss / len(chosen))
             losses.append(float(loss.detach()))
             # ddpo-pytorch's diagnostics: 0.5 E[(log ratio)^2], and the share of ratios outside the clip
             kl.append(float(0.5 * torch.mean((log_prob.detach() - old) ** 2)))
-            clipped.append(
-                float(torch.mean(((ratio.detach() - 1.0).abs() > self.settings.clip_range).float()))
-            )
+            clipped.append(float(torch.mean(((ratio.detach() - 1.0).abs() > self.config.clip_range).float())))
         return MicroBatchOutput(
             rollout.reward,
             sum(losses) / len(losses),
@@ -284,10 +262,10 @@ class Ddpo(Method):
         """The int(T x timestep_fraction) steps (indices into the chain) trained on, drawn per micro-batch
         and optimizer step (all of them with fraction 1)."""
         steps = len(rollout.timesteps)
-        count = int(steps * self.settings.timestep_fraction)
+        count = int(steps * self.config.timestep_fraction)
         if count < 1:
             raise ValueError(
-                f"timestep_fraction {self.settings.timestep_fraction} of {steps} steps trains none"
+                f"timestep_fraction {self.config.timestep_fraction} of {steps} steps trains none"
             )
         rng = random.Random(f"ddpo:{step}:{','.join(map(str, seeds))}")
         return sorted(rng.sample(range(steps), count))

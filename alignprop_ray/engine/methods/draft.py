@@ -21,15 +21,16 @@ from dataclasses import dataclass
 import torch
 
 from alignprop_ray.engine.families.base import Conditioning
+from alignprop_ray.engine.methods.alignprop import TruncatedBackprop
 from alignprop_ray.engine.methods.base import (
     Backward,
     Method,
     MicroBatchOutput,
-    NoDraw,
     generators,
     mean_output,
     run_chain,
 )
+from alignprop_ray.engine.methods.configs import DraftConfig
 from alignprop_ray.engine.sampler import (
     decode,
     encode,
@@ -41,13 +42,9 @@ from alignprop_ray.engine.sampler import (
 from alignprop_ray.rewards.base import RewardOutput
 
 
-@dataclass(frozen=True)
-class DraftLVSettings:
-    samples: int  # n re-noised copies of each final latent (method.lv_samples)
-
-    @property
-    def draws(self) -> NoDraw:
-        return NoDraw()  # always the last step
+def build(config: DraftConfig) -> Method:
+    """DRaFT-LV with lv_samples, else DRaFT-K: AlignProp's truncated backprop with K fixed (its draw rule)."""
+    return DraftLV(config) if config.lv_samples is not None else TruncatedBackprop(config)
 
 
 @dataclass
@@ -60,10 +57,9 @@ class Sample:
 
 
 class DraftLV(Method):
-    name = "draft"
-
-    def __init__(self, settings: DraftLVSettings):
-        self.samples = settings.samples
+    def __init__(self, config: DraftConfig):
+        super().__init__(config)
+        self.samples = config.lv_samples  # n re-noised copies of each final latent
 
     def micro_batch(self, learner, index, batch, draw, backward: Backward) -> MicroBatchOutput:
         sample = self.sample(learner, batch)

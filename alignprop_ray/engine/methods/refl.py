@@ -1,6 +1,6 @@
 """ReFL (Xu et al. 2023, "ImageReward", Algorithm 1): reward feedback from one step's x0 prediction.
 
-    i    <- drawn per micro-batch from [low, high] (the plan's draw: `StepRange`)
+    i    <- drawn per micro-batch from [low, high] (the plan's draw: engine/truncation.py `StepRange`)
     x_t  <- steps 0 .. i-1 without autograd          (t = the i-th timestep of the T-step chain)
     x0'  =  predict_x0(x_t, one guided denoiser call at t, with gradient)
     loss =  -reward_mixture(decode(x0')).mean()
@@ -12,36 +12,12 @@ ReLU(2 - r) for its own reward model; here, as for every gradient method, the re
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
 
 from alignprop_ray.engine.methods.base import Backward, Method, MicroBatchOutput, generators, run_chain
 from alignprop_ray.engine.sampler import decode, encode, guided_prediction, initial_latents, predict_x0, start
-
-
-@dataclass(frozen=True)
-class StepRange:
-    """The plan's draw for ReFL: the 0-based index of the step that carries gradient, uniform on
-    [low, high] (inclusive; within the T-step chain)."""
-
-    low: int
-    high: int
-
-    def draw(self, steps: int, rng: random.Random) -> int:
-        if not 0 <= self.low <= self.high < steps:
-            raise ValueError(f"ReFL step range {self.low}..{self.high} is not within 0..{steps - 1}")
-        return rng.randint(self.low, self.high)
-
-
-@dataclass(frozen=True)
-class ReflSettings:
-    steps: StepRange  # method.step_range
-
-    @property
-    def draws(self) -> StepRange:
-        return self.steps
 
 
 @dataclass
@@ -55,11 +31,6 @@ class Prediction:
 
 
 class Refl(Method):
-    name = "refl"
-
-    def __init__(self, settings: ReflSettings):
-        self.steps = settings.steps
-
     def micro_batch(self, learner, index, batch, draw: int, backward: Backward) -> MicroBatchOutput:
         with learner.autocast():
             step = self.predict(learner, batch, draw)
