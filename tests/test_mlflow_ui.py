@@ -11,6 +11,7 @@ from __future__ import annotations
 import html.parser
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,8 @@ import yaml
 
 from alignprop_ray import cli
 from alignprop_ray.sweep.console import HIDDEN_TUNE_LINES, LineFilter
-from alignprop_ray.sweep.tracking import BEST_RUN_TAG, compare_url, ui_base, ui_command
+from alignprop_ray.sweep.tracking import BEST_RUN_TAG, compare_url, ui_base
+from alignprop_ray.tracking import ui_command
 from tests.helpers import free_port, serving
 
 MODEL = "ui-best"
@@ -77,14 +79,16 @@ def test_ui_address_and_the_command_that_serves_it():
     assert ui_base("http://tracking:5000/", None) == "http://tracking:5000"  # the server is the UI
     assert (
         ui_command(store, ui_base(store, None))
-        == "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db'"
+        == "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --workers 1"
     )
     assert ui_command(store, "http://gpu-box:8080/mlflow") == (
-        "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --host gpu-box "
+        "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --workers 1 --host gpu-box "
         "--allowed-hosts gpu-box:8080 --cors-allowed-origins http://gpu-box:8080 --port 8080 "
         "--static-prefix /mlflow"
     )
     assert ui_command("http://tracking:5000", "http://tracking:5000") is None
+    # a database server takes many writers: MLflow's default workers
+    assert ui_command("postgresql://db/mlflow") == "mlflow ui --backend-store-uri postgresql://db/mlflow"
     link = compare_url("http://h:1", ["a1", "b2"], ["7"])
     assert link == "http://h:1/#/compare-runs?runs=%5B%22a1%22%2C%22b2%22%5D&experiments=%5B%227%22%5D"
 
@@ -182,7 +186,8 @@ def test_printed_links_open_the_runs_table_and_the_compare_page_of_every_trial(s
     assert sorted(json.loads(query["runs"][0])) == sorted(r.info.run_id for r in sweep_run.children)
     assert json.loads(query["experiments"][0]) == [experiment_id]
     uri = sweep_run.uri
-    assert printed(out, "open the UI") == f"mlflow ui --backend-store-uri {uri} --port {sweep_run.port}"
+    command = f"mlflow ui --backend-store-uri {uri} --workers 1 --port {sweep_run.port}"
+    assert printed(out, "open the UI") == command
     assert sweep_run.experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
@@ -220,12 +225,13 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def ui_server(sweep_run):
-    """`mlflow server` on the store, at the address the sweep was told (--ui-url)."""
+    """The UI at the address the sweep was told (--ui-url), started by the `mlflow ui` command the sweep
+    printed, literally: the venv's `mlflow` first on PATH, as for a user who activated it."""
     chromium()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sweep_run.uri]
-    command += ["--host", "127.0.0.1", "--port", str(sweep_run.port), "--workers", "1"]
+    command = shlex.split(printed(sweep_run.first.stdout, "open the UI"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     health = f"http://127.0.0.1:{sweep_run.port}/health"
-    with serving(command, health, sweep_run.tmp / "ui-server.log", timeout=180):
+    with serving(command, health, sweep_run.tmp / "ui-server.log", timeout=90, env=env):
         yield
 
 

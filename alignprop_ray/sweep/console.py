@@ -105,7 +105,8 @@ def print_outcome(outcome: SweepOutcome, sweep, resume_command: str, ui_url: str
 def print_ui_links(outcome: SweepOutcome, best_metric: tuple[str, str], ui_url: str | None = None) -> None:
     """How to open the UI on the store, then links to the experiment's runs table (best `best_metric`
     first: a (metric, mode) pair) and to the compare page of every trial that has a run."""
-    from alignprop_ray.sweep.tracking import compare_url, runs_table_url, ui_base, ui_command
+    from alignprop_ray.sweep.tracking import compare_url, runs_table_url, ui_base
+    from alignprop_ray.tracking import ui_command
 
     uri = outcome.tracking_uri
     if uri.startswith("databricks") or outcome.experiment_id is None:  # Databricks links differ

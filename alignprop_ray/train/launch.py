@@ -64,8 +64,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run {outcome.name}: MLflow run {outcome.run_id} in {cfg.tracking.uri}")
     if outcome.checkpoint:
         print(f"adapter: {Path(outcome.checkpoint) / 'adapter'} (also logged to MLflow under adapter/)")
-    print(f"compare runs: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    print(f"compare runs: {compare_runs(cfg.tracking.uri)}")
     return 0
+
+
+def compare_runs(uri: str) -> str:
+    """Where to compare runs: the `mlflow ui` command that serves the store, or the server's own UI."""
+    from alignprop_ray.tracking import ui_command
+
+    return ui_command(uri) or f"the MLflow UI at {uri}"
 
 
 def failure_line(err: BaseException) -> str | None:
@@ -171,11 +178,15 @@ def run_training(
         fail_marker=fail_marker,
     )
     loop_input.run_id, resumed = tracking.start_run(
-        cfg.tracking.uri, cfg.tracking.experiment, name, cfg.flat_params(), cfg.to_yaml(), tags
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        name,
+        cfg.flat_params(),
+        cfg.to_yaml(),
+        tags,
+        check_resume=lambda existing: _check_same_config(cfg, existing, name),
     )
     run_id = loop_input.run_id
-    if resumed:
-        _check_same_config(cfg, run_id, name)
     connect_ray()
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     trainer = build_trainer(cfg, name, asdict(loop_input), callbacks)
