@@ -10,6 +10,8 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from alignprop_ray import __version__
 from alignprop_ray.engine.families.names import AUTO, FAMILIES
@@ -60,6 +62,24 @@ def _run_name(text: str) -> str:
             f"{text!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
         )
     return text
+
+
+def _as_field(dotted: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse `type` for a flag that stands for the config field `dotted` (`sample --eta` for
+    `sampling.eta`): `convert`ed, then held to the field's own rules in the schema, so the flag and an
+    experiment refuse the same values."""
+
+    def parse(text: str) -> Any:
+        from alignprop_ray.config.experiment import field_problems
+
+        value = convert(text)  # a ValueError reads "invalid <convert's name> value"
+        problems = field_problems(dotted, value)
+        if problems:
+            raise argparse.ArgumentTypeError(f"{problems[0]}, as {dotted} in an experiment")
+        return value
+
+    parse.__name__ = convert.__name__
+    return parse
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -115,11 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeatable")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0, help="image i of prompt j uses seed + j*n + i")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM only (Euler and flow matching: 0)")
+    p.add_argument("--steps", type=_as_field("sampling.steps", int), default=50)
+    p.add_argument("--guidance", type=_as_field("sampling.guidance_scale", float), default=7.5)
+    p.add_argument(
+        "--eta",
+        type=_as_field("sampling.eta", float),
+        default=0.0,
+        help="DDIM only (Euler and flow matching: 0)",
+    )
     p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--resolution", type=int, help="pixels (default: the model's native size)")
+    p.add_argument(
+        "--resolution",
+        type=_as_field("model.resolution", int),
+        help="pixels (default: the model's native size)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--grid", action="store_true", help="several images: write one grid PNG at --out")

@@ -237,12 +237,32 @@ CASES = [
     ),
     # --- sample ---------------------------------------------------------------------------------------
     Case("sample-non-integer-steps", [*SAMPLE, "--steps", "many"], ["--steps: invalid int value"]),
-    Case("sample-negative-steps", [*SAMPLE, "--steps", "-3"], ["--steps must be positive"]),
+    # the sampler flags follow the rules of the experiment fields they stand for (sampling.*, model.resolution)
+    Case(
+        "sample-negative-steps",
+        [*SAMPLE, "--steps", "-3"],
+        ["argument --steps: must be >= 1 (got -3), as sampling.steps in an experiment"],
+    ),
+    Case("sample-too-many-steps", [*SAMPLE, "--steps", "1001"], ["argument --steps: must be <= 1000"]),
+    Case(
+        "sample-negative-guidance",
+        [*SAMPLE, "--guidance", "-3"],
+        ["argument --guidance: must be >= 0 (got -3.0), as sampling.guidance_scale in an experiment"],
+    ),
+    Case("sample-guidance-nan", [*SAMPLE, "--guidance", "nan"], ["argument --guidance: must be >= 0"]),
+    Case(
+        "sample-eta-above-1",
+        [*SAMPLE, "--eta", "2"],
+        ["argument --eta: must be <= 1 (got 2.0), as sampling.eta in an experiment"],
+    ),
+    Case("sample-negative-eta", [*SAMPLE, "--eta", "-0.1"], ["argument --eta: must be >= 0"]),
     Case(
         "sample-resolution",
         [*SAMPLE, "--resolution", "30"],
-        ["--resolution must be a positive multiple of 8"],
+        ["argument --resolution: must be a multiple of 8 (got 30), as model.resolution"],
     ),
+    Case("sample-zero-resolution", [*SAMPLE, "--resolution", "0"], ["argument --resolution: must be > 0"]),
+    Case("sample-no-images", [*SAMPLE, "--n", "0"], ["--n must be positive, got 0"]),
     Case("sample-seed-out-of-range", [*SAMPLE, "--seed", str(2**64)], ["--seed must be in"]),
     Case(
         "sample-eta-without-ddim",
