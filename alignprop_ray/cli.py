@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one experiment on Ray Train")
     p.add_argument("config", help="experiment YAML")
     p.add_argument("--name", type=_run_name, help="run name; rerunning with the same name resumes it")
+    _add_verbose(p)
     _add_overrides(p)
 
     p = sub.add_parser("sweep", help="run a Ray Tune sweep")
@@ -200,11 +201,15 @@ def _add_sweep_console(p: argparse.ArgumentParser) -> None:
         help="address of the MLflow UI for the links printed at the end (default: the tracking server, or "
         "http://127.0.0.1:5000 where `mlflow ui` serves a database store)",
     )
+    _add_verbose(p)
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verbose",
         action="store_true",
-        help="all of Tune's console, with its TensorBoard hint and its resource line (which counts no Train "
-        "worker)",
+        help="all of Ray's and Tune's console, with the lines hidden by default (alignprop_ray/console.py: "
+        "Tune's TensorBoard hint and resource line, Ray's warnings about its own actors)",
     )
 
 

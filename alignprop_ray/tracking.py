@@ -117,6 +117,15 @@ def find_run(uri: str, experiment: str, name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def last_logged_step(uri: str, experiment: str, name: str) -> int | None:
+    """The last optimizer step the run called `name` logged a metric for (None: no run, or no metric)."""
+    from alignprop_ray.compat import mlflow_latest_metric_steps
+
+    run_id = find_run(uri, experiment, name)
+    steps = mlflow_latest_metric_steps(client(uri), run_id).values() if run_id else ()
+    return max(steps, default=None)
+
+
 def start_run(
     uri: str,
     experiment: str,

@@ -19,6 +19,7 @@ RANKS = {
     "problems": 0,
     "fields": 0,
     "compat": 0,
+    "console": 0,  # the console filter of train and sweep
     "prompts": 1,
     "rewards": 2,  # pure torch, like the engine, which uses the rewards' protocol
     "engine": 3,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html.parser
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 import yaml
 
 from alignprop_ray import cli
-from alignprop_ray.sweep.console import HIDDEN_TUNE_LINES, LineFilter
+from alignprop_ray.console import HIDDEN_LINES, LineFilter
 from alignprop_ray.sweep.tracking import BEST_RUN_TAG, compare_url, ui_base
 from alignprop_ray.tracking import ui_command
 from tests.helpers import free_port, serving
@@ -97,15 +98,34 @@ def test_line_filter_drops_hidden_lines_even_when_written_in_pieces():
     import io
 
     out = io.StringIO()
-    stream = LineFilter(out, ("Logical resource usage:",))
+    stream = LineFilter(out, HIDDEN_LINES)
     print("Trial status: 2 RUNNING", file=stream)
     stream.write("Logical res")
-    stream.flush()  # might become a hidden line: held back
+    stream.flush()  # held until the line ends: it might become a hidden one
     stream.write("ource usage: 0/2 CPUs, 0/0 GPUs\nkeep")
-    stream.flush()  # cannot: written through
-    stream.write(" this\n  Logical resource usage: indented\nlast")
+    stream.write(" this\n  Logical resource usage: indented\n")
+    # as Ray streams it from the Train controller's process
+    stream.write(
+        "\x1b[36m(TrainController pid=2584)\x1b[0m [2026-12-06 06:43:52,843 E 2584 2632] core_worker.cc"
+    )
+    stream.write(
+        ":2465: Actor with class name: 'PreemptionWatcher' and ID: '7649988449448aa0c7' has constructor "
+    )
+    stream.write("arguments in the object store and max_restarts > 0. If the arguments ...\n")
+    stream.write(
+        "\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: 9f3 with address: "
+        "10.0.0.2, which is 4x the maximum expected startup concurrency (2). This could be a result of ...\n"
+    )
+    stream.write(
+        "(PlacementGroupCleaner pid=8805) Failed to query Ray Train Controller actor state. State API may be "
+        "temporarily unavailable. Continuing to monitor.\n"
+    )
+    stream.write("in the middle: Logical resource usage: kept\nlast")
     stream.close()
-    assert out.getvalue() == "Trial status: 2 RUNNING\nkeep this\nlast"
+    kept = "Trial status: 2 RUNNING\nkeep this\nin the middle: Logical resource usage: kept\nlast"
+    assert out.getvalue() == kept
+    print(" line after the block", file=stream)  # a logging handler made inside it may still write
+    assert out.getvalue() == kept + " line after the block\n"
 
 
 # --- a finished sweep -------------------------------------------------------------------------------------
@@ -167,8 +187,9 @@ def printed(out: str, label: str) -> str:
 def test_tune_console_hides_its_tensorboard_hint_and_resource_line_unless_verbose(sweep_run):
     quiet, verbose = sweep_run.first.stdout, sweep_run.again.stdout
     assert "Trial status:" in quiet  # Tune's own progress is still shown
-    for hidden in HIDDEN_TUNE_LINES:
-        assert not any(line.lstrip().startswith(hidden) for line in quiet.splitlines()), hidden
+    for line in (quiet + sweep_run.first.stderr).splitlines():
+        assert not any(re.search(hidden, line) for hidden in HIDDEN_LINES), line
+    for hidden in ("To visualize your results with TensorBoard", "Logical resource usage:"):
         assert any(line.startswith(hidden) for line in verbose.splitlines()), (hidden, verbose[-3000:])
 
 
