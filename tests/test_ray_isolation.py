@@ -137,7 +137,7 @@ def two_runs(tmp_path_factory):
         b_groups = [pg for pg, state in placement_groups(b_gcs).items() if state == "CREATED"]
         os.kill(b.pid, signal.SIGSTOP)  # frozen, b's driver cannot remove them itself
         controller(b).kill()
-        deadline, states = time.monotonic() + 60, {}
+        deadline, states = time.monotonic() + 90, {}
         while time.monotonic() < deadline:
             states = placement_groups(b_gcs)
             if all(states.get(pg) == "REMOVED" for pg in b_groups):
