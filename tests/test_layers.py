@@ -20,6 +20,7 @@ RANKS = {
     "fields": 0,
     "files": 0.5,  # reads a user's text file: above errors (its UserError), below prompts and config
     "compat": 0,
+    "console": 0,  # the console filter of train and sweep
     "prompts": 1,
     "rewards": 2,  # pure torch, like the engine, which uses the rewards' protocol
     "engine": 3,

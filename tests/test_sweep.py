@@ -15,6 +15,7 @@ import sys
 import time
 import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -326,6 +327,39 @@ def test_table_shows_only_varying_fields(in_tmp):
     assert format_table(rows, sweep).splitlines()[-1] == "t2 failed: ValueError: boom"
 
 
+def test_an_interrupted_sweep_says_where_each_unfinished_trial_stopped(in_tmp, monkeypatch):
+    """Ctrl-C on `sweep`: one line with each unfinished trial's last logged step and the checkpoint it
+    resumes from (Train's checkpoint record stands in for a real one here), then the command."""
+    from alignprop_ray import tracking
+    from alignprop_ray.sweep import console
+    from alignprop_ray.sweep.summary import SweepOutcome
+
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    run_ids = {}
+    for trial, steps in (("t1", 4), ("t2", 3), ("t3", 1)):
+        run_ids[trial], _ = tracking.start_run(uri, "e", f"s-{trial}", {}, "")
+        for step in range(1, steps + 1):
+            tracking.RunLogger(uri, run_ids[trial]).log_metrics({"train/loss": 1.0}, step)
+    checkpoints = {"s-t2": 2}  # t3 stopped before its first checkpoint
+    monkeypatch.setattr(
+        "alignprop_ray.train.launch.last_checkpoint_step",
+        lambda storage, name: checkpoints.get(name) if storage == "/x/s/train_runs" else "wrong folder",
+    )
+    rows = [
+        {"trial": "t1", "status": "completed", "run_id": run_ids["t1"]},
+        {"trial": "t2", "status": "running", "run_id": run_ids["t2"]},
+        {"trial": "t3", "status": "running", "run_id": run_ids["t3"]},
+        {"trial": "t4", "status": "pending", "run_id": None},
+        {"trial": "t5", "status": "pending", "run_id": None},
+    ]
+    outcome = SweepOutcome("s", "parent", uri, "/x/s", rows, None)
+    assert outcome.interrupted
+    assert console.where_trials_stopped(outcome, SimpleNamespace(name="s")) == (
+        "trial t2 stopped after step 3, resumes from its checkpoint of step 2; "
+        "trial t3 stopped after step 1, resumes from its start (no checkpoint yet); 2 trials not started"
+    )
+
+
 def test_every_sweep_field_is_documented():
     from pydantic import BaseModel
 
@@ -530,14 +564,16 @@ def test_resumed_sweep_completes_without_rerunning_or_duplicates(killed_and_resu
 )
 def test_resume_refuses_a_changed_base_setting(killed_and_resumed, monkeypatch, capsys, override, expected):
     """Tune would resume its pickled trial configs: a changed base setting must not pass silently."""
+    from tests.test_bad_input import store_state
+
     tmp, uri, *_ = killed_and_resumed
-    client, runs_before = mlflow_runs(uri, "smoke")
+    before = store_state(uri)
     monkeypatch.chdir(tmp)
     assert cli.main([*sweep_command("--set", override, "--resume")[3:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(expected + "; resume it with the same settings, or start another with --set name=...")
     assert len(err.splitlines()) == 1
-    assert len(mlflow_runs(uri, "smoke")[1]) == len(runs_before)
+    assert store_state(uri) == before  # every run's status, params, metrics and tags, and no new run
 
 
 @pytest.mark.ray

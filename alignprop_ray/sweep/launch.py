@@ -17,17 +17,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from alignprop_ray.console import quiet_console
 from alignprop_ray.errors import UserError
 from alignprop_ray.sweep import capacity
-from alignprop_ray.sweep.console import print_outcome, tune_console
-from alignprop_ray.sweep.summary import SweepOutcome
+from alignprop_ray.sweep.console import print_outcome
+from alignprop_ray.sweep.summary import TRAIN_RUNS, SweepOutcome
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 2**20}  # Tune needs a non-empty request; the workers hold the CPUs
-TRAIN_RUNS = "train_runs"
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from alignprop_ray.sweep.config import load_sweep
+    from alignprop_ray.train.launch import ray_of_this_command
 
     ui_url = _ui_url(args)
     if args.register:
@@ -35,7 +36,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         check_model_name(args.register)
     sweep = load_sweep(args.config, args.overrides)
-    with tune_console(verbose=args.verbose):
+    with quiet_console(verbose=args.verbose), ray_of_this_command():
         outcome = run_sweep(sweep, resume=args.resume)
     resume = f"alignprop-ray sweep {args.config} --resume"
     print_outcome(outcome, sweep, resume_command=resume, ui_url=ui_url)
@@ -47,6 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     --workdir; rerunning resumes the sweep."""
     from alignprop_ray.report import write_report
     from alignprop_ray.sweep.config import load_sweep
+    from alignprop_ray.train.launch import ray_of_this_command
 
     workdir = Path(args.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ui_url = _ui_url(args)
     overrides = [f"base.tracking.uri={uri}", f"base.storage.path={workdir / 'runs'}"]
     sweep = load_sweep(shipped_sweep("demo.yaml"), overrides)
-    with tune_console(verbose=args.verbose):
+    with quiet_console(verbose=args.verbose), ray_of_this_command():
         outcome = run_sweep(sweep, resume=can_resume(sweep))
     resume = f"alignprop-ray demo --workdir {args.workdir}"
     print_outcome(outcome, sweep, resume_command=resume, ui_url=ui_url)

@@ -16,6 +16,8 @@ from alignprop_ray.sweep.stoppers import STOP_REASON, TOTAL_STEPS, early_stop_re
 
 CHECKPOINT_PATH = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY
 DIVERSITY = "eval/diversity"
+TRAIN_RUNS = "train_runs"  # below a sweep's folder: each trial's Ray Train run (checkpoints)
+UNFINISHED = ("pending", "running", "paused")  # a trial's status in a sweep that was interrupted
 
 
 @dataclass
@@ -33,7 +35,7 @@ class SweepOutcome:
 
     @property
     def interrupted(self) -> bool:
-        return any(r["status"] in ("pending", "running", "paused") for r in self.rows)
+        return any(r["status"] in UNFINISHED for r in self.rows)
 
     @property
     def exit_code(self) -> int:

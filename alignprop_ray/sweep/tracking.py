@@ -17,7 +17,15 @@ from ray.tune import Callback
 from alignprop_ray import tracking
 from alignprop_ray.sweep.stoppers import STOP_REASON, TOTAL_STEPS, early_stop_reason, is_final
 from alignprop_ray.sweep.summary import error_line
-from alignprop_ray.tracking import BEST_RUN_TAG, BEST_TRIAL_TAG, KIND_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
+from alignprop_ray.tracking import (
+    BEST_RUN_TAG,
+    BEST_TRIAL_TAG,
+    DEFAULT_UI_URL,
+    KIND_TAG,
+    STOP_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+)
 
 
 def child_name(sweep: str, trial_id: str) -> str:
@@ -141,8 +149,6 @@ def _csv(rows: list[dict]) -> str:
 
 # --- links into the MLflow UI ------------------------------------------------------------------------
 
-DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told --host/--port
-
 
 def check_ui_url(url: str) -> str:
     """`url` without a trailing slash if it can be the address of an MLflow UI; UserError otherwise."""
@@ -166,28 +172,6 @@ def ui_base(uri: str, ui_url: str | None) -> str:
     if ui_url:
         return ui_url.rstrip("/")
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
-
-
-def ui_command(uri: str, base: str) -> str | None:
-    """The `mlflow ui` command that serves store `uri` at `base` (None: `uri` is a server already)."""
-    import shlex
-    from urllib.parse import urlsplit
-
-    if uri.startswith(("http://", "https://", "databricks")):
-        return None
-    address, default = urlsplit(base), urlsplit(DEFAULT_UI_URL)
-    port = address.port or {"http": 80, "https": 443}[address.scheme]
-    command = f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
-    if address.hostname not in (default.hostname, "localhost"):
-        # MLflow's server answers only Host headers of loopback and private addresses unless told others,
-        # and refuses the UI's own API calls (403, shown as INTERNAL_ERROR) from any other origin
-        command += f" --host {address.hostname} --allowed-hosts {address.netloc}"
-        command += f" --cors-allowed-origins {address.scheme}://{address.netloc}"
-    if port != default.port:
-        command += f" --port {port}"
-    if address.path.strip("/"):
-        command += f" --static-prefix /{address.path.strip('/')}"
-    return command
 
 
 def runs_table_url(base: str, experiment_id: str, metric: str | None = None, mode: str = "max") -> str:
