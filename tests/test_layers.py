@@ -18,6 +18,7 @@ RANKS = {
     "presets": 0,
     "problems": 0,
     "fields": 0,
+    "selection": 0,  # which trial is best: constraints and Pareto fronts (sweep summary, report)
     "compat": 0,
     "prompts": 1,
     "rewards": 2,  # pure torch, like the engine, which uses the rewards' protocol

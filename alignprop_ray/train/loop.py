@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from alignprop_ray.engine.models import DTYPES, load_parts
 from alignprop_ray.engine.sampler import SamplerSettings
 from alignprop_ray.engine.step import AlignPropLearner, OptimSettings, StepResult, generate_eval, plan_step
 from alignprop_ray.engine.truncation import RedrawZero, Truncation
+from alignprop_ray.train import base_fidelity
 from alignprop_ray.train.checkpoint import (
     UNSENT_LOGS,
     DamagedCheckpoint,
@@ -153,6 +155,7 @@ def restore(checkpoint, learner: AlignPropLearner, logger, run_id: str) -> Progr
 
     rank = world()[0]
     progress = Progress(step=0, run_id=run_id)
+    base_fidelity.forget()
     for candidate in _newest_first(checkpoint):
         try:
             with candidate.as_directory() as directory:
@@ -162,7 +165,9 @@ def restore(checkpoint, learner: AlignPropLearner, logger, run_id: str) -> Progr
                     read_unsent(unsent)
                 except ValueError as err:
                     raise DamagedCheckpoint(f"{UNSENT_LOGS}/{err}") from err
+                reference = base_fidelity.read_reference(Path(directory))
                 progress = contents.restore(learner)
+                base_fidelity.keep(reference)
                 if logger:
                     logger.resend(unsent)
             break
@@ -378,17 +383,22 @@ def evaluate(
     mine_prompts, batch = [p for p, _ in mine], cfg.train.batch_size
     images, terms, totals = generate_eval(learner, mine_prompts, [s for _, s in mine], batch)
     heldout, features = eval_models(cfg, learner.device).measure(images, mine_prompts, batch)
+    fidelity = base_fidelity.shard_features(cfg.eval.base_fidelity, learner.device, images, batch)
     columns = _in_image_order(
         list(range(rank, len(pairs), world_size)),
         {
             "images": (images * 255).round().to(torch.uint8),
             "features": features,
+            "fidelity": fidelity,
             "reward": totals,
             **{f"reward/{name}": value for name, value in terms.items()},
             **{f"heldout/{name}": value for name, value in heldout.items()},  # metrics eval/heldout/<name>
         },
     )
     images, features = columns.pop("images").float() / 255, columns.pop("features")
+    fidelity = base_fidelity.measure(cfg.eval.base_fidelity, columns.pop("fidelity"), step)
+    if fidelity is not None:  # metric eval/base_fidelity, a column of the eval table
+        columns["base_fidelity"] = fidelity
     metrics = {f"eval/{name}": float(value.mean()) for name, value in columns.items()}
     groups = [i for i in range(len(prompts)) for _ in range(cfg.prompts.eval_seeds)]
     metrics.update(diversity(images, groups, features, prefix="eval/"))
@@ -503,7 +513,7 @@ def _report(
     with tempfile.TemporaryDirectory() as parent:
         checkpoint, name = None, None
         if rank == 0:  # every worker holds the same adapter: one copy is enough
-            extras = (lambda directory: logger.save_unsent(directory / UNSENT_LOGS)) if logger else None
+            extras = functools.partial(_checkpoint_extras, logger=logger)
             try:
                 directory = write_checkpoint(learner, progress, parent, extras)
             except OSError as err:
@@ -517,6 +527,14 @@ def _report(
             if name:
                 _remove_from_storage(cfg.storage.path, name)
             raise _storage_error(err, progress, cfg.storage.path) from err
+
+
+def _checkpoint_extras(directory: Path, logger) -> None:
+    """What a checkpoint carries besides the training state: rank 0's unsent MLflow calls, the step-0
+    reference of eval.base_fidelity."""
+    if logger:
+        logger.save_unsent(directory / UNSENT_LOGS)
+    base_fidelity.save_reference(directory)
 
 
 def _storage_error(err: OSError, progress: Progress, where: str) -> StorageError:
