@@ -189,7 +189,9 @@ class Selection:
 
     rule: SelectionRule
     best: TrialResult | None
-    broken: dict[str, str]  # trial id -> "collapsed: eval/diversity 0.020 < 0.142" (every broken constraint)
+    # trial id -> "collapsed: eval/diversity 0.020 < 0.142", every constraint it breaks (trials with an
+    # objective value only: one without is no candidate anyway)
+    broken: dict[str, str]
     plain_best: TrialResult | None  # the objective's best with no constraint (what a plain sweep picks)
     fallback: bool = False  # no trial keeps every constraint: `best` is the one that misses them least
 
@@ -225,10 +227,15 @@ def violations(trial: TrialResult, constraints: Sequence[Constraint]) -> str | N
     """Every constraint `trial` breaks, as one line (`collapsed: eval/diversity 0.020 < 0.142`), or None."""
     found = []
     for constraint in constraints:
-        why = constraint.broken(trial.value(constraint.metric), _first(trial, constraint.metric))
-        if why:
+        value, first = trial.value(constraint.metric), _first(trial, constraint.metric)
+        why = constraint.broken(value, first)
+        if why is None:
+            continue
+        if constraint.limit(first) is None or value is None or not math.isfinite(value):
+            label = "unchecked"  # nothing shows that the trial kept it
+        else:
             label = "collapsed" if constraint.metric.startswith(COLLAPSE_METRICS) else "breaks"
-            found.append(f"{label}: {why}")
+        found.append(f"{label}: {why}")
     return "; ".join(found) or None
 
 
@@ -247,7 +254,7 @@ def select(trials: Sequence[TrialResult], rule: SelectionRule) -> Selection:
     better objective), and `fallback` says so. No trial with a finite objective: `best` is None.
     """
     scored = [t for t in trials if _finite(t.value(rule.metric))]
-    broken = {t.id: why for t in trials if (why := violations(t, rule.constraints))}
+    broken = {t.id: why for t in scored if (why := violations(t, rule.constraints))}
     sign = 1.0 if rule.mode == "max" else -1.0
 
     def margin(trial: TrialResult) -> float:

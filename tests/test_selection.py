@@ -85,7 +85,7 @@ def test_completed_trials_come_first_and_unusable_values_break_constraints():
     unlogged = TrialResult("u", {"eval/reward": 1.0, "eval/diversity": 0.2})  # no first evaluation
     chosen = select([unlogged, trial("ok", 0.0, 0.2)], NOT_COLLAPSED)
     assert chosen.best.id == "ok"
-    assert chosen.broken["u"] == "collapsed: eval/diversity: no first evaluation to compare with"
+    assert chosen.broken["u"] == "unchecked: eval/diversity: no first evaluation to compare with"
 
 
 def test_constraints_relative_to_first_absolute_and_on_held_out_rewards():
