@@ -542,6 +542,7 @@ COLLAPSE = {
         "prompts": {"train": "tiny", "eval": "tiny", "eval_seeds": 2},
         "train": {"steps": 5, "batch_size": 2, "eval_every": 1, "checkpoint_every": 5, "seed": 0},
         "scaling": {"num_workers": 1, "use_gpu": False, "resources_per_worker": {"CPU": 1}},
+        "eval": {"base_fidelity": {"space": "pixels"}},
         "tracking": {"experiment": "collapse"},
         "failure": {"max_failures": 0},
     },
@@ -585,6 +586,27 @@ def test_collapse_stopper_stops_the_collapsing_trial_only(ray_session, tmp_path)
     assert collapsed.info.status == "KILLED"
     healthy = children[by_lr[1e-4]["trial"]]
     assert "alignprop.stop_reason" not in healthy.data.tags and healthy.info.status == "FINISHED"
+    # the selection rule (stop.collapse's threshold) marks the collapsed trial in the table and in MLflow
+    bound = f"{0.5 * first_value(client, collapsed, 'eval/diversity'):.3f}"
+    assert by_lr[0.3]["selection"].startswith("collapsed: eval/diversity ") and by_lr[0.3][
+        "selection"
+    ].endswith(f" < {bound}")
+    assert collapsed.data.tags["alignprop.excluded"] == by_lr[0.3]["selection"]
+    assert by_lr[1e-4]["selection"] is None and "alignprop.excluded" not in healthy.data.tags
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.tags["alignprop.select_rule"] == "eval/reward max; eval/diversity >= 0.5 x first"
+    assert parent.data.tags["alignprop.best_run_id"] == healthy.info.run_id
+    assert parent.data.tags["alignprop.selection"].startswith(f"best trial: {by_lr[1e-4]['trial']} ")
+    # eval.base_fidelity: 1 at step 0 (the base model), lower once training changed the images; the step-0
+    # reference travels with the checkpoint
+    for child in (collapsed, healthy):
+        assert first_value(client, child, "eval/base_fidelity") == pytest.approx(1.0, abs=1e-6)
+    assert client.get_run(collapsed.info.run_id).data.metrics["eval/base_fidelity"] < 0.95
+    assert list((tmp_path / "runs" / "collapse").rglob("base_fidelity_reference.pt"))
+
+
+def first_value(client, run, key: str) -> float:
+    return min(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step).value
 
 
 SMOKE_SET = ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2", "sampling.steps=4"]

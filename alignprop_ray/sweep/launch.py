@@ -190,10 +190,19 @@ def _header(sweep, path: str, uri: str, parent_id: str, concurrency: int, why: s
             f"each trial: {capacity.trial_resources(sweep)}",
             f"#   space: {space}",
             f"#   objective: {', '.join(f'{m} ({o})' for m, o in zip(tune.metrics, tune.modes, strict=True))}",
+            f"#   best trial: {_rule_line(sweep)}",
             f"#   MLflow: parent run {parent_id}, experiment {sweep.reference.tracking.experiment!r}, {uri}",
             f"#   Tune results and checkpoints: {path}",
         ]
     )
+
+
+def _rule_line(sweep) -> str:
+    rule = sweep.selection_rule
+    kept = "; ".join(map(str, rule.constraints))
+    where = "tune.select" if sweep.config.tune.select is not None else "the default: not collapsed"
+    best = f"the {rule.mode} of {rule.metric}"
+    return f"{best} among the trials that keep {kept} ({where})" if kept else f"{best} ({where}: [])"
 
 
 def _trial_tracking_uri(uri: str, concurrency: int, path: str):
