@@ -452,7 +452,7 @@ def test_the_sweep_rule_is_tune_select_else_not_collapsed(in_tmp):
 
 
 def test_table_marks_the_trials_that_break_the_rule(in_tmp):
-    from alignprop_ray.sweep.summary import choose
+    from alignprop_ray.sweep.summary import choose, fronts
 
     sweep = parse_sweep(SWEEP, in_tmp, env={})
     rows = [
@@ -468,6 +468,9 @@ def test_table_marks_the_trials_that_break_the_rule(in_tmp):
     assert header.split()[-2:] == ["status", "selection"]
     assert first.rstrip().endswith("completed")
     assert second.endswith("completed  collapsed: eval/diversity 0.020 < 0.142")
+    assert {label: [r["trial"] for r in front] for label, front in fronts(rows, sweep).items()} == {
+        "eval/reward, eval/diversity": ["t1", "t2"]  # the Pareto front keeps the trade-off, collapse and all
+    }
 
 
 def test_every_sweep_field_is_documented():

@@ -20,7 +20,7 @@ from alignprop_ray.sweep.stoppers import STOP_REASON, TOTAL_STEPS, early_stop_re
 CHECKPOINT_PATH = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY
 DIVERSITY = "eval/diversity"
 SELECTION = "selection"  # row key: why the trial breaks the selection rule (None: it keeps it)
-ENDED = ("pending", "running", "paused")  # statuses of a trial that has not ended (an interrupted sweep)
+UNFINISHED = ("pending", "running", "paused")  # statuses of a trial that has not ended (an interrupted sweep)
 
 
 @dataclass
@@ -41,7 +41,7 @@ class SweepOutcome:
 
     @property
     def interrupted(self) -> bool:
-        return any(r["status"] in ENDED for r in self.rows)
+        return any(r["status"] in UNFINISHED for r in self.rows)
 
     @property
     def exit_code(self) -> int:

@@ -16,7 +16,7 @@ from ray.tune import Callback
 
 from alignprop_ray import tracking
 from alignprop_ray.sweep.stoppers import STOP_REASON, TOTAL_STEPS, early_stop_reason, is_final
-from alignprop_ray.sweep.summary import ENDED, SELECTION, SweepOutcome, error_line
+from alignprop_ray.sweep.summary import SELECTION, UNFINISHED, SweepOutcome, error_line
 from alignprop_ray.tracking import (
     BEST_RUN_TAG,
     BEST_TRIAL_TAG,
@@ -110,7 +110,7 @@ def finish_parent(uri: str, run_id: str, outcome: SweepOutcome, status: str, sea
             run_id, SELECTION_TAG, "\n".join(selection.explain()) or "no trial has a result to rank"
         )
     for row in rows:
-        if row.get(SELECTION) and row.get("run_id") and row["status"] not in ENDED:
+        if row.get(SELECTION) and row.get("run_id") and row["status"] not in UNFINISHED:
             client.set_tag(row["run_id"], EXCLUDED_TAG, row[SELECTION])
     if best:
         client.set_tag(run_id, BEST_TRIAL_TAG, best["trial"])
