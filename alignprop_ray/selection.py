@@ -209,7 +209,8 @@ class Selection:
                 head,
             ]
         else:
-            lines = [f"{head}, the best {self.rule.mode} of the trials that keep {kept}"]
+            extreme = "highest" if self.rule.mode == "max" else "lowest"
+            lines = [f"{head}: the {extreme} {metric} of the trials that keep {kept}"]
         plain = self.plain_best
         if plain is not None and plain.id != self.best.id and plain.id in self.broken:
             lines.append(

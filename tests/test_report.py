@@ -282,8 +282,8 @@ def test_each_sweep_picks_its_best_run_under_its_rule_and_marks_its_pareto_front
         "fixed10-failed": "",  # never evaluated: no candidate
     }
     assert selection_lines(runs, history) == [
-        f"sweep {SWEEP} (eval/reward max; eval/diversity >= 0.5 x first): best trial: fixed1 (eval/reward 1.31), "
-        "the best max of the trials that keep eval/diversity >= 0.5 x first",
+        f"sweep {SWEEP}: best trial: fixed1 (eval/reward 1.31): the highest eval/reward of the trials that keep "
+        "eval/diversity >= 0.5 x first",
         "not uniform-mix (eval/reward 1.6, the plain maximum): collapsed: eval/diversity 0.075 < 0.150",
     ]
     panels = front_panels(runs)

@@ -43,7 +43,9 @@ def test_the_collapsed_maximum_is_skipped_and_the_reason_names_the_bound():
         "full-1e-2": "collapsed: eval/diversity 0.020 < 0.142",  # 0.5 x the trial's first, 0.284
     }
     best, why_not = chosen.explain()
-    assert best.startswith("best trial: gentle-full (eval/reward 0.01), the best max of the trials that keep")
+    assert best.startswith(
+        "best trial: gentle-full (eval/reward 0.01): the highest eval/reward of the trials that keep"
+    )
     assert why_not == (
         "  not full-1e-2 (eval/reward 0.4, the plain maximum): collapsed: eval/diversity 0.020 < 0.142"
     )

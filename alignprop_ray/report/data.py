@@ -227,9 +227,7 @@ def selection_lines(runs: pd.DataFrame, history: pd.DataFrame) -> list[str]:
     lines = []
     for sweep, selection in selections(runs, history).items():
         explained = selection.explain() or ["no run has a result to rank"]
-        lines.append(
-            f"{f'sweep {sweep}' if sweep else 'runs outside a sweep'} ({selection.rule}): " + explained[0]
-        )
+        lines.append(f"{f'sweep {sweep}' if sweep else 'runs outside a sweep'}: {explained[0]}")
         lines += [line.strip() for line in explained[1:]]
     return lines
 
