@@ -33,6 +33,10 @@ TRIAL_TAG = "alignprop.trial_id"  # the Tune trial of a child run
 STOP_TAG = "alignprop.stop_reason"  # why a trial ended early (collapse, NaN, scheduler, error)
 BEST_TRIAL_TAG = "alignprop.best_trial"  # on a sweep's parent run: the Tune trial id of its best trial
 BEST_RUN_TAG = "alignprop.best_run_id"  # ... and that trial's MLflow run
+SELECT_TAG = "alignprop.select_rule"  # ... the rule that chose it (selection.SelectionRule as text)
+SELECTION_TAG = "alignprop.selection"  # ... which trial that rule chose and why (not the plain maximum)
+PARETO_TAG = "alignprop.pareto_front"  # ... the trials on its Pareto fronts (pareto_front.csv: each front)
+EXCLUDED_TAG = "alignprop.excluded"  # on a trial's run: why it breaks the sweep's selection rule
 # Params that may differ between machines or reruns of the same run: not compared on resume.
 IGNORED_ON_RESUME = ("tracking.", "storage.", "failure.", "name")
 MAX_PARAM_CHARS = 6000  # MLflow 3's limit on one param value

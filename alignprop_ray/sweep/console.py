@@ -13,15 +13,14 @@ def print_outcome(outcome: SweepOutcome, sweep, resume_command: str, ui_url: str
     from alignprop_ray.sweep.summary import format_table
 
     print("\n" + format_table(outcome.rows, sweep))
-    metric, _ = sweep.config.tune.best_metric
-    if outcome.pareto:
-        names = ", ".join(r["trial"] for r in outcome.pareto)
-        print(f"\nPareto front ({', '.join(sweep.config.tune.metrics)}): {names}")
+    if outcome.fronts:
+        print()
+    for label, front in outcome.fronts.items():
+        print(f"Pareto front ({label}): {', '.join(r['trial'] for r in front)}")
     if outcome.best:
         best = outcome.best
-        value = best.get(metric)
-        print(f"\nbest trial: {best['trial']} ({metric} {'-' if value is None else f'{value:.4g}'})")
-        print(f"best adapter: {best['adapter'] or '(no checkpoint)'}")
+        print("\n" + "\n".join(outcome.selection.explain()))
+        print(f"best adapter: {best['adapter'] or '(no checkpoint)'} (what --register registers)")
         if best.get("run_id"):
             print(f"  also in MLflow: runs:/{best['run_id']}/adapter")
     if outcome.interrupted:
