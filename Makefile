@@ -33,10 +33,12 @@ test-soak: setup
 demo: setup
 	$(VENV)/bin/alignprop-ray demo
 
-# Retrain the demo's committed toy-shapes model (models/toy-shapes): seeded, 1 CPU thread, about 77 minutes
-# on this 2-core box (models/toy-shapes/training_log.json has the measured times and every setting).
+# Retrain a committed toy model: FAMILY=sd (the demo's models/toy-shapes, about 77 minutes on this 2-core box)
+# or FAMILY=sd3 (its flow-matching twin, models/toy-shapes-sd3). Seeded, 1 CPU thread; each directory's
+# training_log.json has the measured times and every setting.
+FAMILY ?= sd
 toy-model: setup
-	$(PY) -m alignprop_ray.toy.train --out models/toy-shapes --seed 0
+	$(PY) -m alignprop_ray.toy.train --family $(FAMILY) --seed 0
 
 bench: setup
 	bash bench/run.sh

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from alignprop_ray import __version__
 from alignprop_ray.engine.families.registry import AUTO, FAMILIES
@@ -62,6 +64,24 @@ def _run_name(text: str) -> str:
     return text
 
 
+def _as_field(dotted: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse `type` for a flag that stands for the config field `dotted` (`sample --eta` for
+    `sampling.eta`): `convert`ed, then held to the field's own rules in the schema, so the flag and an
+    experiment refuse the same values."""
+
+    def parse(text: str) -> Any:
+        from alignprop_ray.config.experiment import field_problems
+
+        value = convert(text)  # a ValueError reads "invalid <convert's name> value"
+        problems = field_problems(dotted, value)
+        if problems:
+            raise argparse.ArgumentTypeError(f"{problems[0]}, as {dotted} in an experiment")
+        return value
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
 def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
@@ -86,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one experiment on Ray Train")
     p.add_argument("config", help="experiment YAML")
     p.add_argument("--name", type=_run_name, help="run name; rerunning with the same name resumes it")
+    _add_verbose(p)
     _add_overrides(p)
 
     p = sub.add_parser("sweep", help="run a Ray Tune sweep")
@@ -115,11 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeatable")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0, help="image i of prompt j uses seed + j*n + i")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM only (Euler and flow matching: 0)")
+    p.add_argument("--steps", type=_as_field("sampling.steps", int), default=50)
+    p.add_argument("--guidance", type=_as_field("sampling.guidance_scale", float), default=7.5)
+    p.add_argument(
+        "--eta",
+        type=_as_field("sampling.eta", float),
+        default=0.0,
+        help="DDIM only (Euler and flow matching: 0)",
+    )
     p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--resolution", type=int, help="pixels (default: the model's native size)")
+    p.add_argument(
+        "--resolution",
+        type=_as_field("model.resolution", int),
+        help="pixels (default: the model's native size)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--grid", action="store_true", help="several images: write one grid PNG at --out")
@@ -171,11 +201,15 @@ def _add_sweep_console(p: argparse.ArgumentParser) -> None:
         help="address of the MLflow UI for the links printed at the end (default: the tracking server, or "
         "http://127.0.0.1:5000 where `mlflow ui` serves a database store)",
     )
+    _add_verbose(p)
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verbose",
         action="store_true",
-        help="all of Tune's console, with its TensorBoard hint and its resource line (which counts no Train "
-        "worker)",
+        help="all of Ray's and Tune's console, with the lines hidden by default (alignprop_ray/console.py: "
+        "Tune's TensorBoard hint and resource line, Ray's warnings about its own actors)",
     )
 
 

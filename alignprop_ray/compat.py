@@ -37,6 +37,54 @@ def ray_started_cluster_address() -> str | None:
     return address if address and address in ray_local_instances() else None
 
 
+def ray_init_private(**init_kwargs) -> str:
+    """Start a private Ray instance (`ray.init(address="local", **init_kwargs)`) whose every process
+    resolves it, and no other, as its cluster; its GCS address.
+
+    Ray's own code inside an instance looks its cluster up with address None or "auto" in places: Ray
+    2.60's state API (`ray.util.state.get_actor`, used by Ray Train V2's PlacementGroupCleaner and its
+    state actor to ask whether a Train controller is alive) resolves the address with
+    `ray.dashboard.utils.get_address_for_submission_client`, which takes RAY_ADDRESS from the environment
+    and otherwise scans the process table for GCS servers (`services.canonicalize_bootstrap_address_or_die`):
+    with two instances on the machine it fails with "Found multiple active Ray instances", the cleaner's
+    monitor thread dies, and a dead controller's placement group is never removed.
+
+    The fix is RAY_ADDRESS in the environment of every process of the instance. The GCS address is known
+    only once the instance runs, so it is fixed before: the GCS port is chosen here and handed to Ray in
+    RAY_GCS_SERVER_PORT (which Ray 2.60 reads when it starts a head node: `ray/_private/node.py`,
+    `GCS_PORT_ENVIRONMENT_VARIABLE`), and the node IP in `_node_ip_address`, and RAY_ADDRESS is set to that
+    address while `ray.init` runs. Why every process gets it: `ray.init` starts the GCS, raylet, dashboard
+    and their agents from this process's environment, and the raylet starts every worker (tasks, actors:
+    the Train controller, its cleaner and state actor, Tune trials, Train workers) from its own. address
+    "local" makes `ray.init` itself start a new instance whatever RAY_ADDRESS says. Both variables are
+    restored afterwards, so that after `ray.shutdown` this process does not take the dead instance for a
+    cluster the user named. (The port is free when chosen; as with the ports Ray picks for its other
+    processes, `Node._get_unused_port`, another process could take it before the GCS binds it.)
+    """
+    import os
+    import socket
+
+    import ray
+
+    ip = init_kwargs.pop("_node_ip_address", None) or ray.util.get_node_ip_address()
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    address = f"{ip}:{port}"
+    chosen = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address}
+    saved = {key: os.environ.get(key) for key in chosen}
+    os.environ.update(chosen)
+    try:
+        ray.init(address="local", _node_ip_address=ip, **init_kwargs)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return address
+
+
 def quiet_ray_train_report_logs() -> None:
     """Silence the INFO line Ray Train logs for every `ray.train.report` in a worker.
 

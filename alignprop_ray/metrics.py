@@ -30,3 +30,5 @@ EVAL_METRICS = (
 )
 TERM_PREFIXES = ("train/reward/", "eval/reward/")
 HELDOUT_PREFIX = "eval/heldout/"
+# eval.base_fidelity: similarity of each eval image to the base model's (step 0) image of its prompt and seed
+BASE_FIDELITY = "eval/base_fidelity"

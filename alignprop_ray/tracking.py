@@ -33,6 +33,10 @@ TRIAL_TAG = "alignprop.trial_id"  # the Tune trial of a child run
 STOP_TAG = "alignprop.stop_reason"  # why a trial ended early (collapse, NaN, scheduler, error)
 BEST_TRIAL_TAG = "alignprop.best_trial"  # on a sweep's parent run: the Tune trial id of its best trial
 BEST_RUN_TAG = "alignprop.best_run_id"  # ... and that trial's MLflow run
+SELECT_TAG = "alignprop.select_rule"  # ... the rule that chose it (selection.SelectionRule as text)
+SELECTION_TAG = "alignprop.selection"  # ... which trial that rule chose and why (not the plain maximum)
+PARETO_TAG = "alignprop.pareto_front"  # ... the trials on its Pareto fronts (pareto_front.csv: each front)
+EXCLUDED_TAG = "alignprop.excluded"  # on a trial's run: why it breaks the sweep's selection rule
 # Params that may differ between machines or reruns of the same run: not compared on resume.
 IGNORED_ON_RESUME = ("tracking.", "storage.", "failure.", "name")
 MAX_PARAM_CHARS = 6000  # MLflow 3's limit on one param value
@@ -40,6 +44,38 @@ MAX_PARAM_CHARS = 6000  # MLflow 3's limit on one param value
 # training: the tag its "Machine learning" experiment type sets (mlflow/server/js: ExperimentKind).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"
+
+
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told --host/--port
+
+
+def ui_command(uri: str, base: str = DEFAULT_UI_URL) -> str | None:
+    """The `mlflow ui` command that serves store `uri` at `base` (None: `uri` is a server already).
+
+    One worker for a SQLite store: the file takes one writer, and MLflow 3.17's default of 4 uvicorn
+    workers on a busy machine failed their start-up health checks and were restarted in a loop for minutes
+    (the port refused connections), where one worker answered within 10 s (issue 30).
+    """
+    import shlex
+    from urllib.parse import urlsplit
+
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    address, default = urlsplit(base), urlsplit(DEFAULT_UI_URL)
+    port = address.port or {"http": 80, "https": 443}[address.scheme]
+    command = f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+    if uri.startswith("sqlite:"):
+        command += " --workers 1"
+    if address.hostname not in (default.hostname, "localhost"):
+        # MLflow's server answers only Host headers of loopback and private addresses unless told others,
+        # and refuses the UI's own API calls (403, shown as INTERNAL_ERROR) from any other origin
+        command += f" --host {address.hostname} --allowed-hosts {address.netloc}"
+        command += f" --cors-allowed-origins {address.scheme}://{address.netloc}"
+    if port != default.port:
+        command += f" --port {port}"
+    if address.path.strip("/"):
+        command += f" --static-prefix /{address.path.strip('/')}"
+    return command
 
 
 def client(uri: str):
@@ -85,6 +121,15 @@ def find_run(uri: str, experiment: str, name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def last_logged_step(uri: str, experiment: str, name: str) -> int | None:
+    """The last optimizer step the run called `name` logged a metric for (None: no run, or no metric)."""
+    from alignprop_ray.compat import mlflow_latest_metric_steps
+
+    run_id = find_run(uri, experiment, name)
+    steps = mlflow_latest_metric_steps(client(uri), run_id).values() if run_id else ()
+    return max(steps, default=None)
+
+
 def start_run(
     uri: str,
     experiment: str,
@@ -92,10 +137,17 @@ def start_run(
     params: Mapping[str, str],
     config_yaml: str,
     tags: Mapping[str, str] | None = None,
+    check_resume: Callable[[str], None] | None = None,
 ) -> tuple[str, bool]:
-    """(run id, resumed): the existing run called `name`, or a new one with params and the config."""
+    """(run id, resumed): the existing run called `name`, or a new one with params and the config.
+
+    An existing run is marked RUNNING only once `check_resume(run_id)` has accepted it: a command refused
+    there (a rerun with other settings) leaves the run as it found it, FINISHED or KILLED.
+    """
     existing = find_run(uri, experiment, name)
     if existing is not None:
+        if check_resume is not None:
+            check_resume(existing)
         client(uri).update_run(existing, status="RUNNING")
         return existing, True
     mlflow_client = client(uri)

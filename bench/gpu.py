@@ -76,9 +76,11 @@ def run_side(
     warmup: int,
     shape: dict,
     k_low: int = 1,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     """One fresh process of `side` (ours: step_ours.py, trl: step_trl.py): `iters` timed optimizer steps
-    after `warmup`, with K fixed or drawn from k_low..T per step; its JSON, or {"oom": True}."""
+    after `warmup`, with K fixed or drawn from k_low..T per step (`extra`: more options of the script); its
+    JSON, or {"oom": True}."""
     script = HERE / ("step_ours.py" if side == "ours" else "step_trl.py")
     python = sys.executable if side == "ours" else args.trl_python
     cmd = [
@@ -104,6 +106,7 @@ def run_side(
     if side == "ours":
         cmd += ["--resolution", str(shape["resolution"])]
     cmd += ["--k", str(k_fixed)] if k_fixed is not None else ["--k-range", str(k_low), str(shape["steps"])]
+    cmd += extra
     k = k_fixed if k_fixed is not None else f"{k_low}-{shape['steps']}"
     out = Path(args.workdir) / f"gpu-{side}-{batch}-{k}.json"
     proc = subprocess.run(cmd, capture_output=True, text=True)

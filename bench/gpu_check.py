@@ -6,7 +6,9 @@
 1. tests/test_gpu.py: fp16 loss scaling, peak memory flat in K, and (with 2 GPUs) NCCL across two ranks.
 2. Training speed and memory: 20 optimizer steps of the SD 1.5 architecture (random weights, nothing is
    downloaded) at 512 px, T=50 DDIM steps, K ~ U{0..50} drawn per step, fp16 base + fp32 LoRA, batch 2
-   (sweeps/sd15_aesthetic.yaml's per-GPU batch); prints peak GPU memory and images/s.
+   (sweeps/sd15_aesthetic.yaml's per-GPU batch), with the speed levers the shipped GPU experiments set
+   (model.compile, model.activation_budget_mb: SHIPPED_GPU_EXPERIMENTS); prints peak GPU memory, images/s
+   and the first step's time (compilation).
 3. bench/gpu.py, sized to fit the budget: ours vs TRL (TRL only where it is installed: `pip install -e
    '.[bench]'`).
 
@@ -38,6 +40,40 @@ BUDGET_S = 8 * 60  # the issue's bound for the whole check on one modern GPU
 # caching allocator filling up) + 20 timed.
 TRAIN = {"steps": 50, "k_low": 0, "resolution": 512, "batch": 2, "iters": 20, "warmup": 1}
 TRAIN_SMOKE = {"steps": 4, "k_low": 0, "resolution": 64, "batch": 1, "iters": 3, "warmup": 1}
+
+
+# The experiments shipped for GPUs: part 2 trains with the speed levers they set (the same in all of them).
+SHIPPED_GPU_EXPERIMENTS = (
+    "sd15_aesthetic",
+    "sdxl_aesthetic",
+    "sd35_medium_aesthetic",
+    "paper_aesthetic",
+    "paper_hps",
+)  # and sweeps/methods_sd15.yaml, whose base is sd15_aesthetic.yaml
+
+
+def shipped_levers() -> dict:
+    """model.compile and model.activation_budget_mb of the shipped GPU experiments (ValueError if they differ)."""
+    import yaml
+
+    found = {}
+    for name in SHIPPED_GPU_EXPERIMENTS:
+        model = yaml.safe_load((ROOT / "sweeps" / f"{name}.yaml").read_text()).get("model") or {}
+        found[name] = {
+            "compile": model.get("compile", False),
+            "activation_budget_mb": model.get("activation_budget_mb"),
+        }
+    if len({json.dumps(levers, sort_keys=True) for levers in found.values()}) != 1:
+        raise ValueError(f"the shipped GPU experiments set different speed levers: {found}")
+    return next(iter(found.values()))
+
+
+def lever_options(levers: dict) -> tuple[str, ...]:
+    """The levers as options of bench/step_ours.py."""
+    options = ("--compile",) if levers["compile"] else ()
+    if levers["activation_budget_mb"] is not None:
+        options += ("--activation-budget-mb", str(levers["activation_budget_mb"]))
+    return options
 
 
 def parse_args() -> argparse.Namespace:
@@ -114,6 +150,7 @@ def run_train(args, workdir: Path) -> dict:
     """Part 2: bench/step_ours.py for warmup + iters optimizer steps; the timed steps give images/s."""
     pipeline, shape, train = train_shape(args, workdir)
     runner = types.SimpleNamespace(workdir=str(workdir), trl_python=args.trl_python)
+    levers = shipped_levers()
     result = gpu.run_side(
         "ours",
         runner,
@@ -124,6 +161,7 @@ def run_train(args, workdir: Path) -> dict:
         iters=train["iters"],
         warmup=train["warmup"],
         shape=shape,
+        extra=lever_options(levers),
     )
     if result.get("oom"):
         raise RuntimeError(f"out of memory at batch {train['batch']}")
@@ -137,6 +175,9 @@ def run_train(args, workdir: Path) -> dict:
         "peak_rss_steps_mib": result.get("peak_rss_steps_mib"),  # CPU (--smoke) only
         "ks": result["ks"],
         "unet_calls_per_step": result["unet_calls_per_step"],
+        "levers": levers,
+        "first_step_s": result["first_step_s"],  # with compile: the compilation
+        "kept_calls": result["kept_calls"],  # per step: gradient calls the activation budget kept
     }
 
 
@@ -182,7 +223,8 @@ def summary(name: str, part: dict) -> str:
         where = "GPU allocated" if part["peak_gpu_allocated_mib"] else "RSS (CPU)"
         return (
             f"{part['images_per_s']:.2f} images/s, {part['median_step_s']:.2f} s/step (median), peak {where} "
-            f"{memory:.0f} MiB ({part['seconds']:.0f} s)"
+            f"{memory:.0f} MiB, first step {part['first_step_s']:.0f} s, levers {' '.join(lever_options(part['levers']))}"
+            f" ({part['seconds']:.0f} s)"
         )
     sides = ", ".join(
         f"{side}: largest batch {batch}" for side, batch in part.get("largest_batch", {}).items()

@@ -162,6 +162,36 @@ def images_per_s(runs: list[dict]) -> float:
     return med([r["images_per_step"] / r["interval_s"]["median"] for r in runs])
 
 
+USER_SIDES = {
+    "defaults": "`alignprop-ray train`, defaults",
+    "compile": "... `model.compile: true`",
+    "budget": "... `model.activation_budget_mb: auto`",
+    "both": "... both (the shipped GPU experiments)",
+}
+
+
+def user_path_numbers(user: dict) -> dict:
+    """Per side: run medians of s/step, their median, the ratio to TRL's (and paired per rep), first steps;
+    and when each lever pays: compile's extra first-step seconds over the seconds it saves per step."""
+    runs = user["runs"]
+    times = {side: [r["step_s"]["median"] for r in rs] for side, rs in runs.items()}
+    median = {side: med(values) for side, values in times.items()}
+    ours = [side for side in USER_SIDES if side in runs]
+    first = {side: med([r["first_step_s"] for r in runs[side]]) for side in ours}
+    saved = median["defaults"] - median["compile"] if "compile" in median else None
+    return {
+        "sides": ours,
+        "times": times,
+        "median": median,
+        "ratio": {side: median[side] / median["trl"] for side in ours},
+        "paired": {side: [a / b for a, b in zip(times[side], times["trl"], strict=True)] for side in ours},
+        "first": first,
+        "memory": {side: med([r["peak_memory_mib"] for r in rs]) for side, rs in runs.items()},
+        "compile_cost_s": first["compile"] - first["defaults"] if "compile" in first else None,
+        "compile_saves_s": saved,
+    }
+
+
 # ----------------------------------------------------------------------------------------------- sections
 
 
@@ -263,6 +293,25 @@ def summary(res: dict) -> str:
                     "<= 5%",
                     f"{r['overhead'] * 100:+.1f}%",
                     verdict(r["overhead"] <= 0.05),
+                ]
+            )
+    if "user_path" in res:
+        u = user_path_numbers(res["user_path"])
+        rows.append(
+            [
+                "6. `alignprop-ray train` (1 Ray worker) / TRL's step, defaults",
+                "measured",
+                f"{u['ratio']['defaults']:.2f}x",
+                "–",
+            ]
+        )
+        if "both" in u["ratio"]:
+            rows.append(
+                [
+                    "6. the same with compile + activation budget (the shipped GPU experiments)",
+                    "<= 0.85x",
+                    f"{u['ratio']['both']:.2f}x",
+                    verdict(u["ratio"]["both"] <= 0.85),
                 ]
             )
     gpu = res.get("gpu", {})
@@ -532,6 +581,65 @@ def ray_section(ray: dict) -> str:
     return "\n".join(lines)
 
 
+def user_path_section(user: dict) -> str:
+    u = user_path_numbers(user)
+    config = user["config"]
+    labels = {"trl": "TRL 0.23.1 `AlignPropTrainer.step()`", **USER_SIDES}
+    rows = []
+    for side in ("trl", *u["sides"]):
+        runs = user["runs"][side]
+        every = [v for r in runs for v in r["step_s"]["values"]]
+        rows.append(
+            [
+                labels[side],
+                s(u["median"][side]),
+                spread(u["times"][side]),
+                spread(every),
+                "1"
+                if side == "trl"
+                else f"{u['ratio'][side]:.2f}x ({', '.join(f'{p:.2f}' for p in u['paired'][side])})",
+                "–" if side == "trl" else s(u["first"][side]),
+                mib(u["memory"][side]),
+            ]
+        )
+    lines = [
+        "## 6. The user path: `alignprop-ray train` vs TRL's step, with the speed levers off and on",
+        "",
+        f"`bench/user_path.py`: section 2's work (tiny pipeline, T={config['T']}, fixed K={config['K']}, batch "
+        f"{config['batch']}, {config['threads']} torch threads on both sides) as an experiment file, trained by "
+        "`alignprop-ray train` with 1 Ray worker: a step is the gap between consecutive steps' MLflow timestamps "
+        "(generation, backward, the Ray report, MLflow logging), steps 1-"
+        f"{config['warmup']} and the last left out, {config['steps']} steps per run. TRL: `bench/step_trl.py`, "
+        f"{config['warmup']} warm-up steps. {len(user['runs']['trl'])} reps, each a fresh process per side, "
+        f"in the order of the table; the inductor cache was {user['cache']} at the start.",
+        "",
+        table(
+            [
+                "side",
+                "median s/step",
+                "spread of run medians",
+                "all timed steps",
+                "/ TRL (paired per rep)",
+                "first step (in the worker)",
+                "peak memory",
+            ],
+            rows,
+        ),
+        "",
+        "First step: `perf/step_seconds` of step 1, which holds compilation and the budget's probe. Peak "
+        "memory: the worker's `perf/peak_memory_mb` (peak RSS), TRL's peak RSS during its steps.",
+    ]
+    if u["compile_saves_s"] is not None:
+        cost, saved = u["compile_cost_s"], u["compile_saves_s"]
+        pays = f"pays for itself after about {cost / saved:.0f} steps" if saved > 0 else "does not pay here"
+        lines += [
+            "",
+            f"Compile alone: {cost:.1f} s more in the first step, {saved * 1000:.0f} ms less per step: it {pays} "
+            "(per worker process, with the cache as it was).",
+        ]
+    return "\n".join(lines)
+
+
 def gpu_section(gpu: dict) -> str:
     head = "## 5. GPU: SD 1.5 architecture, 512 px, T=50, K ~ U{1..50}"
     if "runs" not in gpu:
@@ -590,7 +698,7 @@ COMMANDS = """## Reproduce
 ```bash
 make bench                        # = bash bench/run.sh: venv + trl 0.23.1, tiny pipeline, every section
 bash bench/run.sh --quick         # 1 run, 2 steps each: checks the scripts, numbers are meaningless
-bash bench/run.sh --only trl      # one section (floor, trl, memory, ray, gpu); others keep their last numbers
+bash bench/run.sh --only trl      # one section (floor, trl, memory, ray, user_path, gpu); others keep theirs
 BENCH_REPS=7 BENCH_ITERS=10 bash bench/run.sh
 # single measurements (each prints JSON):
 .venv/bin/python bench/step_ours.py --pipeline /tmp/alignprop-bench/tiny --steps 20 --k 10 --batch 2 --floor
@@ -600,6 +708,7 @@ BENCH_REPS=7 BENCH_ITERS=10 bash bench/run.sh
 BENCH_BUDGET_MB=80 bash bench/run.sh --only trl   # section 2 with issue 18's levers off and on
 .venv/bin/python bench/levers.py --pipeline /tmp/alignprop-bench/tiny  # the levers one at a time
 .venv/bin/python bench/ray_train.py ray --workers 1 2
+.venv/bin/python bench/user_path.py --pipeline /tmp/alignprop-bench/tiny   # alignprop-ray train vs TRL, levers
 .venv/bin/python bench/gpu.py --workdir /tmp/alignprop-bench/gpu        # CUDA only
 python bench/report.py            # re-render this file from bench/results.json
 ```
@@ -636,7 +745,10 @@ def render(res: dict) -> str:
     ):
         if name in res:
             parts += ["", fn(res[name]) + measured(res[name])]
-    parts += ["", gpu_section(res.get("gpu", {})), "", machine_section(res), "", COMMANDS, ""]
+    parts += ["", gpu_section(res.get("gpu", {}))]
+    if "user_path" in res:
+        parts += ["", user_path_section(res["user_path"]) + measured(res["user_path"])]
+    parts += ["", machine_section(res), "", COMMANDS, ""]
     return "\n".join(parts)
 
 

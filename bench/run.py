@@ -24,7 +24,7 @@ import report
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SECTIONS = ("floor", "trl", "memory", "ray", "gpu")
+SECTIONS = ("floor", "trl", "memory", "ray", "user_path", "gpu")
 
 
 def parse_args() -> argparse.Namespace:
@@ -193,6 +193,12 @@ class Bench:
             "ray": ray_runs,
             "ray_poll_2.0": [what_if],
         }
+
+    def user_path(self) -> dict:
+        """`alignprop-ray train` (1 Ray worker) with issue 18's levers off and on, next to TRL's step."""
+        command = [self.py, str(HERE / "user_path.py"), "--pipeline", self.args.pipeline]
+        command += ["--trl-python", self.args.trl_python, "--reps", "1" if self.args.quick else "2"]
+        return run_json(command + ["--steps", "5" if self.args.quick else "10"], timeout=3600)
 
     def gpu(self) -> dict:
         return run_json(

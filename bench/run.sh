@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench`: every benchmark in bench/, then BENCHMARKS.md and bench/results.json.
-# Arguments go to bench/run.py: --quick (smoke run), --only floor trl memory ray gpu.
+# Arguments go to bench/run.py: --quick (smoke run), --only floor trl memory ray user_path gpu.
 # Env: BENCH_REPS, BENCH_ITERS, BENCH_THREADS (see bench/run.py), BENCH_WORKDIR (scratch, default /tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."

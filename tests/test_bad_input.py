@@ -237,12 +237,32 @@ CASES = [
     ),
     # --- sample ---------------------------------------------------------------------------------------
     Case("sample-non-integer-steps", [*SAMPLE, "--steps", "many"], ["--steps: invalid int value"]),
-    Case("sample-negative-steps", [*SAMPLE, "--steps", "-3"], ["--steps must be positive"]),
+    # the sampler flags follow the rules of the experiment fields they stand for (sampling.*, model.resolution)
+    Case(
+        "sample-negative-steps",
+        [*SAMPLE, "--steps", "-3"],
+        ["argument --steps: must be >= 1 (got -3), as sampling.steps in an experiment"],
+    ),
+    Case("sample-too-many-steps", [*SAMPLE, "--steps", "1001"], ["argument --steps: must be <= 1000"]),
+    Case(
+        "sample-negative-guidance",
+        [*SAMPLE, "--guidance", "-3"],
+        ["argument --guidance: must be >= 0 (got -3.0), as sampling.guidance_scale in an experiment"],
+    ),
+    Case("sample-guidance-nan", [*SAMPLE, "--guidance", "nan"], ["argument --guidance: must be >= 0"]),
+    Case(
+        "sample-eta-above-1",
+        [*SAMPLE, "--eta", "2"],
+        ["argument --eta: must be <= 1 (got 2.0), as sampling.eta in an experiment"],
+    ),
+    Case("sample-negative-eta", [*SAMPLE, "--eta", "-0.1"], ["argument --eta: must be >= 0"]),
     Case(
         "sample-resolution",
         [*SAMPLE, "--resolution", "30"],
-        ["--resolution must be a positive multiple of 8"],
+        ["argument --resolution: must be a multiple of 8 (got 30), as model.resolution"],
     ),
+    Case("sample-zero-resolution", [*SAMPLE, "--resolution", "0"], ["argument --resolution: must be > 0"]),
+    Case("sample-no-images", [*SAMPLE, "--n", "0"], ["--n must be positive, got 0"]),
     Case("sample-seed-out-of-range", [*SAMPLE, "--seed", str(2**64)], ["--seed must be in"]),
     Case(
         "sample-eta-without-ddim",
@@ -524,4 +544,140 @@ def test_bad_input_is_exit_2_and_one_line_per_problem(case, fx, tmp_path, monkey
         assert any(fragment in line for line in lines), (fragment, err)
     assert snapshot(tmp_path) == before, "left behind or changed"
     assert snapshot(fx) == fixtures
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+# --- refusals next to existing runs ---------------------------------------------------------------------
+# A command refused with exit 2 leaves every run of the store as it found it: no run added, and each run's
+# status, end time, params, metrics and tags unchanged (a refused rerun once marked a FINISHED run RUNNING).
+
+TINY = Path(__file__).resolve().parents[1] / "sweeps" / "tiny.yaml"
+STORE_SWEEP = {"name": "lrs", "base": {**BASE, "tracking": {"experiment": "tiny"}}, "space": SWEEP["space"]}
+
+
+@dataclass
+class Refusal:
+    id: str
+    argv: list[str]  # "{uri}", "{runs}", "{train_run}", "{sweep_run}": the store fixture's
+    expected: str  # a fragment of the one stderr line
+    tune_state: bool = False  # pretend the sweep's Tune state is on disk (Tuner.can_restore)
+
+
+STORE_SETS = ["--set", "tracking.uri={uri}", "--set", "storage.path={runs}"]
+REFUSALS = [
+    Refusal(
+        "train-rerun-with-other-settings",
+        ["train", str(TINY), *STORE_SETS, "--set", "train.steps=2", "--set", "train.lr=0.5"],
+        "run 'tiny' exists with train.lr=0.01 (now 0.5); use another --name",
+    ),
+    Refusal(
+        "train-rerun-by-name-with-other-settings",
+        ["train", str(TINY), *STORE_SETS, "--set", "train.steps=3", "--name", "tiny"],
+        "run 'tiny' exists with train.steps=2 (now 3)",
+    ),
+    Refusal(
+        "sweep-name-taken-in-mlflow",
+        ["sweep", "{sweep_file}", "--set", "tracking.uri={uri}", "--set", "storage.path={runs}"],
+        "MLflow experiment 'tiny' already has a run named 'lrs'",
+    ),
+    Refusal(
+        "sweep-resume-without-state",
+        ["sweep", "{sweep_file}", "--set", "tracking.uri={uri}", "--set", "storage.path={runs}", "--resume"],
+        "nothing to resume: no sweep 'lrs'",
+    ),
+    Refusal(
+        "sweep-resume-with-other-settings",
+        [
+            "sweep",
+            "{sweep_file}",
+            *("--set", "tracking.uri={uri}", "--set", "storage.path={runs}", "--set", "train.steps=5"),
+            "--resume",
+        ],
+        "base.train.steps was 4 when sweep 'lrs' started (now 5)",
+        tune_state=True,
+    ),
+    Refusal(
+        "register-a-run-without-adapter",
+        ["register", "--run", "{train_run}", "--name", "m", "--tracking-uri", "{uri}"],
+        "has no adapter/" + WEIGHT_NAME + " artifact",
+    ),
+    Refusal(
+        "register-a-sweep-without-best-trial",
+        ["register", "--run", "{sweep_run}", "--name", "m", "--tracking-uri", "{uri}"],
+        "which has no best trial (yet)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict[str, str]:
+    """What `train sweeps/tiny.yaml --set train.steps=2` and an interrupted sweep leave in an MLflow store:
+    a FINISHED training run with its params and metrics; the sweep's KILLED parent run. Written through
+    the functions `train` and `sweep` use (no Ray)."""
+    from alignprop_ray import tracking
+    from alignprop_ray.config import load_experiment
+    from alignprop_ray.sweep import tracking as sweep_tracking
+    from alignprop_ray.sweep.config import load_sweep
+
+    root = tmp_path_factory.mktemp("store")
+    paths = {"uri": f"sqlite:///{root / 'mlflow.db'}", "runs": str(root / "runs")}
+    cfg = load_experiment(
+        TINY, [f"tracking.uri={paths['uri']}", f"storage.path={paths['runs']}", "train.steps=2"]
+    )
+    uri = cfg.tracking.uri
+    run_id, _ = tracking.start_run(uri, "tiny", "tiny", cfg.flat_params(), cfg.to_yaml())
+    for step in (1, 2):
+        tracking.RunLogger(uri, run_id).log_metrics(
+            {"train/loss": 1.0 / step, "train/reward": 0.1 * step}, step
+        )
+    tracking.end_run(uri, run_id)
+    (root / "lrs.yaml").write_text(yaml.safe_dump(STORE_SWEEP))
+    sweep = load_sweep(root / "lrs.yaml", [f"tracking.uri={uri}", f"storage.path={paths['runs']}"])
+    parent, _ = sweep_tracking.start_parent(uri, "tiny", sweep, "name: lrs\n")
+    tracking.end_run(uri, parent, "KILLED")
+    return {**paths, "train_run": run_id, "sweep_run": parent, "sweep_file": str(root / "lrs.yaml")}
+
+
+def store_state(uri: str) -> dict:
+    """Every run of every experiment: status, end time, params, metrics (each key's history) and tags."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return {
+        run.info.run_id: (
+            run.info.status,
+            run.info.end_time,
+            run.data.params,
+            {
+                k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)]
+                for k in run.data.metrics
+            },
+            run.data.tags,
+        )
+        for run in client.search_runs(experiments)
+    }
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=[c.id for c in REFUSALS])
+def test_a_refused_command_leaves_every_run_as_it_found_it(case, store, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for var in ("ALIGNPROP_TRACKING_URI", "MLFLOW_TRACKING_URI", "ALIGNPROP_STORAGE_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    # past every check, the command would start Ray: it must have been refused before
+    monkeypatch.setattr("alignprop_ray.train.launch.connect_ray", tripwire)
+    if case.tune_state:
+        from ray import tune
+
+        monkeypatch.setattr(tune.Tuner, "can_restore", classmethod(lambda cls, path, *args: True))
+    before = store_state(store["uri"])
+
+    code = main([arg.format(**store) for arg in case.argv])
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and case.expected in lines[0], err
+    assert store_state(store["uri"]) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "left something in the working directory"
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from alignprop_ray import compat
 
@@ -38,6 +39,24 @@ def test_ray_instances_are_found_in_the_process_table_and_a_stale_record_is_not_
         raylet.wait()
     assert address not in compat.ray_local_instances()
     assert compat.ray_started_cluster_address() is None
+
+
+def test_a_private_instance_is_found_through_the_environment_it_hands_its_processes(monkeypatch):
+    """What compat.ray_init_private relies on (its own test, starting two instances, is in
+    test_ray_isolation.py): Ray takes the GCS port of a new head node from RAY_GCS_SERVER_PORT, and its
+    address lookup for address None/"auto", which its state API makes, takes RAY_ADDRESS before looking
+    for instances on the machine."""
+    from ray._private import ray_constants, services
+
+    assert ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE == "RAY_GCS_SERVER_PORT"
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: ["10.0.0.1:1", "10.0.0.2:2"])
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)  # no `ray start` cluster
+    monkeypatch.setenv("RAY_ADDRESS", "10.9.8.7:4321")
+    assert services.canonicalize_bootstrap_address_or_die(None) == "10.9.8.7:4321"
+    assert services.canonicalize_bootstrap_address_or_die("auto") == "10.9.8.7:4321"
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(ConnectionError, match="Found multiple active Ray instances"):
+        services.canonicalize_bootstrap_address_or_die(None)
 
 
 def test_ray_train_report_logger_is_found_and_quieted():

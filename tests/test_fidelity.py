@@ -204,6 +204,9 @@ def tiny_overrides(tmp: Path) -> list[str]:
         "prompts.eval=tiny",
         "prompts.eval_seeds=2",
         "eval.diversity={space: clip, arch: tiny}",
+        # compiling takes minutes per process on CPU; the presets' compile is checked by make gpu-check
+        # (--smoke in tests/test_gpu_check.py), their activation budget here
+        "model.compile=false",
     )
 
 

@@ -3,6 +3,7 @@ code path as on a GPU, and writes the report a GPU run writes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -42,12 +43,39 @@ def test_the_training_run_did_the_work_it_reports(smoke):
     train = report["train"]
     steps, (warmup, iters) = train["shape"]["steps"], (train["shape"]["warmup"], train["shape"]["iters"])
     assert len(train["ks"]) == warmup + iters and all(0 <= k <= steps for k in train["ks"])
-    # T forward UNet calls per step, plus K recomputed in backward: gradient reached the last K steps only
-    assert train["unet_calls_per_step"] == [steps + k for k in train["ks"]]
+    # T forward UNet calls per step, plus a recompute in backward for each of the last K calls the activation
+    # budget did not keep, plus the budget's probe in the first step: gradient reached the last K steps only
+    assert train["levers"] == shipped_levers() and train["levers"]["activation_budget_mb"] is not None
+    expected = [
+        steps + k - kept + (i == 0)
+        for i, (k, kept) in enumerate(zip(train["ks"], train["kept_calls"], strict=True))
+    ]
+    assert train["unet_calls_per_step"] == expected
+    assert any(train["kept_calls"]) and train["first_step_s"] > 0
     assert train["images_per_s"] > 0 and train["median_step_s"] > 0
     assert (train["peak_gpu_allocated_mib"] or train["peak_rss_steps_mib"]) > 0
     line = next(line for line in stdout.splitlines() if line.startswith("[gpu-check] train: "))
     assert "images/s" in line and "MiB" in line
+
+
+def shipped_levers() -> dict:
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.shipped_levers()
+
+
+def test_the_shipped_gpu_experiments_turn_both_speed_levers_on(hub_reachable):
+    """What `make gpu-check` trains with (part 2) is what the GPU experiments set, and they validate."""
+    from alignprop_ray.config import load_experiment
+    from alignprop_ray.sweep.config import load_sweep
+
+    assert shipped_levers() == {"compile": True, "activation_budget_mb": "auto"}
+    for name in ("sd15_aesthetic", "sdxl_aesthetic", "sd35_medium_aesthetic", "paper_aesthetic", "paper_hps"):
+        model = load_experiment(ROOT / "sweeps" / f"{name}.yaml").model
+        assert (model.compile, model.activation_budget_mb) == (True, "auto"), name
+    model = load_sweep(ROOT / "sweeps" / "methods_sd15.yaml").reference.model
+    assert (model.compile, model.activation_budget_mb) == (True, "auto")
 
 
 @pytest.mark.slow  # the smoke run takes about a minute

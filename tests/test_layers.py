@@ -19,7 +19,9 @@ RANKS = {
     "problems": 0,
     "fields": 0,
     "files": 0.5,  # reads a user's text file: above errors (its UserError), below prompts and config
+    "selection": 0,  # which trial is best: constraints and Pareto fronts (sweep summary, report)
     "compat": 0,
+    "console": 0,  # the console filter of train and sweep
     "prompts": 1,
     "rewards": 2,  # pure torch, like the engine, which uses the rewards' protocol
     "engine": 3,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import html.parser
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,8 +25,9 @@ import pytest
 import yaml
 
 from alignprop_ray import cli
-from alignprop_ray.sweep.console import HIDDEN_TUNE_LINES, LineFilter
-from alignprop_ray.sweep.tracking import BEST_RUN_TAG, compare_url, ui_base, ui_command
+from alignprop_ray.console import HIDDEN_LINES, LineFilter
+from alignprop_ray.sweep.tracking import BEST_RUN_TAG, compare_url, ui_base
+from alignprop_ray.tracking import ui_command
 from tests.helpers import free_port, serving, tiny_sweep
 
 MODEL = "ui-best"
@@ -73,14 +76,16 @@ def test_ui_address_and_the_command_that_serves_it():
     assert ui_base("http://tracking:5000/", None) == "http://tracking:5000"  # the server is the UI
     assert (
         ui_command(store, ui_base(store, None))
-        == "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db'"
+        == "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --workers 1"
     )
     assert ui_command(store, "http://gpu-box:8080/mlflow") == (
-        "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --host gpu-box "
+        "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --workers 1 --host gpu-box "
         "--allowed-hosts gpu-box:8080 --cors-allowed-origins http://gpu-box:8080 --port 8080 "
         "--static-prefix /mlflow"
     )
     assert ui_command("http://tracking:5000", "http://tracking:5000") is None
+    # a database server takes many writers: MLflow's default workers
+    assert ui_command("postgresql://db/mlflow") == "mlflow ui --backend-store-uri postgresql://db/mlflow"
     link = compare_url("http://h:1", ["a1", "b2"], ["7"])
     assert link == "http://h:1/#/compare-runs?runs=%5B%22a1%22%2C%22b2%22%5D&experiments=%5B%227%22%5D"
 
@@ -89,15 +94,34 @@ def test_line_filter_drops_hidden_lines_even_when_written_in_pieces():
     import io
 
     out = io.StringIO()
-    stream = LineFilter(out, ("Logical resource usage:",))
+    stream = LineFilter(out, HIDDEN_LINES)
     print("Trial status: 2 RUNNING", file=stream)
     stream.write("Logical res")
-    stream.flush()  # might become a hidden line: held back
+    stream.flush()  # held until the line ends: it might become a hidden one
     stream.write("ource usage: 0/2 CPUs, 0/0 GPUs\nkeep")
-    stream.flush()  # cannot: written through
-    stream.write(" this\n  Logical resource usage: indented\nlast")
+    stream.write(" this\n  Logical resource usage: indented\n")
+    # as Ray streams it from the Train controller's process
+    stream.write(
+        "\x1b[36m(TrainController pid=2584)\x1b[0m [2026-12-06 06:43:52,843 E 2584 2632] core_worker.cc"
+    )
+    stream.write(
+        ":2465: Actor with class name: 'PreemptionWatcher' and ID: '7649988449448aa0c7' has constructor "
+    )
+    stream.write("arguments in the object store and max_restarts > 0. If the arguments ...\n")
+    stream.write(
+        "\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: 9f3 with address: "
+        "10.0.0.2, which is 4x the maximum expected startup concurrency (2). This could be a result of ...\n"
+    )
+    stream.write(
+        "(PlacementGroupCleaner pid=8805) Failed to query Ray Train Controller actor state. State API may be "
+        "temporarily unavailable. Continuing to monitor.\n"
+    )
+    stream.write("in the middle: Logical resource usage: kept\nlast")
     stream.close()
-    assert out.getvalue() == "Trial status: 2 RUNNING\nkeep this\nlast"
+    kept = "Trial status: 2 RUNNING\nkeep this\nin the middle: Logical resource usage: kept\nlast"
+    assert out.getvalue() == kept
+    print(" line after the block", file=stream)  # a logging handler made inside it may still write
+    assert out.getvalue() == kept + " line after the block\n"
 
 
 # --- a finished sweep -------------------------------------------------------------------------------------
@@ -159,8 +183,9 @@ def printed(out: str, label: str) -> str:
 def test_tune_console_hides_its_tensorboard_hint_and_resource_line_unless_verbose(sweep_run):
     quiet, verbose = sweep_run.first.stdout, sweep_run.again.stdout
     assert "Trial status:" in quiet  # Tune's own progress is still shown
-    for hidden in HIDDEN_TUNE_LINES:
-        assert not any(line.lstrip().startswith(hidden) for line in quiet.splitlines()), hidden
+    for line in (quiet + sweep_run.first.stderr).splitlines():
+        assert not any(re.search(hidden, line) for hidden in HIDDEN_LINES), line
+    for hidden in ("To visualize your results with TensorBoard", "Logical resource usage:"):
         assert any(line.startswith(hidden) for line in verbose.splitlines()), (hidden, verbose[-3000:])
 
 
@@ -178,7 +203,8 @@ def test_printed_links_open_the_runs_table_and_the_compare_page_of_every_trial(s
     assert sorted(json.loads(query["runs"][0])) == sorted(r.info.run_id for r in sweep_run.children)
     assert json.loads(query["experiments"][0]) == [experiment_id]
     uri = sweep_run.uri
-    assert printed(out, "open the UI") == f"mlflow ui --backend-store-uri {uri} --port {sweep_run.port}"
+    command = f"mlflow ui --backend-store-uri {uri} --workers 1 --port {sweep_run.port}"
+    assert printed(out, "open the UI") == command
     assert sweep_run.experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
@@ -216,12 +242,13 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def ui_server(sweep_run):
-    """`mlflow server` on the store, at the address the sweep was told (--ui-url)."""
+    """The UI at the address the sweep was told (--ui-url), started by the `mlflow ui` command the sweep
+    printed, literally: the venv's `mlflow` first on PATH, as for a user who activated it."""
     chromium()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sweep_run.uri]
-    command += ["--host", "127.0.0.1", "--port", str(sweep_run.port), "--workers", "1"]
+    command = shlex.split(printed(sweep_run.first.stdout, "open the UI"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     health = f"http://127.0.0.1:{sweep_run.port}/health"
-    with serving(command, health, sweep_run.tmp / "ui-server.log", timeout=180):
+    with serving(command, health, sweep_run.tmp / "ui-server.log", timeout=90, env=env):
         yield
 
 

@@ -31,6 +31,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "compare_runs.ipy
 PLOT_FILES = [
     "reward_vs_step.png",
     "reward_vs_diversity.png",
+    "pareto_fronts.png",
     "heldout_rewards.png",
     "reward_terms.png",
     "k_histogram.png",
@@ -203,9 +204,9 @@ def store(tmp_path_factory) -> dict:
     log_trial(uri, Trial("solo", "uniform:0:10", 1e-3, {"saturation": 1.0}), None, OLDER)
     log_sparse_runs(uri)
     time.sleep(0.01)  # creation times order the experiments: the sweep is the most recent with runs
-    parent_id, _ = tracking.start_run(
-        uri, EXPERIMENT, SWEEP, {"tune.num_samples": "4"}, "sweep: x\n", SWEEP_TAGS
-    )
+    # an Optuna multi-objective sweep, as sweep/tracking.py logs one: its objectives as params
+    objectives = {"tune.num_samples": "4", "tune.metric": "eval/reward,eval/vendi", "tune.mode": "max,max"}
+    parent_id, _ = tracking.start_run(uri, EXPERIMENT, SWEEP, objectives, "sweep: x\n", SWEEP_TAGS)
     logged = trials()
     for trial in logged:
         log_trial(uri, trial, parent_id)
@@ -266,6 +267,38 @@ def test_load_runs_tables(store):
     assert summary_table(runs)["run"].iloc[0] == "full-collapse"  # best final eval reward first
 
 
+def test_each_sweep_picks_its_best_run_under_its_rule_and_marks_its_pareto_fronts(store):
+    from alignprop_ray.report import load_runs
+    from alignprop_ray.report.data import selection_lines
+    from alignprop_ray.report.plots import front_panels, pareto_fronts, pareto_rows
+
+    runs, history = load_runs(store["uri"], EXPERIMENT)
+    marks = dict(zip(runs["name"], runs["selection"], strict=True))
+    # uniform-mix has the highest final reward of the completed runs, with diversity 0.075 of 0.3 at step 0
+    assert marks == {
+        "fixed1": "best",
+        "uniform-mix": "collapsed: eval/diversity 0.075 < 0.150",
+        "full-collapse": "collapsed: eval/diversity 0.030 < 0.150",
+        "fixed10-failed": "",  # never evaluated: no candidate
+    }
+    assert selection_lines(runs, history) == [
+        f"sweep {SWEEP}: best trial: fixed1 (eval/reward 1.31): the highest eval/reward of the trials that keep "
+        "eval/diversity >= 0.5 x first",
+        "not uniform-mix (eval/reward 1.6, the plain maximum): collapsed: eval/diversity 0.075 < 0.150",
+    ]
+    panels = front_panels(runs)
+    assert panels == [
+        (["eval/reward", "eval/diversity"], ["max", "max"]),
+        (["eval/reward", "eval/heldout/hpsv2"], ["max", "max"]),
+        (["eval/reward", "eval/heldout/pickscore"], ["max", "max"]),
+        (["eval/reward", "eval/vendi"], ["max", "max"]),  # the sweep's own objectives
+    ]
+    rows = pareto_rows(runs, history)
+    assert pareto_fronts(rows, *panels[0]) == {"fixed1", "uniform-mix"}  # a trade-off: both on the front
+    assert pareto_fronts(rows, *panels[1]) == {"fixed1"}  # full-collapse was stopped: never on a front
+    assert pareto_fronts(rows, *panels[3]) == {"fixed1", "uniform-mix"}
+
+
 def test_default_experiment_is_the_newest_with_runs(store, monkeypatch):
     from alignprop_ray.report import load_runs
 
@@ -301,6 +334,8 @@ def test_report_cli_writes_plots_and_page(store, tmp_path, capsys):
     assert all(f"eval_grids/{g}" in page for g in grids)
     assert (out / "runs.csv").read_text().count("\n") == 1 + len(store["trials"])
     assert "final eval/heldout/pickscore" in page and "final eval/vendi" in page
+    assert "not uniform-mix (eval/reward 1.6, the plain maximum): collapsed" in page
+    assert "best trial: fixed1" in stdout
 
 
 def test_report_skips_plots_without_data(store, tmp_path):

@@ -15,6 +15,7 @@ import sys
 import time
 import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -22,10 +23,17 @@ import yaml
 from alignprop_ray import cli
 from alignprop_ray.config import read_yaml
 from alignprop_ray.errors import ConfigError
+from alignprop_ray.selection import pareto_front
 from alignprop_ray.sweep.config import is_sweep, load_sweep, parse_sweep
 from alignprop_ray.sweep.space import Domain, apply_point, check_field
-from alignprop_ray.sweep.stoppers import STOP_REASON, CollapseRule, TrialStopper, nan_reason
-from alignprop_ray.sweep.summary import best_row, format_table, pareto_front
+from alignprop_ray.sweep.stoppers import (
+    STOP_REASON,
+    CollapseRule,
+    OveroptimizationRule,
+    TrialStopper,
+    nan_reason,
+)
+from alignprop_ray.sweep.summary import best_row, format_table
 from tests.helpers import adapter_change, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +146,31 @@ MALFORMED = [
         "tune.objectives: multi-objective search needs algorithm optuna",
     ),
     ("bad base", changed("base/train", {"steps": 0}), "base.train.steps: must be >= 1"),
+    (
+        "constraint without a comparison",
+        changed("tune/select", ["eval/diversity 0.5 x first"]),
+        "tune.select.constraints.0: 'eval/diversity 0.5 x first' is not METRIC OP BOUND",
+    ),
+    (
+        "constraint with a bad bound",
+        changed("tune/select", {"constraints": ["eval/vendi >= 2", "eval/diversity >= half of first"]}),
+        "tune.select.constraints.1: 'eval/diversity >= half of first': the bound 'half of first' is not",
+    ),
+    (
+        "constraint on an unknown metric",
+        changed("tune/select", ["eval/diversty >= 0.5 x first"]),
+        "tune.select.constraints.0: unknown metric 'eval/diversty'",
+    ),
+    (
+        "held-out reward the base does not evaluate",
+        changed("stop/overoptimization", {"heldout": "contrast", "margin": 0.01}),
+        "stop.overoptimization.heldout: no held-out reward 'contrast' in base eval.rewards (has: none)",
+    ),
+    (
+        "overoptimization window of one",
+        changed("stop/overoptimization", {"heldout": "contrast", "margin": 0.01, "window": 1}),
+        "stop.overoptimization.window: must be >= 2",
+    ),
 ]
 
 
@@ -281,6 +314,76 @@ def test_stopper_compares_each_trial_with_its_own_first_evaluation():
     assert restored("a", {"eval/diversity": 0.06})
 
 
+def eval_results(rewards, heldouts, eval_every=2, total=None):
+    """Tune results as EvalReportCallback forwards them: one per step from step 0 on, each carrying the latest
+    evaluation (eval/step says when it ran)."""
+    results = []
+    for i, (reward, heldout) in enumerate(zip(rewards, heldouts, strict=True)):
+        for step in range(i * eval_every, i * eval_every + (eval_every if i else 1)):
+            result = {"step": step, "eval/step": i * eval_every, "eval/reward": reward}
+            results.append({**result, "eval/heldout/contrast": heldout, "total_steps": total or 100})
+    return results
+
+
+def run_stopper(stopper: TrialStopper, trial: str, results: list[dict]) -> dict | None:
+    """Feed results until the stopper stops the trial; the result it stopped on, or None."""
+    return next((result for result in results if stopper(trial, result)), None)
+
+
+OVEROPTIMIZATION = OveroptimizationRule("eval/heldout/contrast", margin=0.02, window=3)
+# Measured in-process on the tiny model, trained on -sharpness at lr 0.3 (flat images): eval/reward rises,
+# the held-out contrast falls (evaluations at steps 0-3).
+DIVERGING = ([-0.2285, -0.2172, -0.1667, -0.0588], [0.1000, 0.0968, 0.0806, 0.0354])
+
+
+def test_overoptimization_stopper_fires_on_a_divergence():
+    stopper = TrialStopper(None, overoptimization=OVEROPTIMIZATION)
+    stopped = run_stopper(stopper, "t", eval_results(*DIVERGING))
+    assert stopped is not None and stopped["step"] == 6  # the evaluation at step 6: the window 2-6
+    assert stopped[STOP_REASON] == (
+        "overoptimization: eval/heldout/contrast fell 0.0614 (> 0.02) while eval/reward rose 0.1584 over "
+        "the evaluations at steps 2-6"
+    )
+    last = eval_results(*DIVERGING, eval_every=1, total=3)
+    assert run_stopper(TrialStopper(None, overoptimization=OVEROPTIMIZATION), "t", last) is None
+    assert last[-1][STOP_REASON].startswith("overoptimization:")  # at the last step: recorded, not stopped
+
+
+def test_overoptimization_stopper_ignores_a_noisy_plateau_and_a_reward_that_does_not_rise():
+    rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    plateau = [0.100, 0.085, 0.112, 0.088, 0.110, 0.090]  # +-0.015 of noise, no trend
+    assert (
+        run_stopper(TrialStopper(None, overoptimization=OVEROPTIMIZATION), "t", eval_results(rising, plateau))
+        is None
+    )
+    # over 4 evaluations the line through the noise moves 0.0165, though its ends differ by 0.025
+    wide = OveroptimizationRule("eval/heldout/contrast", margin=0.02, window=4)
+    noisy = [0.12, 0.09, 0.11, 0.095]
+    assert wide.reason([(i, r, h) for i, (r, h) in enumerate(zip(rising[:4], noisy, strict=True))]) is None
+    falling_too = [0.5, 0.45, 0.4, 0.35]  # both fall: a worse model, not an over-optimized one
+    assert (
+        run_stopper(
+            TrialStopper(None, overoptimization=OVEROPTIMIZATION),
+            "t",
+            eval_results(falling_too, DIVERGING[1]),
+        )
+        is None
+    )
+
+
+def test_overoptimization_state_survives_a_restore_and_a_repeated_evaluation():
+    stopper = TrialStopper(None, overoptimization=OVEROPTIMIZATION)
+    results = eval_results(*DIVERGING)
+    assert run_stopper(stopper, "t", results[:5]) is None  # evaluations at steps 0, 2, 4 seen
+    restored = TrialStopper(None, overoptimization=OVEROPTIMIZATION)
+    restored.set_state(stopper.get_state())  # what Tune does on Tuner.restore
+    # the trial restarted from its step-2 checkpoint: it evaluates step 4 again (same value), then step 6
+    again = [r for r in results if r["step"] >= 3]
+    stopped = run_stopper(restored, "t", again)
+    assert stopped is not None and stopped["step"] == 6
+    assert sorted(restored.evaluations["t"]) == [0, 2, 4, 6]
+
+
 # --- summary --------------------------------------------------------------------------------------------
 
 
@@ -324,6 +427,73 @@ def test_table_shows_only_varying_fields(in_tmp):
     assert first.split()[:3] == ["t1", "0.001", "0.25"] and second.split()[2] == "-"
     rows[1].update(status="error", error="ValueError: boom")
     assert format_table(rows, sweep).splitlines()[-1] == "t2 failed: ValueError: boom"
+
+
+def test_an_interrupted_sweep_says_where_each_unfinished_trial_stopped(in_tmp, monkeypatch):
+    """Ctrl-C on `sweep`: one line with each unfinished trial's last logged step and the checkpoint it
+    resumes from (Train's checkpoint record stands in for a real one here), then the command."""
+    from alignprop_ray import tracking
+    from alignprop_ray.sweep import console
+    from alignprop_ray.sweep.summary import SweepOutcome
+
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    run_ids = {}
+    for trial, steps in (("t1", 4), ("t2", 3), ("t3", 1)):
+        run_ids[trial], _ = tracking.start_run(uri, "e", f"s-{trial}", {}, "")
+        for step in range(1, steps + 1):
+            tracking.RunLogger(uri, run_ids[trial]).log_metrics({"train/loss": 1.0}, step)
+    checkpoints = {"s-t2": 2}  # t3 stopped before its first checkpoint
+    monkeypatch.setattr(
+        "alignprop_ray.train.launch.last_checkpoint_step",
+        lambda storage, name: checkpoints.get(name) if storage == "/x/s/train_runs" else "wrong folder",
+    )
+    rows = [
+        {"trial": "t1", "status": "completed", "run_id": run_ids["t1"]},
+        {"trial": "t2", "status": "running", "run_id": run_ids["t2"]},
+        {"trial": "t3", "status": "running", "run_id": run_ids["t3"]},
+        {"trial": "t4", "status": "pending", "run_id": None},
+        {"trial": "t5", "status": "pending", "run_id": None},
+    ]
+    outcome = SweepOutcome("s", "parent", uri, "/x/s", rows, None)
+    assert outcome.interrupted
+    assert console.where_trials_stopped(outcome, SimpleNamespace(name="s")) == (
+        "trial t2 stopped after step 3, resumes from its checkpoint of step 2; "
+        "trial t3 stopped after step 1, resumes from its start (no checkpoint yet); 2 trials not started"
+    )
+
+
+def test_the_sweep_rule_is_tune_select_else_not_collapsed(in_tmp):
+    def rule(data) -> str:
+        return str(parse_sweep(data, in_tmp, env={}).selection_rule)
+
+    assert rule(SWEEP) == "eval/reward max; eval/diversity >= 0.5 x first"
+    collapse = changed("stop/collapse", {"metric": "eval/vendi", "min_absolute": 1.2})
+    assert rule(collapse) == "eval/reward max; eval/vendi >= 1.2"  # the collapse stopper's thresholds
+    assert rule(changed("tune/select", [])) == "eval/reward max"  # the plain maximum, asked for
+    listed = changed("tune/select", {"metric": "eval/vendi", "constraints": ["eval/reward >= first"]})
+    assert rule(listed) == "eval/vendi max; eval/reward >= first"
+
+
+def test_table_marks_the_trials_that_break_the_rule(in_tmp):
+    from alignprop_ray.sweep.summary import choose, fronts
+
+    sweep = parse_sweep(SWEEP, in_tmp, env={})
+    rows = [
+        {"trial": "t1", "train.lr": 0.001, "eval/reward": 0.1, "eval/diversity": 0.27, "step": 4},
+        {"trial": "t2", "train.lr": 0.01, "eval/reward": 0.4, "eval/diversity": 0.02, "step": 4},
+    ]
+    for row in rows:
+        row.update(status="completed", completed=True)
+    firsts = {"t1": {"eval/diversity": 0.284}, "t2": {"eval/diversity": 0.284}}
+    best, selection = choose(rows, sweep.selection_rule, firsts)
+    assert best["trial"] == "t1" and selection.plain_best.id == "t2"
+    header, first, second = format_table(rows, sweep).splitlines()
+    assert header.split()[-2:] == ["status", "selection"]
+    assert first.rstrip().endswith("completed")
+    assert second.endswith("completed  collapsed: eval/diversity 0.020 < 0.142")
+    assert {label: [r["trial"] for r in front] for label, front in fronts(rows, sweep).items()} == {
+        "eval/reward, eval/diversity": ["t1", "t2"]  # the Pareto front keeps the trade-off, collapse and all
+    }
 
 
 def test_every_sweep_field_is_documented():
@@ -395,6 +565,7 @@ COLLAPSE = tiny_sweep(
         "reward": {"sharpness": -1.0},
         "train": {"steps": 5, "batch_size": 2, "eval_every": 1, "checkpoint_every": 5, "seed": 0},
         "scaling": {"resources_per_worker": {"CPU": 1}},
+        "eval": {"base_fidelity": {"space": "pixels"}},
         "tracking": {"experiment": "collapse"},
         "failure": {"max_failures": 0},
     },
@@ -436,6 +607,27 @@ def test_collapse_stopper_stops_the_collapsing_trial_only(ray_session, tmp_path)
     assert collapsed.info.status == "KILLED"
     healthy = children[by_lr[1e-4]["trial"]]
     assert "alignprop.stop_reason" not in healthy.data.tags and healthy.info.status == "FINISHED"
+    # the selection rule (stop.collapse's threshold) marks the collapsed trial in the table and in MLflow
+    bound = f"{0.5 * first_value(client, collapsed, 'eval/diversity'):.3f}"
+    assert by_lr[0.3]["selection"].startswith("collapsed: eval/diversity ") and by_lr[0.3][
+        "selection"
+    ].endswith(f" < {bound}")
+    assert collapsed.data.tags["alignprop.excluded"] == by_lr[0.3]["selection"]
+    assert by_lr[1e-4]["selection"] is None and "alignprop.excluded" not in healthy.data.tags
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.tags["alignprop.select_rule"] == "eval/reward max; eval/diversity >= 0.5 x first"
+    assert parent.data.tags["alignprop.best_run_id"] == healthy.info.run_id
+    assert parent.data.tags["alignprop.selection"].startswith(f"best trial: {by_lr[1e-4]['trial']} ")
+    # eval.base_fidelity: 1 at step 0 (the base model), lower once training changed the images; the step-0
+    # reference travels with the checkpoint
+    for child in (collapsed, healthy):
+        assert first_value(client, child, "eval/base_fidelity") == pytest.approx(1.0, abs=1e-6)
+    assert client.get_run(collapsed.info.run_id).data.metrics["eval/base_fidelity"] < 0.95
+    assert list((tmp_path / "runs" / "collapse").rglob("base_fidelity_reference.pt"))
+
+
+def first_value(client, run, key: str) -> float:
+    return min(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step).value
 
 
 SMOKE_SET = ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2", "sampling.steps=4"]
@@ -530,14 +722,16 @@ def test_resumed_sweep_completes_without_rerunning_or_duplicates(killed_and_resu
 )
 def test_resume_refuses_a_changed_base_setting(killed_and_resumed, monkeypatch, capsys, override, expected):
     """Tune would resume its pickled trial configs: a changed base setting must not pass silently."""
+    from tests.test_bad_input import store_state
+
     tmp, uri, *_ = killed_and_resumed
-    client, runs_before = mlflow_runs(uri, "smoke")
+    before = store_state(uri)
     monkeypatch.chdir(tmp)
     assert cli.main([*sweep_command("--set", override, "--resume")[3:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(expected + "; resume it with the same settings, or start another with --set name=...")
     assert len(err.splitlines()) == 1
-    assert len(mlflow_runs(uri, "smoke")[1]) == len(runs_before)
+    assert store_state(uri) == before  # every run's status, params, metrics and tags, and no new run
 
 
 @pytest.mark.ray

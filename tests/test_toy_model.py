@@ -14,6 +14,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_MODEL = ROOT / "models" / "toy-shapes"
+# The committed toys, by family: SD-shaped (DDIM) and its flow-matching twin (SD3's MMDiT, flow Euler).
+TOY_MODELS = {"sd": TOY_MODEL}
+PIPELINES = {"sd": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline"}
 PALETTE = np.array(list(shapes.COLOURS.values()), dtype=float)
 
 
@@ -84,26 +87,40 @@ def test_demo_prompts_hold_out_the_eval_captions():
 # --- the committed pipeline ---------------------------------------------------------------------------
 
 
-def test_the_committed_pipeline_loads_like_any_diffusers_pipeline():
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("family", TOY_MODELS)
+def test_the_committed_pipeline_loads_like_any_diffusers_pipeline(family):
+    import diffusers
 
-    from alignprop_ray.engine.models import SD_SCHEDULE, load_parts
+    from alignprop_ray.engine.families.registry import SD3_SCHEDULE, SD_SCHEDULE
+    from alignprop_ray.engine.models import load_parts
 
-    parts = load_parts(str(TOY_MODEL))
+    model = TOY_MODELS[family]
+    parts = load_parts(str(model))
+    assert parts.family.name == family
     assert parts.native_resolution == 64 and parts.vae_scale_factor == 4
-    assert {k: parts.scheduler.config[k] for k in SD_SCHEDULE} == SD_SCHEDULE
-    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL)  # HF_HUB_OFFLINE=1 (conftest): no download
-    assert torch.equal(pipe.unet.conv_in.weight, parts.denoiser.conv_in.weight)
-    weights = sum(f.stat().st_size for f in TOY_MODEL.rglob("*") if f.is_file())
+    schedule = {"sd": SD_SCHEDULE, "sd3": SD3_SCHEDULE}[family]
+    assert {k: parts.scheduler.config[k] for k in schedule} == schedule
+    assert parts.vae.config.latent_channels == {"sd": 4, "sd3": 16}[family]
+    # T5-less SD3 directories load with text_encoder_3=None given (diffusers' own rule for its own save)
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
+    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(
+        model, **extra
+    )  # HF_HUB_OFFLINE=1: no download
+    for name, module in [("vae", parts.vae), (parts.family.denoiser_name, parts.denoiser)]:
+        mine, theirs = module.state_dict(), getattr(pipe, name).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert all(f.suffix != ".bin" for f in model.rglob("*"))  # safetensors only
+    weights = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
     assert weights < 20 * 2**20
 
 
-def test_the_committed_prompt_files_are_the_demo_prompts():
+@pytest.mark.parametrize("family", TOY_MODELS)
+def test_the_committed_prompt_files_are_the_demo_prompts(family):
     from alignprop_ray.prompts import read_prompt_file
 
     train, evaluation = shapes.demo_prompts()
-    assert read_prompt_file(TOY_MODEL / "prompts" / "train.txt") == train
-    assert read_prompt_file(TOY_MODEL / "prompts" / "eval.txt") == evaluation
+    assert read_prompt_file(TOY_MODELS[family] / "prompts" / "train.txt") == train
+    assert read_prompt_file(TOY_MODELS[family] / "prompts" / "eval.txt") == evaluation
 
 
 SCENES = [  # (shape colour, background): every colour word at least once, each hue in both roles
@@ -118,16 +135,18 @@ SCENES = [  # (shape colour, background): every colour word at least once, each 
 ]
 
 
-def test_the_model_paints_the_colours_it_is_asked_for():
-    """One circle per scene, 10 DDIM steps as in the demo: the image border is nearest (in the palette) to the
-    background word, and the pixels that stand out from the border to the shape's colour word. A random-init
-    model gets each right with chance 1/8."""
+@pytest.mark.parametrize("family", TOY_MODELS)
+def test_the_model_paints_the_colours_it_is_asked_for(family):
+    """One circle per scene, 10 steps of the model's scheduler as in the demo: the image border is nearest
+    (in the palette) to the background word, and the pixels that stand out from the border to the shape's
+    colour word. A random-init model gets each right with chance 1/8."""
     from alignprop_ray.engine.models import load_parts
     from alignprop_ray.engine.sampler import SamplerSettings, generate
 
     prompts = [shapes.caption("circle", colour, background) for colour, background in SCENES]
     settings = SamplerSettings.for_sampling(steps=10, guidance_scale=5.0)
-    images = generate(load_parts(str(TOY_MODEL)), prompts, [0] * len(prompts), settings).numpy() * 255
+    images = generate(load_parts(str(TOY_MODELS[family])), prompts, [0] * len(prompts), settings)
+    images = images.numpy() * 255
     border = np.ones((64, 64), dtype=bool)
     border[3:-3, 3:-3] = False
     for (colour, background), image in zip(SCENES, images.transpose(0, 2, 3, 1), strict=True):
@@ -138,23 +157,102 @@ def test_the_model_paints_the_colours_it_is_asked_for():
         assert nearest_colour(image[shape].mean(axis=0)) == colour, (colour, background)
 
 
+@pytest.mark.parametrize("family", TOY_MODELS)
+def test_sample_draws_what_the_diffusers_pipeline_draws(family, tmp_path):
+    """`alignprop-ray sample` on the committed toy, and the family's diffusers pipeline with the same seed,
+    steps and guidance: the same PNG."""
+    from PIL import Image
+
+    from alignprop_ray.cli import main
+    from tests.test_families import diffusers_pipeline
+
+    prompt, out = "a yellow circle on a blue background", tmp_path / "ours.png"
+    args = ["sample", "--model", str(TOY_MODELS[family]), "--prompt", prompt, "--seed", "3"]
+    assert main([*args, "--steps", "10", "--guidance", "5", "--out", str(out)]) == 0
+    theirs = diffusers_pipeline(TOY_MODELS[family])(
+        prompt, num_inference_steps=10, guidance_scale=5.0, generator=torch.Generator().manual_seed(3)
+    ).images[0]
+    difference = np.asarray(Image.open(out)).astype(int) - np.asarray(theirs).astype(int)
+    assert np.abs(difference).max() == 0
+
+
 # --- the training script ------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_the_training_script_writes_a_loadable_pipeline_deterministically(tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_the_training_script_writes_a_loadable_pipeline_deterministically(tmp_path, family):
     from alignprop_ray.engine.models import load_parts
     from alignprop_ray.toy.train import main
 
     for name in ("a", "b"):
-        assert main(["--out", str(tmp_path / name), "--tiny", "--seed", "5"]) == 0
+        assert main(["--family", family, "--out", str(tmp_path / name), "--tiny", "--seed", "5"]) == 0
     parts = load_parts(str(tmp_path / "a"))
+    assert parts.family.name == family
     assert parts.native_resolution == 32 and parts.vae.config.scaling_factor != 1.0
     log = json.loads((tmp_path / "a" / "training_log.json").read_text())
-    assert [h["stage"] for h in log["history"]] == ["vae", "vae", "unet", "unet"]
+    stage = parts.family.denoiser_name
+    assert [h["stage"] for h in log["history"]] == ["vae", "vae", stage, stage]
     assert (tmp_path / "a" / "samples.png").is_file()
-    for weights in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
-        assert (tmp_path / "a" / weights).read_bytes() == (tmp_path / "b" / weights).read_bytes()
+    weights = [f.relative_to(tmp_path / "a") for f in (tmp_path / "a").rglob("*.safetensors")]
+    assert len(weights) == 1 + len(parts.text_encoders) + 1  # VAE, text encoders, denoiser
+    for path in weights:
+        assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
+
+
+# --- the SD3 toy's training shortcuts: the same functions as the pipeline computes ----------------------
+
+
+def test_the_grammar_tokenizer_splits_every_caption_as_clip_does():
+    from alignprop_ray.engine.families.tiny import clip_tokenizer
+    from alignprop_ray.toy.sd3 import SD3Toy
+
+    for small, full in zip(
+        SD3Toy().tokenizers(), [clip_tokenizer(), clip_tokenizer(pad_token="!")], strict=True
+    ):
+        assert len(small) < 1000
+        for caption in [*shapes.all_captions(), ""]:
+            assert small.tokenize(caption) == full.tokenize(caption), caption
+            ids = small(caption, padding="max_length", max_length=77).input_ids
+            assert ids[0] == small.bos_token_id and len(ids) == 77
+        # other text still tokenizes, in smaller pieces, without unknown tokens
+        pieces = small.tokenize("a turquoise hexagon!")
+        assert "".join(pieces).replace("</w>", "") == "aturquoisehexagon!" and small.unk_token not in pieces
+
+
+def test_training_with_t5s_tokens_counted_once_is_the_pipelines_call():
+    """The SD3 toy trains on its conditioning computed with gradient and T5's 256 zero tokens passed as one
+    (RepeatedTokenJointAttention): the same conditioning as the family's encode (the pipeline's), and the
+    same transformer output as diffusers' attention over all 333 tokens; the processors are restored."""
+    from alignprop_ray.engine.families.base import Conditioning
+    from alignprop_ray.toy.sd3 import SD3Toy
+
+    recipe = SD3Toy().tiny()
+    models = recipe.build(0)
+    with torch.no_grad():
+        for p in models.denoiser.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    prompts = ["a red circle on a blue background", "", "an orange square on a white background"]
+    tokens = recipe.tokenize(models, prompts)
+    parts = recipe.parts(models)
+    pipeline = parts.family.encode(parts, prompts, None, guided=False, resolution=recipe.resolution)
+    full = recipe.condition(models, tokens, t5_tokens=256)
+    for name, tensor in pipeline.tensors.items():
+        assert torch.equal(full.tensors[name], tensor), name
+    x = torch.randn(3, 16, recipe.latent_size, recipe.latent_size, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([1000.0, 500.0, 10.0])
+    default = dict(models.denoiser.attn_processors)
+    with torch.no_grad():
+        reference = parts.family.denoise(models.denoiser, x, t, pipeline)
+        with recipe.training(models.denoiser):
+            counted = recipe.condition(models, tokens)
+            assert counted.tensors["encoder_hidden_states"].shape[1] == 77 + 1
+            compressed = parts.family.denoise(models.denoiser, x, t, Conditioning(counted.tensors, False))
+    torch.testing.assert_close(compressed, reference, rtol=0, atol=1e-5)
+    assert reference.abs().max() > 0.1  # not trivially equal
+    assert {k: type(v) for k, v in models.denoiser.attn_processors.items()} == {
+        k: type(v) for k, v in default.items()
+    }
 
 
 # --- the demo's reward --------------------------------------------------------------------------------

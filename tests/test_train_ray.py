@@ -139,6 +139,7 @@ def test_rerun_with_the_same_name_resumes_and_refuses_other_settings(runs):
     assert len(history(client, clean.run_id, "train/loss")) == STEPS  # nothing retrained, nothing relogged
     with pytest.raises(UserError, match="train.lr"):
         run_training(tiny_config(tmp, "train.lr=0.5"), name="clean")
+    assert client.get_run(clean.run_id).info.status == "FINISHED"  # the refusal left the run as it was
 
 
 @pytest.mark.parametrize(

@@ -115,16 +115,23 @@ def _not_an_objective(name: str) -> str:
 
 
 def check_eval_diversity(v: Sections) -> list[str]:
-    """The CLIP model of the diversity space exists (checked like a clip_score term, without loading it)."""
+    """The CLIP models of the diversity and base-fidelity spaces exist (checked like a clip_score term,
+    without loading them)."""
     from alignprop_ray.rewards.options import OpenClipTerm
 
     if "eval" not in v:
         return []
-    space = v["eval"].diversity
-    if space.space == "pixels":
-        return ["eval.diversity.path: only used with space: clip"] if space.path is not None else []
-    term = OpenClipTerm(arch=space.arch, path=space.path, seed=space.seed)
-    return [f"eval.diversity.{problem}" for problem in term.check()]
+    problems = []
+    for name in ("diversity", "base_fidelity"):
+        space = getattr(v["eval"], name)
+        if space is None:
+            continue
+        if space.space == "pixels":
+            problems += [f"eval.{name}.path: only used with space: clip"] if space.path is not None else []
+            continue
+        term = OpenClipTerm(arch=space.arch, path=space.path, seed=space.seed)
+        problems += [f"eval.{name}.{problem}" for problem in term.check()]
+    return problems
 
 
 def _method(v: Sections) -> MethodRow | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
 
 from alignprop_ray.config.aliases import move_aliases, written_as
 from alignprop_ray.config.checks import run_checks
@@ -105,9 +106,33 @@ def _validate_sections(data: dict[str, Any], context: dict | None) -> tuple[dict
     return values, problems
 
 
+def field_problems(dotted: str, value: Any) -> list[str]:
+    """What the schema says of `value` as the field `dotted` (e.g. `sampling.eta`): one line per problem,
+    without the field's name (`must be <= 1 (got 2.0)`); empty if the field takes it.
+
+    Only the field's own rules (type, bounds): what a command-line flag that stands for the field must
+    meet too, so that both follow one rule set.
+    """
+    *sections, name = dotted.split(".")
+    model: Any = ExperimentConfig
+    for section in sections:
+        model = section_model(model.model_fields[section].annotation)
+    try:
+        TypeAdapter(_field_type(model.model_fields[name])).validate_python(value)
+    except ValidationError as err:
+        return [
+            line.removeprefix(f"{dotted}: ") for line in format_validation_error(err, (), model, (dotted,))
+        ]
+    return []
+
+
 @cache
 def _adapter(name: str) -> TypeAdapter:
-    field = ExperimentConfig.model_fields[name]
+    return TypeAdapter(_field_type(ExperimentConfig.model_fields[name]))
+
+
+def _field_type(field: FieldInfo) -> Any:
+    """A field's type with its constraints (Field(ge=...) and the like), as TypeAdapter takes it."""
     if not field.metadata:
-        return TypeAdapter(field.annotation)
-    return TypeAdapter(Annotated.__class_getitem__((field.annotation, *field.metadata)))
+        return field.annotation
+    return Annotated.__class_getitem__((field.annotation, *field.metadata))

@@ -413,6 +413,13 @@ class DiversityConfig(Section):
     seed: Int = Field(0, description="random init with arch: tiny")
 
 
+class BaseFidelityConfig(DiversityConfig):
+    """eval/base_fidelity: how close each eval image stays to the base model's image of the same prompt and
+    seed (the step-0 evaluation), 1 - the diversity metrics' distance in this space. A drift measure: it
+    falls as training moves away from the base model, whether for better or worse; not a quality measure,
+    not a reward."""
+
+
 class EvalConfig(Section):
     """What each evaluation measures besides the trained reward (prompts and seeds: the prompts: section)."""
 
@@ -427,6 +434,11 @@ class EvalConfig(Section):
         default_factory=DiversityConfig,
         description="feature space of eval/diversity, eval/diversity_across_prompts, eval/vendi and "
         "eval/vendi_across_prompts",
+    )
+    base_fidelity: BaseFidelityConfig | None = Field(
+        None,
+        description="log eval/base_fidelity, the similarity of each eval image to the base model's (step 0) "
+        "in this feature space ({space: pixels} or a CLIP model): a drift measure, not a quality measure",
     )
 
 

@@ -1,7 +1,12 @@
 """Read an MLflow experiment into two tidy tables: one row per training run, one row per logged value.
 
 Sweep parent runs (tagged `alignprop.kind=sweep`, or named by other runs' `mlflow.parentRunId`) are not
-training runs: they are not rows of the runs table, but their name fills the `sweep` column of their trials.
+training runs: they are not rows of the runs table, but their name fills the `sweep` column of their trials,
+and their settings (objectives, selection rule) go to `runs.attrs["sweeps"]`.
+
+Each sweep's best run is chosen as the sweep chose it (alignprop_ray/selection.py: the objective under the
+sweep's constraints, by default "not collapsed"); runs outside a sweep are compared as one group under the
+default rule. The `selection` column says which run is best and why others are not.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ import pandas as pd
 from alignprop_ray.errors import UserError
 from alignprop_ray.metrics import HELDOUT_PREFIX, TERM_PREFIXES
 from alignprop_ray.rewards.spec import split_key
-from alignprop_ray.tracking import KIND_TAG, NAME_TAG, PARENT_TAG, STOP_TAG
+from alignprop_ray.selection import (
+    Selection,
+    SelectionRule,
+    TrialResult,
+    default_constraints,
+    parse_rule,
+    select,
+)
+from alignprop_ray.tracking import KIND_TAG, NAME_TAG, PARENT_TAG, SELECT_TAG, STOP_TAG
 
 MAX_LISTED = 20  # experiment names an error message lists
 UNSET = "(unset)"  # the truncation of a run that logged no `truncation` param
@@ -147,7 +160,87 @@ def load_experiment(
     trained = [r for r in all_runs if r.info.run_id not in parent_ids]
     runs = pd.DataFrame([_run_row(r, names) for r in trained], columns=None if trained else ["run_id"])
     history = _history(client, trained, runs, keys)
-    return _add_finals(runs, history), history
+    runs = _add_finals(runs, history)
+    runs.attrs["sweeps"] = {
+        names[r.info.run_id]: _sweep_settings(r) for r in all_runs if r.info.run_id in parent_ids
+    }
+    if not runs.empty:
+        runs["selection"] = selection_column(runs, history)
+    return runs, history
+
+
+def _sweep_settings(parent) -> dict[str, Any]:
+    """What a sweep's parent run says of how it ranks trials: objectives (tune.metric/tune.mode params,
+    comma-separated for multi-objective sweeps) and the selection rule it applied (SELECT_TAG)."""
+    params, tags = parent.data.params, parent.data.tags
+    metrics = [m for m in params.get("tune.metric", "eval/reward").split(",") if m]
+    modes = params.get("tune.mode", "max").split(",")
+    modes = modes if len(modes) == len(metrics) else ["max"] * len(metrics)
+    return {"metrics": metrics, "modes": modes, "rule": tags.get(SELECT_TAG)}
+
+
+def sweep_rule(settings: dict[str, Any] | None) -> SelectionRule:
+    """The rule a sweep's trials are ranked by: the one it logged, else its objective, not collapsed."""
+    if settings and settings.get("rule"):
+        try:
+            return parse_rule(settings["rule"])
+        except ValueError:
+            pass  # written by another version: rank as the default does
+    metric, mode = ("eval/reward", "max") if not settings else (settings["metrics"][0], settings["modes"][0])
+    return SelectionRule(metric, mode, default_constraints())
+
+
+def trial_results(runs: pd.DataFrame, history: pd.DataFrame) -> dict[str, TrialResult]:
+    """run_id -> what selection needs of a run: each metric at its last and at its first logged step (the
+    base model's evaluation, step 0); completed: FINISHED and not ended by a stopper."""
+    ordered = history.sort_values(["run_id", "key", "step"], kind="stable").groupby(["run_id", "key"])
+    last = ordered.tail(1).set_index(["run_id", "key"])["value"]
+    first = ordered.head(1).set_index(["run_id", "key"])["value"]
+    values: dict[str, tuple[dict, dict]] = {run_id: ({}, {}) for run_id in runs["run_id"]}
+    for (run_id, key), value in last.items():
+        values[run_id][0][key] = value
+    for (run_id, key), value in first.items():
+        values[run_id][1][key] = value
+    return {
+        run.run_id: TrialResult(run.name, *values[run.run_id], completed=_completed(run))
+        for run in runs.itertuples()
+    }
+
+
+def _completed(run) -> bool:
+    return run.status == "FINISHED" and not isinstance(run.stop_reason, str)
+
+
+def selections(runs: pd.DataFrame, history: pd.DataFrame) -> dict[str, Selection]:
+    """Sweep name ("" for runs outside a sweep) -> the selection among its runs under its rule."""
+    results = trial_results(runs, history)
+    sweeps = runs.attrs.get("sweeps", {})
+    found = {}
+    for sweep, members in runs.groupby(runs["sweep"].fillna(""), sort=True):
+        rule = sweep_rule(sweeps.get(sweep))
+        found[sweep] = select([results[run_id] for run_id in members["run_id"]], rule)
+    return found
+
+
+def selection_lines(runs: pd.DataFrame, history: pd.DataFrame) -> list[str]:
+    """Per sweep: its rule, the run it picks and why the plain maximum is not that run (if it is not)."""
+    lines = []
+    for sweep, selection in selections(runs, history).items():
+        explained = selection.explain() or ["no run has a result to rank"]
+        lines.append(f"{f'sweep {sweep}' if sweep else 'runs outside a sweep'}: {explained[0]}")
+        lines += [line.strip() for line in explained[1:]]
+    return lines
+
+
+def selection_column(runs: pd.DataFrame, history: pd.DataFrame) -> list[str]:
+    """Per run: `best` (its sweep's choice; `best (fallback)` when no run keeps the rule), why it breaks
+    the rule (`collapsed: eval/diversity 0.020 < 0.142`), or empty."""
+    marks: dict[str, str] = {}
+    for selection in selections(runs, history).values():
+        marks.update(selection.broken)
+        if selection.best is not None:
+            marks[selection.best.id] = "best (fallback)" if selection.fallback else "best"
+    return [marks.get(name, "") for name in runs["name"]]
 
 
 def _search_all(client, experiment_id: str) -> list:
@@ -290,6 +383,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
             "final eval/vendi": runs["final_eval_vendi"],
             "status": runs["status"],
             "stop reason": runs["stop_reason"],
+            "selection": runs["selection"] if "selection" in runs else "",
         }
     )
     order = runs["final_eval_reward"].fillna(-math.inf).sort_values(ascending=False, kind="stable").index

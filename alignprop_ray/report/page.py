@@ -17,10 +17,11 @@ import pandas as pd
 
 from alignprop_ray.compat import mlflow_logged_image_step
 from alignprop_ray.errors import UserError
-from alignprop_ray.report.data import env_defaults, load_runs, open_store, summary_table
+from alignprop_ray.report.data import env_defaults, load_runs, open_store, selection_lines, summary_table
 from alignprop_ray.report.plots import (
     plot_heldout_rewards,
     plot_k_histograms,
+    plot_pareto_fronts,
     plot_reward_curves,
     plot_reward_terms,
     plot_reward_vs_diversity,
@@ -44,6 +45,16 @@ PLOTS: list[tuple[str, Callable, str, str]] = [
         "Final reward vs diversity",
         "Each run's path from the base model (hollow circle) to its last evaluation: up is more reward, "
         "left is less within-prompt diversity (mode collapse).",
+    ),
+    (
+        "pareto_fronts.png",
+        plot_pareto_fronts,
+        "Pareto fronts: reward against diversity and held-out rewards",
+        "One point per run at its last evaluation. Ringed and named: the runs on their sweep's Pareto front, "
+        "which no other completed run of the sweep matches on both axes and beats on one; X: ended by a "
+        "stopper. A front that gains reward only by losing diversity or held-out reward is "
+        "over-optimization; the sweep's best run (the table's selection column) is the best reward among "
+        "the runs that did not collapse.",
     ),
     (
         "heldout_rewards.png",
@@ -90,6 +101,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     runs, history = load_runs(args.tracking_uri, args.experiment)
     paths = write_report_files(runs, history, out)
     print(format_summary(summary_table(runs)).to_string(index=False))
+    print("\n".join(selection_lines(runs, history)))
     print(f"wrote {len(paths)} files; open {out / 'index.html'}")
     return 0
 
@@ -113,7 +125,8 @@ def write_report_files(runs: pd.DataFrame, history: pd.DataFrame, out: Path) -> 
     table = summary_table(runs)
     table.to_csv(out / "runs.csv", index=False)
     page = out / "index.html"
-    page.write_text(render_html(runs, table, [p.name for p in written], grids), encoding="utf-8")
+    lines = selection_lines(runs, history)
+    page.write_text(render_html(runs, table, [p.name for p in written], grids, lines), encoding="utf-8")
     return [*written, *(path for pairs in grids.values() for _, path in pairs), out / "runs.csv", page]
 
 
@@ -207,9 +220,14 @@ def _number(value: float, spec: str) -> str:
 
 
 def render_html(
-    runs: pd.DataFrame, table: pd.DataFrame, plots: list[str], grids: dict[str, list[tuple[int, Path]]]
+    runs: pd.DataFrame,
+    table: pd.DataFrame,
+    plots: list[str],
+    grids: dict[str, list[tuple[int, Path]]],
+    selection: list[str] = (),
 ) -> str:
-    """The report page: header, run table, each plot with its caption, base vs final eval grids."""
+    """The report page: header, run table, which run each sweep picks and why (`selection`), each plot with
+    its caption, base vs final eval grids."""
     experiment = html.escape(str(runs.attrs.get("experiment", "")))
     sweeps = sorted({s for s in runs["sweep"] if isinstance(s, str)})
     meta = (
@@ -224,6 +242,13 @@ def render_html(
         "<p>Best final eval reward first. Step 0 of eval is the base model.</p>",
         format_summary(table).to_html(index=False, escape=True, border=0, classes="runs"),
     ]
+    if selection:
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in selection)
+        parts += [
+            "<p>The best run of each sweep: the best objective among the runs that keep the sweep's "
+            "constraints (by default, not collapsed: eval/diversity at least half its step-0 value).</p>",
+            f"<ul class='selection'>{items}</ul>",
+        ]
     for name, _, title, caption in PLOTS:
         if name in plots:
             parts += [

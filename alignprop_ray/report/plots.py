@@ -21,7 +21,8 @@ from matplotlib.ticker import MaxNLocator
 
 from alignprop_ray.engine.methods.registry import METHODS
 from alignprop_ray.metrics import HELDOUT_PREFIX
-from alignprop_ray.report.data import metric
+from alignprop_ray.report.data import metric, trial_results
+from alignprop_ray.selection import front_pairs, pareto_front
 
 LINESTYLES = ("-", "--", ":", "-.")
 MAX_RUN_LEGEND = 16  # above this many runs the legend names truncation groups instead of runs
@@ -187,6 +188,96 @@ def _draw_trajectory(ax: Axes, history: pd.DataFrame, run, color: tuple) -> None
         xytext=(6, 4),
         fontsize=8,
     )
+
+
+def front_panels(runs: pd.DataFrame) -> list[tuple[list[str], list[str]]]:
+    """(metrics, modes) of each Pareto panel: eval/reward against eval/diversity and against each held-out
+    reward, then the objectives of each multi-objective sweep (its first two on the axes)."""
+    heldout = sorted({HELDOUT_PREFIX + name for names in runs.get("heldout", []) for name in names})
+    panels = [
+        ([y, x], [y_mode, x_mode]) for y, y_mode, x, x_mode in front_pairs(("eval/reward", "max"), heldout)
+    ]
+    for settings in runs.attrs.get("sweeps", {}).values():
+        if len(settings["metrics"]) > 1 and (settings["metrics"], settings["modes"]) not in panels:
+            panels.append((settings["metrics"], settings["modes"]))
+    return panels
+
+
+def pareto_rows(runs: pd.DataFrame, history: pd.DataFrame) -> list[dict]:
+    """One row per run for `pareto_front`: name, sweep, completed, truncation and each metric's final value."""
+    results = trial_results(runs, history)
+    return [
+        {
+            "trial": run.name,
+            "sweep": run.sweep if isinstance(run.sweep, str) else "",
+            "truncation": run.truncation,
+            "completed": results[run.run_id].completed,
+            "best": str(getattr(run, "selection", "")).startswith("best"),
+            **results[run.run_id].final,
+        }
+        for run in runs.itertuples()
+    ]
+
+
+def pareto_fronts(rows: list[dict], metrics: list[str], modes: list[str]) -> set[str]:
+    """Names of the runs on their sweep's Pareto front over `metrics` (runs outside a sweep: one group)."""
+    on_front: set[str] = set()
+    for sweep in {row["sweep"] for row in rows}:
+        group = [row for row in rows if row["sweep"] == sweep]
+        on_front |= {row["trial"] for row in pareto_front(group, metrics, modes)}
+    return on_front
+
+
+def plot_pareto_fronts(runs: pd.DataFrame, history: pd.DataFrame) -> Figure | None:
+    """Final eval/reward against final eval/diversity and against each held-out reward (and a multi-objective
+    sweep's objectives against each other), one point per run; the runs on their sweep's Pareto front
+    (no other completed run of the sweep is at least as good on both axes and better on one) are ringed
+    and named, and runs a stopper ended are drawn as an X (never on a front)."""
+    rows = pareto_rows(runs, history)
+    panels = [
+        (metrics, modes)
+        for metrics, modes in front_panels(runs)
+        if sum(_has(row, metrics[:2]) for row in rows) >= 2
+    ]
+    if not panels:
+        return None
+    fig = Figure(figsize=(5.2 * len(panels) + 2.5, 4.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    colors = truncation_colors(runs)
+    for ax, (metrics, modes) in zip(axes, panels, strict=True):
+        _draw_front(ax, rows, metrics, modes, colors)
+    shown = {row["truncation"] for row in rows if any(_has(row, m[:2]) for m, _ in panels)}
+    handles = [Line2D([], [], color=c, marker="o", linestyle="") for t, c in colors.items() if t in shown]
+    handles += [
+        Line2D([], [], color="gray", marker="o", markersize=12, markerfacecolor="none", linestyle=""),
+        Line2D([], [], color="gray", marker=STOPPED_MARKER, linestyle=""),
+    ]
+    labels = [t for t in colors if t in shown] + ["on its sweep's Pareto front", "stopped by a stopper"]
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, title="truncation")
+    return fig
+
+
+def _has(row: dict, metrics: list[str]) -> bool:
+    return all(math.isfinite(row.get(m, math.nan)) for m in metrics)
+
+
+def _draw_front(ax: Axes, rows: list[dict], metrics: list[str], modes: list[str], colors: dict) -> None:
+    y, x = metrics[:2]
+    on_front = pareto_fronts(rows, metrics, modes)
+    for row in (row for row in rows if _has(row, [x, y])):
+        marker = "o" if row["completed"] else STOPPED_MARKER
+        color = colors[row["truncation"]]
+        ax.plot(row[x], row[y], marker, color=color, markersize=7, markeredgecolor="black")
+        if row["trial"] in on_front:
+            ax.plot(row[x], row[y], "o", markersize=15, markerfacecolor="none", markeredgecolor="black")
+        if row["trial"] in on_front or row["best"]:
+            label = row["trial"] + (" (best)" if row["best"] else "")
+            ax.annotate(label, (row[x], row[y]), textcoords="offset points", xytext=(7, 5), fontsize=8)
+    directions = ", ".join(f"{m} {mode}" for m, mode in zip(metrics, modes, strict=True))
+    ax.set_title(f"Pareto front: {directions}", fontsize=9)
+    ax.set_xlabel(f"final {x}")
+    ax.set_ylabel(f"final {y}")
+    ax.grid(alpha=0.3)
 
 
 def plot_heldout_rewards(runs: pd.DataFrame, history: pd.DataFrame) -> Figure | None:

@@ -81,14 +81,14 @@ def pairwise_distances(images: Tensor, features: Tensor | None = None) -> Tensor
     if features is not None:
         unit = F.normalize(features.float(), dim=-1)
         return (1.0 - unit @ unit.T).clamp(min=0.0)
-    pixels = _pixels(images)
+    pixels = pixel_features(images)
     return torch.cdist(pixels, pixels) / pixels.shape[1] ** 0.5
 
 
 @torch.no_grad()
 def cosine_similarity(images: Tensor, features: Tensor | None = None) -> Tensor:
     """(B, B) cosine similarities of ``features`` if given, else of the 32x32 pixel vectors."""
-    unit = F.normalize((features if features is not None else _pixels(images)).double(), dim=-1)
+    unit = F.normalize((features if features is not None else pixel_features(images)).double(), dim=-1)
     return unit @ unit.T
 
 
@@ -108,7 +108,8 @@ def clip_features(
     return torch.no_grad()(scorer.image_features)
 
 
-def _pixels(images: Tensor) -> Tensor:
+def pixel_features(images: Tensor) -> Tensor:
+    """The `pixels` feature space: images area-downsampled to 32 x 32, flattened (B, 3 x 32 x 32)."""
     return F.adaptive_avg_pool2d(images.detach().float(), PIXEL_SIDE).flatten(1)
 
 

@@ -6,6 +6,9 @@
     tune: {algorithm: random, num_samples: 4, metric: eval/reward, mode: max}
     stop: {collapse: {min_relative_to_first: 0.5}}
 
+The best trial (summary, parent run, `--register`, report) is the objective's best among the trials that
+keep `tune.select`'s constraints (alignprop_ray/selection.py); without it, the trials that did not collapse.
+
 ``--set KEY=VALUE`` edits the sweep: keys under `name`, `space`, `tune`, `stop` set the sweep; any other
 key (or `base.KEY`) sets the base experiment, e.g. ``--set train.steps=4 --set tune.num_samples=2``.
 A searched field takes its value from the space, whatever the base or ``--set`` says.
@@ -28,9 +31,14 @@ from alignprop_ray.config import ExperimentConfig, parse_experiment, read_yaml
 from alignprop_ray.config.overrides import collect_overrides, parse_value
 from alignprop_ray.engine.methods.registry import method_rows
 from alignprop_ray.errors import ConfigError, UserError
-from alignprop_ray.metrics import EVAL_METRICS, TERM_PREFIXES, TRAIN_METRICS
+from alignprop_ray.metrics import BASE_FIDELITY, EVAL_METRICS, HELDOUT_PREFIX, TERM_PREFIXES, TRAIN_METRICS
 from alignprop_ray.problems import format_validation_error
 from alignprop_ray.rewards.spec import split_key
+from alignprop_ray.selection import (
+    SelectionRule,
+    default_constraints,
+    parse_constraint,
+)
 from alignprop_ray.sweep.space import Domain, apply_point, parse_space
 
 SWEEP_KEYS = ("name", "base", "space", "tune", "stop")
@@ -58,6 +66,32 @@ class AshaSettings(_Section):
         None, description="optimizer steps before ASHA may stop a trial; default: 2 x train.eval_every"
     )
     reduction_factor: float = Field(3.0, gt=1, description="ASHA keeps 1/reduction_factor of trials per rung")
+
+
+class SelectSettings(_Section):
+    """Which trial is the sweep's best: the objective's best among the trials that keep every constraint.
+
+    select:                                   # or the list of constraints alone
+      constraints:
+        - eval/diversity >= 0.5 x first       # first: the trial's own first evaluation (the base model)
+        - eval/heldout/clip_score >= first - 0.01
+        - eval/vendi >= 2                     # an absolute bound
+    """
+
+    metric: str | None = Field(
+        None, description="the objective; default: tune.metric (multi-objective: tune.metric or the first)"
+    )
+    mode: Mode | None = Field(None, description="max or min; default: tune.mode (or the objective's)")
+    constraints: list[str] = Field(
+        default_factory=list,
+        description="METRIC OP BOUND, OP one of >= <= > <, BOUND a number, `first`, `A x first`, "
+        "`first + B` or `A x first - B`; [] picks the plain best",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_form(cls, data: Any) -> Any:
+        return {"constraints": data} if isinstance(data, list) else data
 
 
 class TuneSettings(_Section):
@@ -95,6 +129,11 @@ class TuneSettings(_Section):
         0, ge=-1, description="restarts of a trial whose driver died (worker failures: the base failure:)"
     )
     seed: int | None = Field(None, description="seed of the random/Optuna sampler")
+    select: SelectSettings | None = Field(
+        None,
+        description="how the best trial is chosen: the objective under constraints (default: not collapsed, "
+        "stop.collapse's thresholds or eval/diversity >= 0.5 x first)",
+    )
 
     @property
     def metrics(self) -> list[str]:
@@ -126,8 +165,30 @@ class CollapseStop(_Section):
         return self
 
 
+class OveroptimizationStop(_Section):
+    """Stop a trial whose trained reward rises while a held-out reward falls: reward over-optimization."""
+
+    heldout: str = Field(
+        description="the held-out reward to watch: eval/heldout/<name> (or <name>) of the base eval.rewards"
+    )
+    reward: str = Field("eval/reward", description="the trained reward, as measured at each evaluation")
+    margin: float = Field(
+        ge=0, description="stop when the held-out reward falls by more than this (its units) over the window"
+    )
+    window: int = Field(
+        3, ge=2, description="evaluations (step 0 included) over which both trends are fitted by a line"
+    )
+
+    @property
+    def heldout_metric(self) -> str:
+        return self.heldout if self.heldout.startswith("eval/") else HELDOUT_PREFIX + self.heldout
+
+
 class StopSettings(_Section):
     collapse: CollapseStop | None = Field(None, description="end a trial whose diversity collapses")
+    overoptimization: OveroptimizationStop | None = Field(
+        None, description="end a trial whose held-out reward falls while its trained reward rises"
+    )
     nan: bool = Field(True, description="end a trial whose loss or objective becomes NaN/inf")
 
 
@@ -161,6 +222,15 @@ class Sweep:
     @property
     def storage_path(self) -> str:
         return self.config.tune.storage_path or self.reference.storage.path
+
+    @property
+    def selection_rule(self) -> SelectionRule:
+        return selection_rule(self.config)
+
+    @property
+    def heldout_metrics(self) -> list[str]:
+        """eval/heldout/<name> of the base experiment's held-out rewards (eval.rewards)."""
+        return heldout_metrics(self.reference)
 
     def experiment(self, point: Mapping[str, Any], overrides: Iterable[str] = ()) -> ExperimentConfig:
         """The trial's experiment: base + the sampled point (+ e.g. tracking overrides); raises ConfigError."""
@@ -356,21 +426,78 @@ def _pin_paths(base: dict, reference: ExperimentConfig) -> dict:
     return out
 
 
+def selection_rule(config: SweepConfig) -> SelectionRule:
+    """tune.select as a rule; without it, "not collapsed" (selection.default_constraints)."""
+    metric, mode = config.tune.best_metric
+    select = config.tune.select
+    if select is None:
+        collapse = config.stop.collapse
+        if collapse is None:
+            return SelectionRule(metric, mode, default_constraints())
+        thresholds = (collapse.metric, collapse.min_absolute, collapse.min_relative_to_first)
+        return SelectionRule(metric, mode, default_constraints(*thresholds))
+    constraints = tuple(parse_constraint(text) for text in select.constraints)
+    return SelectionRule(select.metric or metric, select.mode or mode, constraints)
+
+
+def heldout_metrics(reference: ExperimentConfig) -> list[str]:
+    return sorted({HELDOUT_PREFIX + split_key(str(key))[0] for key in reference.eval.rewards})
+
+
 def known_metrics(reference: ExperimentConfig | None, base: dict | None, domains: list[Domain]) -> set[str]:
     terms = set(reference.reward) if reference is not None else set((base or {}).get("reward") or {})
     terms |= {d.field.removeprefix("reward.") for d in domains if d.field.startswith("reward.")}
     terms = {split_key(t)[0] for t in terms}
     methods = [m for row in method_rows() for m in row.metric_names]  # train/ddpo/approx_kl, ...
-    return {*TRAIN_METRICS, *EVAL_METRICS, *methods, *(p + t for p in TERM_PREFIXES for t in terms)}
+    known = {*TRAIN_METRICS, *EVAL_METRICS, *methods, *(p + t for p in TERM_PREFIXES for t in terms)}
+    if reference is not None:
+        known |= set(heldout_metrics(reference))
+        if reference.eval.base_fidelity is not None:
+            known.add(BASE_FIDELITY)
+    return known
 
 
 def _check_metric(name: str, metric: str, known: set[str]) -> list[str]:
     if metric in known:
         return []
-    terms = sorted(m for m in known if m.startswith("eval/reward/"))
+    terms = sorted(m for m in known if m.startswith(("eval/reward/", HELDOUT_PREFIX, BASE_FIDELITY)))
     return [
         f"{name}: unknown metric {metric!r} (valid: {', '.join([*EVAL_METRICS, *terms])}, train/..., perf/...)"
     ]
+
+
+def _check_select(config: SweepConfig, known: set[str]) -> list[str]:
+    """tune.select: each constraint parses and names a logged metric; the objective is one too."""
+    select, problems = config.tune.select, []
+    if select is None:
+        return []
+    if select.metric:
+        problems += _check_metric("tune.select.metric", select.metric, known)
+    for i, text in enumerate(select.constraints):
+        where = f"tune.select.constraints.{i}"
+        try:
+            constraint = parse_constraint(text)
+        except ValueError as err:
+            problems.append(f"{where}: {err}")
+            continue
+        problems += _check_metric(where, constraint.metric, known)
+    return problems
+
+
+def _check_overoptimization(config: SweepConfig, known: set[str]) -> list[str]:
+    stop = config.stop.overoptimization
+    if stop is None:
+        return []
+    problems = _check_metric("stop.overoptimization.reward", stop.reward, known)
+    if not stop.heldout_metric.startswith(HELDOUT_PREFIX):
+        return [*problems, f"stop.overoptimization.heldout: {stop.heldout!r} is not eval/heldout/<name>"]
+    if stop.heldout_metric not in known:
+        names = sorted(m.removeprefix(HELDOUT_PREFIX) for m in known if m.startswith(HELDOUT_PREFIX))
+        problems.append(
+            f"stop.overoptimization.heldout: no held-out reward {stop.heldout!r} in base eval.rewards "
+            f"(has: {', '.join(names) or 'none'})"
+        )
+    return problems
 
 
 def _check_tune(config: SweepConfig, domains: list[Domain], reference, base) -> list[str]:
@@ -382,6 +509,8 @@ def _check_tune(config: SweepConfig, domains: list[Domain], reference, base) -> 
         problems += _check_metric(f"tune.objectives.{i}.metric", objective.metric, known)
     if config.stop.collapse:
         problems += _check_metric("stop.collapse.metric", config.stop.collapse.metric, known)
+    problems += _check_select(config, known)
+    problems += _check_overoptimization(config, known)
     for d in domains:
         if tune.algorithm == "optuna" and d.kind == "grid":
             problems.append(f"space.{d.field}: grid is not supported by algorithm optuna; use choice")

@@ -1,82 +1,10 @@
-"""What a sweep prints: Tune's console without its misleading lines, the outcome, and the MLflow UI links."""
+"""What a sweep prints after Tune's console (alignprop_ray/console.py): its outcome and the MLflow links."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import sys
-import threading
+import posixpath
 
-from alignprop_ray.sweep.summary import SweepOutcome
-
-# Lines of Tune's console that mislead here, hidden unless --verbose: its TensorBoard hint (runs are in
-# MLflow: the links after the sweep), and "Logical resource usage: 0/2 CPUs, 0/0 GPUs", which counts only
-# each trial's own request (DRIVER_RESOURCES), not the Ray Train workers that hold the CPUs and GPUs.
-HIDDEN_TUNE_LINES = ("To visualize your results with TensorBoard", "Logical resource usage:")
-
-
-@contextlib.contextmanager
-def tune_console(verbose: bool):
-    """Tune's console during the block: all of it with `verbose`, else without HIDDEN_TUNE_LINES."""
-    if verbose:
-        yield
-        return
-    quiet = LineFilter(sys.stdout, HIDDEN_TUNE_LINES)
-    try:
-        with contextlib.redirect_stdout(quiet):
-            yield
-    finally:
-        quiet.close()
-
-
-class LineFilter(io.TextIOBase):
-    """A text stream that passes what is written on to `stream`, less the lines that start with one of
-    `hidden`. A line is held until it ends (or until `flush`, if it cannot become a hidden one)."""
-
-    def __init__(self, stream, hidden: tuple[str, ...]):
-        self.stream, self.hidden = stream, hidden
-        self._pending = ""
-        self._lock = threading.Lock()  # Ray prints worker logs from a thread of its own
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            *lines, self._pending = (self._pending + text).split("\n")
-            kept = "".join(f"{line}\n" for line in lines if not self._hides(line))
-            if kept:
-                self.stream.write(kept)
-        return len(text)
-
-    def flush(self) -> None:
-        with self._lock:
-            if self._pending and not self._may_hide(self._pending):
-                self.stream.write(self._pending)
-                self._pending = ""
-        self.stream.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._pending and not self._hides(self._pending):
-                self.stream.write(self._pending)
-            self._pending = ""
-        self.stream.flush()
-        super().close()
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-    def _hides(self, line: str) -> bool:
-        return line.lstrip().startswith(self.hidden)
-
-    def _may_hide(self, start: str) -> bool:
-        """Whether a line that starts with `start` may turn out to be hidden."""
-        start = start.lstrip()
-        return self._hides(start) or any(hidden.startswith(start) for hidden in self.hidden)
+from alignprop_ray.sweep.summary import TRAIN_RUNS, UNFINISHED, SweepOutcome
 
 
 def print_outcome(outcome: SweepOutcome, sweep, resume_command: str, ui_url: str | None = None) -> None:
@@ -85,27 +13,55 @@ def print_outcome(outcome: SweepOutcome, sweep, resume_command: str, ui_url: str
     from alignprop_ray.sweep.summary import format_table
 
     print("\n" + format_table(outcome.rows, sweep))
-    metric, _ = sweep.config.tune.best_metric
-    if outcome.pareto:
-        names = ", ".join(r["trial"] for r in outcome.pareto)
-        print(f"\nPareto front ({', '.join(sweep.config.tune.metrics)}): {names}")
+    if outcome.fronts:
+        print()
+    for label, front in outcome.fronts.items():
+        print(f"Pareto front ({label}): {', '.join(r['trial'] for r in front)}")
     if outcome.best:
         best = outcome.best
-        value = best.get(metric)
-        print(f"\nbest trial: {best['trial']} ({metric} {'-' if value is None else f'{value:.4g}'})")
-        print(f"best adapter: {best['adapter'] or '(no checkpoint)'}")
+        print("\n" + "\n".join(outcome.selection.explain()))
+        print(f"best adapter: {best['adapter'] or '(no checkpoint)'} (what --register registers)")
         if best.get("run_id"):
             print(f"  also in MLflow: runs:/{best['run_id']}/adapter")
     if outcome.interrupted:
-        print(f"\ninterrupted: continue with `{resume_command}`")
+        print(f"\ninterrupted: {where_trials_stopped(outcome, sweep)}; continue with `{resume_command}`")
     print(f"\nMLflow: parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
     print_ui_links(outcome, sweep.config.tune.best_metric, ui_url)
+
+
+def where_trials_stopped(outcome: SweepOutcome, sweep) -> str:
+    """Each unfinished trial's last step and the checkpoint it resumes from, in one line."""
+    from alignprop_ray.compat import mlflow_latest_metric_steps
+    from alignprop_ray.sweep.tracking import child_name
+    from alignprop_ray.tracking import client
+    from alignprop_ray.train.launch import last_checkpoint_step
+
+    storage = posixpath.join(outcome.experiment_path, TRAIN_RUNS)
+    parts, waiting = [], 0
+    for row in outcome.rows:
+        if row["status"] not in UNFINISHED:
+            continue
+        logged = (
+            mlflow_latest_metric_steps(client(outcome.tracking_uri), row["run_id"]) if row["run_id"] else {}
+        )
+        if not any(logged.values()):
+            waiting += 1
+            continue
+        checkpoint = last_checkpoint_step(storage, child_name(sweep.name, row["trial"]))
+        resumes = f"its checkpoint of step {checkpoint}" if checkpoint else "its start (no checkpoint yet)"
+        parts.append(
+            f"trial {row['trial']} stopped after step {max(logged.values())}, resumes from {resumes}"
+        )
+    if waiting:
+        parts.append(f"{waiting} trial{'s' * (waiting > 1)} not started")
+    return "; ".join(parts)
 
 
 def print_ui_links(outcome: SweepOutcome, best_metric: tuple[str, str], ui_url: str | None = None) -> None:
     """How to open the UI on the store, then links to the experiment's runs table (best `best_metric`
     first: a (metric, mode) pair) and to the compare page of every trial that has a run."""
-    from alignprop_ray.sweep.tracking import compare_url, runs_table_url, ui_base, ui_command
+    from alignprop_ray.sweep.tracking import compare_url, runs_table_url, ui_base
+    from alignprop_ray.tracking import ui_command
 
     uri = outcome.tracking_uri
     if uri.startswith("databricks") or outcome.experiment_id is None:  # Databricks links differ

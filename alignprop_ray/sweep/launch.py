@@ -17,17 +17,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from alignprop_ray.console import quiet_console
 from alignprop_ray.errors import UserError
 from alignprop_ray.sweep import capacity
-from alignprop_ray.sweep.console import print_outcome, tune_console
-from alignprop_ray.sweep.summary import SweepOutcome
+from alignprop_ray.sweep.console import print_outcome
+from alignprop_ray.sweep.summary import TRAIN_RUNS, SweepOutcome
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 2**20}  # Tune needs a non-empty request; the workers hold the CPUs
-TRAIN_RUNS = "train_runs"
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from alignprop_ray.sweep.config import load_sweep
+    from alignprop_ray.train.launch import ray_of_this_command
 
     ui_url = _ui_url(args)
     if args.register:
@@ -35,7 +36,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         check_model_name(args.register)
     sweep = load_sweep(args.config, args.overrides)
-    with tune_console(verbose=args.verbose):
+    with quiet_console(verbose=args.verbose), ray_of_this_command():
         outcome = run_sweep(sweep, resume=args.resume)
     resume = f"alignprop-ray sweep {args.config} --resume"
     print_outcome(outcome, sweep, resume_command=resume, ui_url=ui_url)
@@ -47,6 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     --workdir; rerunning resumes the sweep."""
     from alignprop_ray.report import write_report
     from alignprop_ray.sweep.config import load_sweep
+    from alignprop_ray.train.launch import ray_of_this_command
 
     workdir = Path(args.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ui_url = _ui_url(args)
     overrides = [f"base.tracking.uri={uri}", f"base.storage.path={workdir / 'runs'}"]
     sweep = load_sweep(shipped_sweep("demo.yaml"), overrides)
-    with tune_console(verbose=args.verbose):
+    with quiet_console(verbose=args.verbose), ray_of_this_command():
         outcome = run_sweep(sweep, resume=can_resume(sweep))
     resume = f"alignprop-ray demo --workdir {args.workdir}"
     print_outcome(outcome, sweep, resume_command=resume, ui_url=ui_url)
@@ -221,6 +223,7 @@ def _header(sweep, path: str, uri: str, parent_id: str, concurrency: int, why: s
             f"each trial: {capacity.trial_resources(sweep)}",
             f"#   space: {space}",
             f"#   objective: {', '.join(f'{m} ({o})' for m, o in zip(tune.metrics, tune.modes, strict=True))}",
+            f"#   best trial: {_rule_line(sweep)}",
             f"#   MLflow: parent run {parent_id}, experiment {sweep.reference.tracking.experiment!r}, {uri}",
             f"#   Tune results and checkpoints: {path}",
             f"#   a trial without room for its workers waits for it (failure.wait_for_room_s: {_bound(sweep)})",
@@ -231,6 +234,14 @@ def _header(sweep, path: str, uri: str, parent_id: str, concurrency: int, why: s
 def _bound(sweep) -> str:
     wait = sweep.reference.failure.wait_for_room_s
     return "no limit" if wait is None else f"{wait:g} s"
+
+
+def _rule_line(sweep) -> str:
+    rule = sweep.selection_rule
+    kept = "; ".join(map(str, rule.constraints))
+    where = "tune.select" if sweep.config.tune.select is not None else "the default: not collapsed"
+    best = f"the {rule.mode} of {rule.metric}"
+    return f"{best} among the trials that keep {kept} ({where})" if kept else f"{best} ({where}: [])"
 
 
 def _trial_tracking_uri(uri: str, concurrency: int, path: str):
@@ -331,13 +342,17 @@ def max_steps(sweep) -> int:
 def _run_config(sweep):
     from ray import tune
 
-    from alignprop_ray.sweep.stoppers import CollapseRule, TrialStopper
+    from alignprop_ray.sweep.stoppers import CollapseRule, OveroptimizationRule, TrialStopper
     from alignprop_ray.sweep.tracking import ChildRunCloser
 
     stop = sweep.config.stop
     collapse = CollapseRule(**stop.collapse.model_dump()) if stop.collapse else None
     nan_metrics = [*sweep.config.tune.metrics, "train/loss"] if stop.nan else []
-    stopper = TrialStopper(collapse, nan_metrics)
+    over = stop.overoptimization
+    overoptimization = (
+        OveroptimizationRule(over.heldout_metric, over.margin, over.window, over.reward) if over else None
+    )
+    stopper = TrialStopper(collapse, nan_metrics, overoptimization)
     ref = sweep.reference
     closer = ChildRunCloser(ref.tracking.uri, ref.tracking.experiment, sweep.name, ref.train.steps)
     return tune.RunConfig(
@@ -355,17 +370,18 @@ def _finish(sweep, path: str, uri: str, experiment: str, parent_id: str) -> Swee
 
     from alignprop_ray import tracking
     from alignprop_ray.sweep import summary
-    from alignprop_ray.sweep.tracking import finish_parent
+    from alignprop_ray.sweep.tracking import finish_parent, first_values
 
     trials = ExperimentAnalysis(path).trials
     rows = summary.trial_rows(trials, sweep, _child_runs(uri, experiment, parent_id))
-    settings = sweep.config.tune
-    best = summary.best_row(rows, *settings.best_metric)
-    pareto = summary.pareto_front(rows, settings.metrics, settings.modes) if settings.objectives else []
+    rule = sweep.selection_rule
+    relative = sorted({c.metric for c in rule.constraints if c.relative})
+    best, selection = summary.choose(rows, rule, first_values(uri, rows, relative))
+    fronts = summary.fronts(rows, sweep)
     experiment_id = tracking.client(uri).get_experiment_by_name(experiment).experiment_id
-    outcome = SweepOutcome(sweep.name, parent_id, uri, path, rows, best, pareto, experiment_id)
+    outcome = SweepOutcome(sweep.name, parent_id, uri, path, rows, best, fronts, experiment_id, selection)
     status = "KILLED" if outcome.interrupted else ("FAILED" if outcome.exit_code else "FINISHED")
-    finish_parent(uri, parent_id, rows, best, pareto, status, [d.field for d in sweep.domains])
+    finish_parent(uri, parent_id, outcome, status, [d.field for d in sweep.domains])
     return outcome
 
 

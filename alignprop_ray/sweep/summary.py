@@ -1,26 +1,34 @@
-"""What a sweep found: one row per trial, the best trial, the Pareto front, and the console table.
+"""What a sweep found: one row per trial, the best trial, the Pareto fronts, and the console table.
 
-Rows are plain dicts (trial, status, each searched field, the objective metrics, diversity, adapter),
-built from Tune's trials after `fit`. The best trial and the Pareto front are chosen among trials that
-ran to completion: a trial stopped for collapse may score high precisely because it collapsed.
+Rows are plain dicts (trial, status, each searched field, the objective metrics, diversity, held-out
+rewards, adapter), built from Tune's trials after `fit`. The best trial is chosen by the sweep's selection
+rule (alignprop_ray/selection.py: the objective under constraints, by default "not collapsed"), completed
+trials first; the Pareto fronts are drawn from trials that ran to completion: a trial stopped for collapse
+may score high precisely because it collapsed.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignprop_ray.selection import Selection, SelectionRule, TrialResult, front_pairs, pareto_front, select
 from alignprop_ray.sweep.stoppers import STOP_REASON, TOTAL_STEPS, early_stop_reason, is_final
 
 CHECKPOINT_PATH = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY
 DIVERSITY = "eval/diversity"
+TRAIN_RUNS = "train_runs"  # below a sweep's folder: each trial's Ray Train run (checkpoints)
+SELECTION = "selection"  # row key: why the trial breaks the selection rule (None: it keeps it)
+UNFINISHED = ("pending", "running", "paused")  # statuses of a trial that has not ended (an interrupted sweep)
 
 
 @dataclass
 class SweepOutcome:
-    """A finished (or interrupted) sweep: its trials' rows, the best one and the Pareto front."""
+    """A finished (or interrupted) sweep: its trials' rows, the best one, how it was chosen, and the Pareto
+    fronts (label -> rows on it: the objectives' front, or the objective against diversity and against
+    each held-out reward)."""
 
     name: str
     parent_run_id: str
@@ -28,12 +36,13 @@ class SweepOutcome:
     experiment_path: str
     rows: list[dict[str, Any]]
     best: dict[str, Any] | None
-    pareto: list[dict[str, Any]] = field(default_factory=list)
+    fronts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     experiment_id: str | None = None
+    selection: Selection | None = None
 
     @property
     def interrupted(self) -> bool:
-        return any(r["status"] in ("pending", "running", "paused") for r in self.rows)
+        return any(r["status"] in UNFINISHED for r in self.rows)
 
     @property
     def exit_code(self) -> int:
@@ -57,7 +66,7 @@ def _row(trial, sweep, run_id: str | None) -> dict[str, Any]:
             row[domain.field] = domain.decode(trial.config[domain.field])
     row["status"] = _status(trial, result, int(row.get("train.steps", sweep.reference.train.steps)))
     row["error"] = error_line(trial) if trial.status == "ERROR" else None
-    for metric in dict.fromkeys([*sweep.config.tune.metrics, "eval/reward", DIVERSITY]):
+    for metric in row_metrics(sweep):
         row[metric] = _number(result.get(metric))
     row["step"] = result.get("step")
     row["completed"] = row["status"] == "completed"
@@ -69,6 +78,15 @@ def _row(trial, sweep, run_id: str | None) -> dict[str, Any]:
         else (f"{checkpoint.rstrip('/')}/adapter" if checkpoint else None)
     )
     return row
+
+
+def row_metrics(sweep) -> list[str]:
+    """The metrics each row carries: the objectives, eval/reward, diversity, what the selection rule reads,
+    and the held-out rewards."""
+    rule = sweep.selection_rule.metrics
+    return list(
+        dict.fromkeys([*sweep.config.tune.metrics, "eval/reward", DIVERSITY, *rule, *sweep.heldout_metrics])
+    )
 
 
 def _status(trial, result: dict, steps: int) -> str:
@@ -98,43 +116,53 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _usable(row: dict, metric: str) -> bool:
-    value = row.get(metric)
-    return value is not None and math.isfinite(value)
+def choose(
+    rows: list[dict], rule: SelectionRule, firsts: Mapping[str, Mapping[str, float]]
+) -> tuple[dict | None, Selection]:
+    """The best row under `rule` and the selection behind it; marks each row that breaks the rule
+    (row["selection"]). `firsts`: trial id -> {metric: value at the trial's first evaluation}."""
+    selection = select([_trial_result(r, rule, firsts) for r in rows], rule)
+    for row in rows:
+        row[SELECTION] = selection.broken.get(row["trial"])
+    return _row_of(rows, selection.best), selection
 
 
 def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
-    """The best completed trial by `metric` (falling back to any trial with a value)."""
-    for pool in ([r for r in rows if r["completed"]], rows):
-        candidates = [r for r in pool if _usable(r, metric)]
-        if candidates:
-            pick = max if mode == "max" else min
-            return pick(candidates, key=lambda r: r[metric])
-    return None
+    """The best completed trial by `metric` alone (falling back to any trial with a value)."""
+    rule = SelectionRule(metric, mode)
+    return _row_of(rows, select([_trial_result(r, rule, {}) for r in rows], rule).best)
 
 
-def pareto_front(rows: list[dict], metrics: list[str], modes: list[str]) -> list[dict]:
-    """Completed trials that no other completed trial beats on every objective (and strictly on one)."""
-    signs = [1.0 if mode == "max" else -1.0 for mode in modes]
-    pool = [r for r in rows if r["completed"] and all(_usable(r, m) for m in metrics)]
+def _trial_result(row: dict, rule: SelectionRule, firsts: Mapping[str, Mapping[str, float]]) -> TrialResult:
+    final = {m: row.get(m) for m in rule.metrics}
+    return TrialResult(row["trial"], final, firsts.get(row["trial"], {}), row["completed"])
 
-    def score(row: dict) -> list[float]:
-        return [s * row[m] for s, m in zip(signs, metrics, strict=True)]
 
-    def dominates(a: list[float], b: list[float]) -> bool:
-        return all(x >= y for x, y in zip(a, b, strict=True)) and any(
-            x > y for x, y in zip(a, b, strict=True)
-        )
+def _row_of(rows: list[dict], trial: TrialResult | None) -> dict | None:
+    return next(r for r in rows if r["trial"] == trial.id) if trial else None
 
-    return [r for r in pool if not any(dominates(score(o), score(r)) for o in pool if o is not r)]
+
+def fronts(rows: list[dict], sweep) -> dict[str, list[dict]]:
+    """label -> the rows on a Pareto front: the objectives' front for a multi-objective sweep, else the
+    objective against eval/diversity and against each held-out reward."""
+    tune = sweep.config.tune
+    if tune.objectives:
+        return {", ".join(tune.metrics): pareto_front(rows, tune.metrics, tune.modes)}
+    found = {}
+    for y, y_mode, x, x_mode in front_pairs(tune.best_metric, sweep.heldout_metrics):
+        found[f"{y}, {x}"] = pareto_front(rows, [y, x], [y_mode, x_mode])
+    return {label: front for label, front in found.items() if front}
 
 
 def format_table(rows: list[dict], sweep) -> str:
     """Fixed-width console table: trial, searched fields that vary, metrics, status."""
     varying = [d.field for d in sweep.domains if len({repr(r.get(d.field)) for r in rows}) > 1]
     metrics = list(dict.fromkeys([*sweep.config.tune.metrics, "eval/reward", DIVERSITY]))
+    metrics += [m for m in sweep.selection_rule.metrics if m not in metrics]
     columns = ["trial", *varying, *metrics, "step", "status"]
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    if any(row.get(SELECTION) for row in rows):  # why a trial is not eligible as the best
+        columns.append(SELECTION)
+    cells = [[_cell(row.get(c)) if c != SELECTION else row.get(c) or "" for c in columns] for row in rows]
     widths = [
         max(len(c), *(len(line[i]) for line in cells)) if cells else len(c) for i, c in enumerate(columns)
     ]

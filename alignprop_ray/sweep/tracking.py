@@ -16,8 +16,20 @@ from ray.tune import Callback
 
 from alignprop_ray import tracking
 from alignprop_ray.sweep.stoppers import STOP_REASON, TOTAL_STEPS, early_stop_reason, is_final
-from alignprop_ray.sweep.summary import error_line
-from alignprop_ray.tracking import BEST_RUN_TAG, BEST_TRIAL_TAG, KIND_TAG, STOP_TAG, SWEEP_TAG, TRIAL_TAG
+from alignprop_ray.sweep.summary import SELECTION, UNFINISHED, SweepOutcome, error_line
+from alignprop_ray.tracking import (
+    BEST_RUN_TAG,
+    BEST_TRIAL_TAG,
+    DEFAULT_UI_URL,
+    EXCLUDED_TAG,
+    KIND_TAG,
+    PARETO_TAG,
+    SELECT_TAG,
+    SELECTION_TAG,
+    STOP_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+)
 
 
 def child_name(sweep: str, trial_id: str) -> str:
@@ -74,16 +86,9 @@ def start_parent(uri: str, experiment: str, sweep, sweep_yaml: str) -> tuple[str
     return run_id, resumed
 
 
-def finish_parent(
-    uri: str,
-    run_id: str,
-    rows: list[dict],
-    best: dict | None,
-    pareto: list[dict],
-    status: str,
-    searched: list[str],
-) -> None:
-    """The summary table (CSV) and Pareto front as artifacts, the best trial as tags; and once the sweep has
+def finish_parent(uri: str, run_id: str, outcome: SweepOutcome, status: str, searched: list[str]) -> None:
+    """The summary table (CSV) and Pareto fronts as artifacts, the best trial and how it was chosen as tags,
+    each ended trial that breaks the selection rule tagged on its own run; and once the sweep has
     FINISHED, the best trial's searched params and final metrics under the trials' own names.
 
     So in the MLflow runs table the sweep's row reads as its best trial, in the same columns as the
@@ -91,9 +96,23 @@ def finish_parent(
     changes a logged param.
     """
     client = tracking.client(uri)
+    rows, best, selection = outcome.rows, outcome.best, outcome.selection
     client.log_text(run_id, _csv(rows), "trials.csv")
-    if pareto:
-        client.log_text(run_id, _csv(pareto), "pareto_front.csv")
+    if outcome.fronts:
+        front_rows = [{"front": label, **row} for label, front in outcome.fronts.items() for row in front]
+        client.log_text(run_id, _csv(front_rows), "pareto_front.csv")
+        listed = (
+            f"{label}: {', '.join(r['trial'] for r in front)}" for label, front in outcome.fronts.items()
+        )
+        client.set_tag(run_id, PARETO_TAG, "\n".join(listed))
+    if selection:
+        client.set_tag(run_id, SELECT_TAG, str(selection.rule))
+        client.set_tag(
+            run_id, SELECTION_TAG, "\n".join(selection.explain()) or "no trial has a result to rank"
+        )
+    for row in rows:
+        if row.get(SELECTION) and row.get("run_id") and row["status"] not in UNFINISHED:
+            client.set_tag(row["run_id"], EXCLUDED_TAG, row[SELECTION])
     if best:
         client.set_tag(run_id, BEST_TRIAL_TAG, best["trial"])
         if best.get("run_id"):
@@ -101,6 +120,22 @@ def finish_parent(
             if status == "FINISHED":
                 carry_run(uri, best["run_id"], run_id, searched)
     tracking.end_run(uri, run_id, status)
+
+
+def first_values(uri: str, rows: list[dict], metrics: list[str]) -> dict[str, dict[str, float]]:
+    """Trial id -> {metric: its value at the trial's first evaluation}, from each trial's MLflow history
+    (every evaluation is logged at its step; the first is step 0, the base model)."""
+    client = tracking.client(uri)
+    found: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if not (metrics and row.get("run_id")):
+            continue
+        values = found.setdefault(row["trial"], {})
+        for metric in metrics:
+            history = client.get_metric_history(row["run_id"], metric)
+            if history:  # a step logged twice (a resumed run): the later value counts, as in the report
+                values[metric] = min(history, key=lambda m: (m.step, -m.timestamp)).value
+    return found
 
 
 def carry_run(uri: str, source_id: str, target_id: str, fields: list[str]) -> None:
@@ -141,8 +176,6 @@ def _csv(rows: list[dict]) -> str:
 
 # --- links into the MLflow UI ------------------------------------------------------------------------
 
-DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told --host/--port
-
 
 def check_ui_url(url: str) -> str:
     """`url` without a trailing slash if it can be the address of an MLflow UI; UserError otherwise."""
@@ -166,28 +199,6 @@ def ui_base(uri: str, ui_url: str | None) -> str:
     if ui_url:
         return ui_url.rstrip("/")
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
-
-
-def ui_command(uri: str, base: str) -> str | None:
-    """The `mlflow ui` command that serves store `uri` at `base` (None: `uri` is a server already)."""
-    import shlex
-    from urllib.parse import urlsplit
-
-    if uri.startswith(("http://", "https://", "databricks")):
-        return None
-    address, default = urlsplit(base), urlsplit(DEFAULT_UI_URL)
-    port = address.port or {"http": 80, "https": 443}[address.scheme]
-    command = f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
-    if address.hostname not in (default.hostname, "localhost"):
-        # MLflow's server answers only Host headers of loopback and private addresses unless told others,
-        # and refuses the UI's own API calls (403, shown as INTERNAL_ERROR) from any other origin
-        command += f" --host {address.hostname} --allowed-hosts {address.netloc}"
-        command += f" --cors-allowed-origins {address.scheme}://{address.netloc}"
-    if port != default.port:
-        command += f" --port {port}"
-    if address.path.strip("/"):
-        command += f" --static-prefix /{address.path.strip('/')}"
-    return command
 
 
 def runs_table_url(base: str, experiment_id: str, metric: str | None = None, mode: str = "max") -> str:

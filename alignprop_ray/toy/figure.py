@@ -5,8 +5,13 @@ trained adapter, side by side (the README's docs/images/demo_before_after.png).
         --adapter "full, lr 3e-2=ADAPTER_DIR" --out docs/images/demo_before_after.png
 
 ADAPTER_DIR is a trial's `adapter/` (its last Ray checkpoint, or `mlflow artifacts download -r RUN_ID -a adapter`).
-Sampling matches the demo's evaluation (sweeps/demo.yaml: 10 DDIM steps, guidance 5, eta 0, the eval seeds
-of the training loop), so each panel is the run's last eval grid.
+Sampling matches the demo's evaluation (sweeps/demo.yaml: 10 steps of the model's scheduler, guidance 5,
+eta 0, the eval seeds of the training loop), so each panel is the run's last eval grid.
+
+Base models side by side (docs/images/toy_models.png in docs/model_families.md):
+
+    python -m alignprop_ray.toy.figure --title "toy-shapes (sd: UNet, DDIM)" \
+        --also-model "toy-shapes-sd3 (sd3: MMDiT, flow matching)=models/toy-shapes-sd3" --out docs/images/toy_models.png
 """
 
 from __future__ import annotations
@@ -64,18 +69,29 @@ def compose(panels: list[tuple[str, torch.Tensor]], prompts: list[str], seeds: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "models" / "toy-shapes"))
+    parser.add_argument("--title", default="base model", help="the --model panel's title")
     parser.add_argument("--adapter", action="append", default=[], metavar="TITLE=DIR", help="repeatable")
+    parser.add_argument(
+        "--also-model",
+        action="append",
+        default=[],
+        metavar="TITLE=DIR",
+        help="another base model; repeatable",
+    )
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path("docs/images/demo_before_after.png"))
     args = parser.parse_args(argv)
     prompts = shapes.demo_prompts()[1]
-    sample = lambda adapter: panel(args.model, adapter, prompts, args.seeds, args.steps, args.guidance)  # noqa: E731
-    panels = [("base model", sample(None))]
+    sample = lambda model, adapter: panel(model, adapter, prompts, args.seeds, args.steps, args.guidance)  # noqa: E731
+    panels = [(args.title, sample(args.model, None))]
     for spec in args.adapter:
         title, _, directory = spec.rpartition("=")
-        panels.append((title, sample(directory)))
+        panels.append((title, sample(args.model, directory)))
+    for spec in args.also_model:
+        title, _, directory = spec.rpartition("=")
+        panels.append((title, sample(directory, None)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     compose(panels, prompts, args.seeds).save(args.out)
     print(f"wrote {args.out}")

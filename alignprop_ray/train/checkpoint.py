@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import posixpath
@@ -169,7 +170,7 @@ def report_step(
     with tempfile.TemporaryDirectory() as parent:
         checkpoint, name = None, None
         if rank == 0:  # every worker holds the same adapter: one copy is enough
-            extras = (lambda directory: logger.save_unsent(directory / UNSENT_LOGS)) if logger else None
+            extras = functools.partial(_checkpoint_extras, logger=logger)
             try:
                 directory = write_checkpoint(learner, progress, parent, extras)
             except OSError as err:
@@ -208,15 +209,27 @@ def _remove_from_storage(storage_path: str, checkpoint_name: str) -> None:
         filesystem.delete_dir(posixpath.join(root, run, checkpoint_name))
 
 
+def _checkpoint_extras(directory: Path, logger) -> None:
+    """What a checkpoint carries besides the training state: rank 0's unsent MLflow calls, the step-0
+    reference of eval.base_fidelity."""
+    from alignprop_ray.train import base_fidelity  # it reads DamagedCheckpoint from here
+
+    if logger:
+        logger.save_unsent(directory / UNSENT_LOGS)
+    base_fidelity.save_reference(directory)
+
+
 def restore(checkpoint, learner: Learner, logger, run_id: str, say: Callable[[str], None]) -> Progress:
     """Resume from the newest intact checkpoint: the one Ray hands, or if that one is damaged (a node died
     while writing or uploading it), the newest intact one the run keeps; each damaged one is named in one
     line (`say`, on rank 0). None intact (or none at all): step 0. Rank 0 queues the MLflow calls the
     checkpoint carried."""
     from alignprop_ray.tracking import read_unsent
+    from alignprop_ray.train import base_fidelity
 
     rank = world()[0]
     progress = Progress(step=0, run_id=run_id)
+    base_fidelity.forget()
     for candidate in _newest_first(checkpoint, say):
         try:
             with candidate.as_directory() as directory:
@@ -226,7 +239,9 @@ def restore(checkpoint, learner: Learner, logger, run_id: str, say: Callable[[st
                     read_unsent(unsent)
                 except ValueError as err:
                     raise DamagedCheckpoint(f"{UNSENT_LOGS}/{err}") from err
+                reference = base_fidelity.read_reference(Path(directory))
                 progress = contents.restore(learner)
+                base_fidelity.keep(reference)
                 if logger:
                     logger.resend(unsent)
             break

@@ -12,6 +12,7 @@ import torch
 
 from alignprop_ray.engine.distributed import gather_objects, world
 from alignprop_ray.engine.step import Learner, StepResult, generate_eval
+from alignprop_ray.train import base_fidelity
 
 if TYPE_CHECKING:
     from alignprop_ray.rewards.diversity import Features
@@ -42,17 +43,22 @@ def evaluate(learner: Learner, cfg, prompts: list[str], step: int, result: StepR
     mine_prompts, batch = [p for p, _ in mine], cfg.train.batch_size
     images, terms, totals = generate_eval(learner, mine_prompts, [s for _, s in mine], batch)
     heldout, features = eval_models(cfg, learner.device).measure(images, mine_prompts, batch)
+    fidelity = base_fidelity.shard_features(cfg.eval.base_fidelity, learner.device, images, batch)
     columns = _in_image_order(
         list(range(rank, len(pairs), world_size)),
         {
             "images": (images * 255).round().to(torch.uint8),
             "features": features,
+            "fidelity": fidelity,
             "reward": totals,
             **{f"reward/{name}": value for name, value in terms.items()},
             **{f"heldout/{name}": value for name, value in heldout.items()},  # metrics eval/heldout/<name>
         },
     )
     images, features = columns.pop("images").float() / 255, columns.pop("features")
+    fidelity = base_fidelity.measure(cfg.eval.base_fidelity, columns.pop("fidelity"), step)
+    if fidelity is not None:  # metric eval/base_fidelity, a column of the eval table
+        columns["base_fidelity"] = fidelity
     metrics = {f"eval/{name}": float(value.mean()) for name, value in columns.items()}
     groups = [i for i in range(len(prompts)) for _ in range(cfg.prompts.eval_seeds)]
     metrics.update(diversity(images, groups, features, prefix="eval/"))

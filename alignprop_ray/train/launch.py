@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from alignprop_ray.console import quiet_console
 from alignprop_ray.errors import UserError
 
 # Ray Train 2.60 gives each worker a one-slot result queue that its controller empties only when it polls
@@ -59,7 +60,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"MLflow tracking URI: {cfg.tracking.uri} (from {source})", flush=True)
     name = args.name or default_name(cfg)
     try:
-        outcome = run_training(cfg, name=name)
+        with quiet_console(verbose=args.verbose), ray_of_this_command():
+            outcome = run_training(cfg, name=name)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train's SIGINT handler ends fit() with sys.exit(0)
+        stopped = stopped_after(cfg, name)
+        print(f"alignprop-ray train: interrupted {stopped}; {resume_hint(cfg, name, args)}", file=sys.stderr)
+        return 130
     except Exception as err:  # Ray has printed any worker's traceback: end with the cause in one line
         line = failure_line(err)
         if line is None:
@@ -69,8 +75,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run {outcome.name}: MLflow run {outcome.run_id} in {cfg.tracking.uri}")
     if outcome.checkpoint:
         print(f"adapter: {Path(outcome.checkpoint) / 'adapter'} (also logged to MLflow under adapter/)")
-    print(f"compare runs: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    print(f"compare runs: {compare_runs(cfg.tracking.uri)}")
     return 0
+
+
+def compare_runs(uri: str) -> str:
+    """Where to compare runs: the `mlflow ui` command that serves the store, or the server's own UI."""
+    from alignprop_ray.tracking import ui_command
+
+    return ui_command(uri) or f"the MLflow UI at {uri}"
 
 
 def failure_line(err: BaseException) -> str | None:
@@ -120,18 +133,29 @@ def resume_hint(cfg, name: str, args: argparse.Namespace) -> str:
     """How to continue the run: the same command with its name, and the step it resumes from."""
     sets = "".join(f" --set {shlex.quote(item)}" for item in args.overrides)
     command = f"alignprop-ray train {shlex.quote(str(args.config))}{sets} --name {name}"
-    step = last_checkpoint_step(cfg, name)
+    step = last_checkpoint_step(cfg.storage.path, name)
     if step is None:
         return f"no checkpoint was saved: `{command}` starts it again"
     return f"resume from the checkpoint of step {step} with `{command}`"
 
 
-def last_checkpoint_step(cfg, name: str) -> int | None:
-    """The step of the run's newest checkpoint in storage, or None."""
+def stopped_after(cfg, name: str) -> str:
+    """`after step N`: the last step the run logged (`before its first step` if none)."""
+    from alignprop_ray import tracking
+
+    try:
+        step = tracking.last_logged_step(cfg.tracking.uri, cfg.tracking.experiment, name)
+    except Exception:  # the store itself may be what is failing: the line still says how to resume
+        return "(its last step is not known: the MLflow store did not answer)"
+    return f"after step {step}" if step else "before its first step"
+
+
+def last_checkpoint_step(storage_path: str, name: str) -> int | None:
+    """The step of the newest checkpoint of Train run `name` in `storage_path`, or None."""
     from ray.train import Result
 
     try:
-        metrics = Result.from_path(posixpath.join(cfg.storage.path, name)).metrics or {}
+        metrics = Result.from_path(posixpath.join(storage_path, name)).metrics or {}
     except Exception:  # no run folder, or no checkpoint record in it
         return None
     return metrics.get("step")
@@ -170,11 +194,15 @@ def run_training(
         fail_marker=fail_marker,
     )
     loop_input.run_id, resumed = tracking.start_run(
-        cfg.tracking.uri, cfg.tracking.experiment, name, cfg.flat_params(), cfg.to_yaml(), tags
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        name,
+        cfg.flat_params(),
+        cfg.to_yaml(),
+        tags,
+        check_resume=lambda existing: _check_same_config(cfg, existing, name),
     )
     run_id = loop_input.run_id
-    if resumed:
-        _check_same_config(cfg, run_id, name)
     connect_ray()
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
@@ -287,21 +315,41 @@ def _check_same_config(cfg, run_id: str, name: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def ray_of_this_command():
+    """Shut down, at the end of the block, the Ray instance that `connect_ray` starts in it (one that was
+    running before, a notebook's or a test session's, is left alone). Ray prints its workers' last lines
+    while it shuts down; inside the block, the console filter still sees them (alignprop_ray/console.py)."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    try:
+        yield
+    finally:
+        if started_here and ray.is_initialized():
+            ray.shutdown()
+
+
 def connect_ray() -> None:
     """Join a cluster only when the user asked for one, else start a private local Ray instance.
 
     Asked for: `RAY_ADDRESS` is set, or a cluster started with `ray start` runs on this machine. Never
     `address="auto"`: it joins ANY local instance, including the private one of another `alignprop-ray`
-    command, which then dies under us when that command exits. An instance this process (or a notebook)
-    already started is reused.
+    command, which then dies under us when that command exits. A private instance is started so that its
+    own processes never take another command's instance for theirs either (compat.ray_init_private). An
+    instance this process (or a notebook) already started is reused.
     """
     import ray
 
-    from alignprop_ray.compat import ray_started_cluster_address
+    from alignprop_ray.compat import ray_init_private, ray_started_cluster_address
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    address = os.environ.get("RAY_ADDRESS") or ray_started_cluster_address() or "local"
     # the dashboard stays on: Ray Train's state checks query it
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    settings = {"logging_level": logging.WARNING, "log_to_driver": True}
+    address = os.environ.get("RAY_ADDRESS") or ray_started_cluster_address()
+    if address:
+        ray.init(address=address, **settings)
+    else:
+        ray_init_private(**settings)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Remake the screenshots of docs/mlflow_ui.md from a real run: the smoke sweep on the offline tiny model
-# (a few minutes on 2 CPU cores), its store served by `mlflow server`, the links the sweep printed opened in
-# headless Chromium (Debian package `chromium`).
+# (a few minutes on 2 CPU cores), its store served by the `mlflow ui` command it printed, the links it
+# printed opened in headless Chromium (Debian package `chromium`).
 #   bash docs/images/screenshots.sh            # from the repository root, with .venv set up (make setup)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,11 +19,14 @@ url="http://$host:$port"
     tee "$work/sweep.log"
 link() { grep -m1 "^  $1:" "$work/sweep.log" | sed "s/^  $1: *//"; }
 
-# --cors-allowed-origins: MLflow's security middleware answers 403 ("Cross-origin request blocked") to the
-# UI's own API calls when the page's origin is not a localhost one (its default: localhost, 127.0.0.1,
-# [::1]), and the UI then shows INTERNAL_ERROR instead of the tables; 127.0.0.2 must be named.
-setsid .venv/bin/mlflow server --backend-store-uri "sqlite:///$work/mlflow.db" --host "$host" --port "$port" \
-    --workers 1 --allowed-hosts "$host:$port" --cors-allowed-origins "$url" >"$work/server.log" 2>&1 &
+# The UI is served by the `mlflow ui` command the sweep printed, as a user runs it. For an address other
+# than 127.0.0.1 that command names it with --host, --allowed-hosts and --cors-allowed-origins: MLflow's
+# security middleware answers 403 ("Cross-origin request blocked") to the UI's own API calls when the
+# page's origin is not a localhost one (its default: localhost, 127.0.0.1, [::1]), and the UI then shows
+# INTERNAL_ERROR instead of the tables; and --workers 1 for the SQLite store.
+command=$(link 'open the UI')
+echo "+ $command"
+PATH="$root/.venv/bin:$PATH" setsid bash -c "exec $command" >"$work/server.log" 2>&1 &
 server=$!  # the server's process group: setsid made it one
 for _ in $(seq 120); do curl -sf "$url/health" >/dev/null && break; sleep 1; done
 
