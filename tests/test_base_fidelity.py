@@ -42,7 +42,8 @@ def move_adapter(learner) -> None:
     "space", [{"space": "pixels"}, {"space": "clip", "arch": "tiny"}], ids=["pixels", "clip"]
 )
 def test_base_fidelity_is_one_at_step_0_and_falls_once_the_adapter_changes_the_images(space):
-    from alignprop_ray.train.loop import build_learner, evaluate
+    from alignprop_ray.train.build import build_learner
+    from alignprop_ray.train.evaluate import evaluate
 
     cfg = experiment(space)
     learner = build_learner(cfg, torch.device("cpu"))
@@ -61,8 +62,9 @@ def test_base_fidelity_is_one_at_step_0_and_falls_once_the_adapter_changes_the_i
 def test_a_resumed_run_compares_with_the_step_0_reference_its_checkpoint_keeps(tmp_path, capsys):
     from ray.train import Checkpoint
 
-    from alignprop_ray.train.checkpoint import Progress, write_checkpoint
-    from alignprop_ray.train.loop import _checkpoint_extras, build_learner, evaluate, restore
+    from alignprop_ray.train.build import build_learner
+    from alignprop_ray.train.checkpoint import Progress, _checkpoint_extras, restore, write_checkpoint
+    from alignprop_ray.train.evaluate import evaluate
 
     cfg = experiment({"space": "pixels"})
     learner = build_learner(cfg, torch.device("cpu"))
@@ -76,11 +78,11 @@ def test_a_resumed_run_compares_with_the_step_0_reference_its_checkpoint_keeps(t
     base_fidelity.forget()  # a new worker process: nothing in memory
     assert "eval/base_fidelity" not in evaluate(learner, cfg, PROMPTS, 3, None, None)
     assert "eval/base_fidelity is not logged: no step-0 reference" in capsys.readouterr().out
-    assert restore(Checkpoint.from_directory(str(directory)), learner, None, "r").step == 3
+    assert restore(Checkpoint.from_directory(str(directory)), learner, None, "r", say=print).step == 3
     assert evaluate(learner, cfg, PROMPTS, 3, None, None)["eval/base_fidelity"] == moved
 
     (directory / base_fidelity.REFERENCE_FILE).write_bytes(b"garbled")
-    restore(Checkpoint.from_directory(str(directory)), learner, None, "r")  # damaged: not used
+    restore(Checkpoint.from_directory(str(directory)), learner, None, "r", say=print)  # damaged: not used
     assert (
         f"damaged checkpoint skipped: {directory} ({base_fidelity.REFERENCE_FILE}:" in capsys.readouterr().out
     )

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignprop_ray.engine.distributed import world
-from alignprop_ray.train.checkpoint import DamagedCheckpoint
 
 REFERENCE_FILE = "base_fidelity_reference.pt"  # in a checkpoint: {"space": ..., "features": (N, D)}
 
@@ -126,7 +125,8 @@ def save_reference(directory: Path) -> None:
 
 
 def read_reference(directory: Path) -> dict | None:
-    """The reference a checkpoint holds, None if it holds none; DamagedCheckpoint for a file that is not one."""
+    """The reference a checkpoint holds, None if it holds none; ValueError naming the file if it is not one
+    (train/checkpoint.py `restore` reads that as a damaged checkpoint)."""
     path = Path(directory) / REFERENCE_FILE
     if not path.is_file():
         return None
@@ -134,9 +134,9 @@ def read_reference(directory: Path) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # anything torch raises on a file we wrote means it is not what we wrote
         lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        raise DamagedCheckpoint(f"{REFERENCE_FILE}: {lines[0][:200]}") from err
+        raise ValueError(f"{REFERENCE_FILE}: {lines[0][:200]}") from err
     if not isinstance(state, dict) or not isinstance(state.get("features"), Tensor):
-        raise DamagedCheckpoint(f"{REFERENCE_FILE}: no reference features in it")
+        raise ValueError(f"{REFERENCE_FILE}: no reference features in it")
     return state
 
 

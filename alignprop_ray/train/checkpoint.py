@@ -28,6 +28,7 @@ import torch
 from alignprop_ray.engine.distributed import gather_objects, world
 from alignprop_ray.engine.lora import load_adapter, read_adapter, save_adapter
 from alignprop_ray.engine.step import Learner
+from alignprop_ray.train import base_fidelity
 
 META = "meta.json"
 STATE = "training_state.pt"
@@ -212,8 +213,6 @@ def _remove_from_storage(storage_path: str, checkpoint_name: str) -> None:
 def _checkpoint_extras(directory: Path, logger) -> None:
     """What a checkpoint carries besides the training state: rank 0's unsent MLflow calls, the step-0
     reference of eval.base_fidelity."""
-    from alignprop_ray.train import base_fidelity  # it reads DamagedCheckpoint from here
-
     if logger:
         logger.save_unsent(directory / UNSENT_LOGS)
     base_fidelity.save_reference(directory)
@@ -225,7 +224,6 @@ def restore(checkpoint, learner: Learner, logger, run_id: str, say: Callable[[st
     line (`say`, on rank 0). None intact (or none at all): step 0. Rank 0 queues the MLflow calls the
     checkpoint carried."""
     from alignprop_ray.tracking import read_unsent
-    from alignprop_ray.train import base_fidelity
 
     rank = world()[0]
     progress = Progress(step=0, run_id=run_id)
@@ -239,7 +237,10 @@ def restore(checkpoint, learner: Learner, logger, run_id: str, say: Callable[[st
                     read_unsent(unsent)
                 except ValueError as err:
                     raise DamagedCheckpoint(f"{UNSENT_LOGS}/{err}") from err
-                reference = base_fidelity.read_reference(Path(directory))
+                try:
+                    reference = base_fidelity.read_reference(Path(directory))
+                except ValueError as err:
+                    raise DamagedCheckpoint(str(err)) from err
                 progress = contents.restore(learner)
                 base_fidelity.keep(reference)
                 if logger:
