@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 
 # Everything but the soak tier (the README's test command and CI).
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not soak" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not soak" --durations=15 $(PYTEST_ARGS)
 
 # The inner loop: unit tests without Ray and without the slow end-to-end ones (about 3 minutes on 2 cores).
 test-fast: setup
@@ -28,7 +28,7 @@ test-fast: setup
 
 # The soak tier: long forms of fault tests whose short forms run in `make test`.
 test-soak: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m soak $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m soak --durations=15 $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/alignprop-ray demo

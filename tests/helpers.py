@@ -275,3 +275,14 @@ def assert_resumes_exactly(cfg, tmp: Path) -> None:
     step(resumed, 1)
     assert all(torch.equal(a, b) for a, b in zip(straight.params, resumed.params, strict=True))
     assert resumed.state_dict()["method"] == straight.state_dict()["method"]
+
+
+def most_at_once(windows) -> int:
+    """The most windows that overlap at one moment."""
+    windows = list(windows)
+    edges = sorted([(start, 1) for start, _ in windows] + [(end, -1) for _, end in windows])
+    running = most = 0
+    for _, change in edges:  # at equal times an end (-1) sorts first: touching windows do not overlap
+        running += change
+        most = max(most, running)
+    return most

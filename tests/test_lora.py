@@ -56,6 +56,7 @@ def test_saved_file_is_the_diffusers_format(tmp_path):
     assert not list(tmp_path.joinpath("a").glob(".tmp-*"))  # nothing half-written left behind
 
 
+@pytest.mark.slow
 def test_resume_loading_restores_identical_images(tmp_path):
     original = trained_adapter(tmp_path / "a", rank=4, alpha=8, seed=0)
     expected = generate(original, ["a cat"], [7], SETTINGS)

@@ -144,6 +144,7 @@ def test_validate_command_checks_plugins(plugin_package, tmp_path, capsys):
     assert main(["validate", str(config)]) == 0
 
 
+@pytest.mark.slow
 def test_a_plugin_trains_like_a_built_in_reward(plugin_package):
     mixture = build_reward(
         {"my_rewards:Brightness": {"options": {"scale": 2.0}}, "redness": 0.5},

@@ -207,6 +207,7 @@ class AnswerDropper:
         self.listener.close()
 
 
+@pytest.mark.slow
 def test_a_call_whose_answer_is_lost_is_not_logged_twice(server, one_try):
     run_id = new_run(server.uri, "lost-answer")
     proxy = AnswerDropper(server.port, marker=b"/runs/log-batch", count=2)

@@ -309,6 +309,7 @@ def test_default_experiment_is_the_newest_with_runs(store, monkeypatch):
     assert runs["name"].tolist() == ["solo"] and runs["sweep"].isna().all()
 
 
+@pytest.mark.slow
 def test_report_cli_writes_plots_and_page(store, tmp_path, capsys):
     from PIL import Image
 

@@ -89,6 +89,7 @@ def test_auto_is_free_memory_less_a_margin_of_the_total(tmp_path):
     assert free < memory.available - 0.09 * memory.total and free > memory.available - 0.2 * memory.total
 
 
+@pytest.mark.slow
 def test_the_probe_measures_a_calls_activations_once_per_run():
     parts, _ = tiny(torch.float32)
     calls = count_calls(parts)
@@ -114,6 +115,7 @@ def probe_on(parts, images: int):
     return sampler.probe(parts, latents, parts.scheduler.timesteps[0], cond, 7.5)
 
 
+@pytest.mark.slow
 def test_the_budget_policy_gives_the_fully_checkpointed_gradient_and_skips_the_kept_recomputes():
     parts, params = tiny()
     calls = count_calls(parts)
@@ -166,6 +168,7 @@ def test_bad_speed_settings_get_one_line_naming_the_field(model, expected):
 # --- the compiled denoiser ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compile_wraps_the_denoisers_forward_once(monkeypatch):
     compiled = []
 
