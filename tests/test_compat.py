@@ -2,6 +2,7 @@
 upgrade that moves one of them fails here first, by name."""
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,22 @@ def test_ray_train_controller_states_and_start_failures_are_read():
     assert compat.ray_train_start_failure(rescheduling) is timeout
     assert compat.ray_train_startup_timed_out(timeout)
     assert compat.ray_train_start_failure(state.RunningState()) is None
+
+
+def test_importing_the_package_keeps_mlflows_telemetry_thread_from_starting():
+    """MLflow's telemetry thread races os.environ (alignprop_ray/__init__.py); outside a test or CI
+    environment MLflow starts it at import, unless the package has switched it off first."""
+    # what mlflow.telemetry.utils reads as "switched off" (its CI list: the two variables set here)
+    ci = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
+    env = {k: v for k, v in os.environ.items() if k not in ci}
+    probe = "from mlflow.telemetry.client import get_telemetry_client; print(get_telemetry_client() is None)"
+
+    def started(first: str) -> bool:
+        done = subprocess.run(
+            [sys.executable, "-c", f"{first}import mlflow; {probe}"], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1] == "False"
+
+    assert started("")  # MLflow alone starts it here (the test would say nothing otherwise)
+    assert not started("import alignprop_ray; ")
