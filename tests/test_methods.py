@@ -132,6 +132,7 @@ def test_batch_advantages_are_ddpos():
 def ddpo_learner(reward=brightness_reward, lr=1e-2, **settings):
     learner = tiny_learner(reward, lr=lr)
     learner.method = build_method(dataclasses.replace(DDPO, **settings))
+    learner.plan = one_batch  # step i's batch: one_batch(i)
     return learner
 
 
@@ -166,8 +167,34 @@ def test_ddpo_rollout_log_probs_are_the_reference_log_probs_of_its_own_chain():
         assert torch.allclose(rollout.log_probs[i], reference.log_probs, rtol=0, atol=1e-5), i
 
 
-def test_ddpo_ratio_is_one_on_a_rounds_first_step_and_moves_on_the_next():
-    learner = ddpo_learner(lr=3e-2, inner_epochs=2)
+def test_ddpo_at_its_defaults_clips_from_the_second_update_of_a_round():
+    """`method: ddpo` as a run builds it, every setting at its default (updates_per_round 2, ddpo-pytorch's
+    and TRL's): a round samples both updates' batches with the adapter of its first step, so the second
+    update's ratio has moved and PPO's clip acts."""
+    cfg = method_experiment("ddpo", {})
+    assert cfg.method.updates_per_round == 2 and cfg.method.inner_epochs == 1
+    learner = method_learner(cfg)
+    results = [learner.train_step(*plan(cfg, step)) for step in range(3)]
+    assert all(r.updated for r in results)
+    per_round = 2 * cfg.train.batch_size * cfg.train.grad_accum
+    assert [r.images for r in results] == [per_round, 0, per_round]  # the round is sampled at its start
+    assert results[0].metrics == {"clip_fraction": 0.0, "approx_kl": 0.0}  # the adapter that sampled it
+    assert results[1].metrics["clip_fraction"] > 0 and results[1].metrics["approx_kl"] > 0
+    assert results[2].metrics == {"clip_fraction": 0.0, "approx_kl": 0.0}  # a new round
+    assert results[0].reward != results[1].reward  # each update trains on its own minibatch
+
+
+def test_ddpo_with_one_update_per_round_and_one_pass_is_reinforce():
+    """updates_per_round 1, inner_epochs 1: every update trains on samples of its own adapter, so the ratio
+    is 1 and both PPO diagnostics are exactly 0 (docs/methods.md: this setting is REINFORCE)."""
+    learner = ddpo_learner(lr=3e-2, updates_per_round=1, inner_epochs=1)
+    results = [learner.train_step(one_batch(step), [0]) for step in range(3)]
+    assert all(r.updated for r in results) and [r.images for r in results] == [2, 2, 2]
+    assert all(r.metrics == {"clip_fraction": 0.0, "approx_kl": 0.0} for r in results)
+
+
+def test_ddpo_inner_epochs_pass_over_the_round_again():
+    learner = ddpo_learner(lr=3e-2, updates_per_round=1, inner_epochs=2)
     first = learner.train_step(one_batch(0), [0])
     second = learner.train_step(one_batch(1), [0])  # reuses the round: the adapter has moved since
     third = learner.train_step(one_batch(2), [0])  # a new round
@@ -546,7 +573,7 @@ def method_learner(cfg):
     """The learner a run of `cfg` builds on its worker (train/build.py), on the CPU."""
     from alignprop_ray.train.build import build_learner
 
-    return build_learner(cfg, torch.device("cpu"))
+    return build_learner(cfg, torch.device("cpu"), PROMPTS)
 
 
 def plan(cfg, step: int):
@@ -567,7 +594,8 @@ def test_every_method_trains_only_lora_and_reports_its_own_metrics(row, settings
     frozen, lora = frozen_state(learner), lora_state(learner)
     result = learner.train_step(*plan(cfg, 0))
     assert math.isfinite(result.loss) and math.isfinite(result.reward) and not result.nonfinite
-    assert result.images == cfg.train.batch_size * cfg.train.grad_accum  # sampled from noise, this worker
+    updates = getattr(cfg.method, "updates_per_round", 1)  # DDPO samples its whole round at its first step
+    assert result.images == cfg.train.batch_size * cfg.train.grad_accum * updates  # from noise, this worker
     after = frozen_state(learner)
     assert all(torch.equal(frozen[key], after[key]) for key in frozen)
     moved = any(not torch.equal(a, b) for a, b in zip(lora, learner.params, strict=True))
@@ -578,10 +606,12 @@ def test_every_method_trains_only_lora_and_reports_its_own_metrics(row, settings
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
 def test_every_method_resumes_from_a_checkpoint_exactly(row, tmp_path):
-    """At the method's defaults (a DDPO round with inner_epochs > 1 is sampled again after a resume in its
-    middle, engine/methods/ddpo.py): tests/helpers.py `assert_resumes_exactly`; DDPO's per-prompt reward
-    statistics ride in the checkpoint."""
-    assert_resumes_exactly(method_experiment(row.name, {}), tmp_path)
+    """At the method's defaults: tests/helpers.py `assert_resumes_exactly`; DDPO's per-prompt reward
+    statistics ride in the checkpoint, its round's samples do not (a resume in the middle of a round samples
+    it again, engine/methods/ddpo.py), so its checkpoint falls between two rounds."""
+    cfg = method_experiment(row.name, {})
+    round_length = getattr(cfg.method, "updates_per_round", 1) * getattr(cfg.method, "inner_epochs", 1)
+    assert_resumes_exactly(cfg, tmp_path, before=round_length)
 
 
 def test_a_nonfinite_method_loss_skips_the_update():

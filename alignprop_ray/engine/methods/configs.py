@@ -207,16 +207,30 @@ class DdpoConfig(MethodConfig):
     )
     clip_range: Float = Field(1e-4, gt=0, description="PPO ratio clip epsilon")
     adv_clip_max: Float = Field(
-        10.0, gt=0, description="advantages are clipped to [-adv_clip_max, adv_clip_max]"
+        5.0,
+        gt=0,
+        description="advantages are clipped to [-adv_clip_max, adv_clip_max] (TRL's DDPOConfig: 5)",
     )
     timestep_fraction: Float = Field(
         1.0, gt=0, le=1, description="share of the T steps trained on per batch (int(T x fraction) of them)"
     )
+    # TRL's DDPOConfig and ddpo-pytorch config/base.py: sample_num_batches_per_epoch 2 with one image per
+    # sample batch and per train batch, no accumulation: 2 optimizer steps per round (config/dgx.py: 4).
+    updates_per_round: Int = Field(
+        2,
+        ge=1,
+        description="optimizer steps per pass over a sampled round: a round samples this many per-update "
+        "batches (train.batch_size x train.grad_accum images per worker each) with the adapter of its first "
+        "step, and each update trains on a disjoint minibatch of them, so the PPO ratio and its clip act from "
+        "the second update on (ddpo-pytorch: sample.num_batches_per_epoch x sample.batch_size / "
+        "(train.batch_size x gradient_accumulation_steps)). 1, with inner_epochs 1: each sample is trained on "
+        "once by the adapter that drew it, the ratio is always 1 and nothing is clipped: REINFORCE",
+    )
     inner_epochs: Int = Field(
         1,
         ge=1,
-        description="optimizer steps per sampled round: the first samples the batches, the next ones reuse them "
-        "(the PPO ratio is 1 on the first; clipping acts from the second)",
+        description="passes over each sampled round (ddpo-pytorch's num_inner_epochs): a round lasts "
+        "updates_per_round x inner_epochs optimizer steps, its minibatches reshuffled each pass",
     )
     per_prompt_stats: bool = Field(
         True, description="normalize each reward by its prompt's recent rewards (else by the whole batch's)"
