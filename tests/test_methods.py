@@ -614,6 +614,73 @@ def test_every_method_resumes_from_a_checkpoint_exactly(row, tmp_path):
     assert_resumes_exactly(cfg, tmp_path, before=round_length)
 
 
+# --- reference settings (each row's `reference`) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("row", method_rows(), ids=[row.name for row in method_rows()])
+def test_each_method_takes_its_reference_settings_where_the_experiment_is_silent(row):
+    """Unset fields take the row's reference values, each with a source line that docs/methods.md prints;
+    a field the experiment sets keeps its value; lr_scale multiplies the reference lr."""
+    from alignprop_ray.config import ExperimentConfig
+    from alignprop_ray.config.schema import TrainConfig
+    from alignprop_ray.train.build import engine_settings
+
+    silent = ExperimentConfig.model_validate({"reward": {"saturation": 1.0}, "method": row.name})
+    applied = row.reference.applied()
+    for key, value in applied.items():
+        section, name = key.split(".")
+        assert getattr(getattr(silent, section), name) == value, key
+    if "train.lr" not in applied:  # no reference: the schema's default (AlignProp's)
+        assert silent.train.lr == TrainConfig().lr
+    docs = (ROOT / "docs" / "methods.md").read_text()
+    for setting, source in row.reference.sources.items():
+        assert getattr(row.reference, setting) is not None or setting == "images_per_update"
+        assert source in docs, (row.name, setting)
+    assert all(
+        row.reference.sources.get(name)
+        for name in dataclasses.asdict(row.reference)
+        if name != "sources" and getattr(row.reference, name) is not None
+    )
+    data = {"reward": {"saturation": 1.0}, "method": row.name}
+    chosen = ExperimentConfig.model_validate({**data, "train": {"weight_decay": 0.5, "lr_scale": 2.0}})
+    assert chosen.train.weight_decay == 0.5
+    assert engine_settings(chosen).optim.lr == pytest.approx(2.0 * silent.train.lr)
+    again = ExperimentConfig.model_validate(chosen.to_dict())  # what a worker and a resume validate
+    assert again.train == chosen.train and again.sampling == chosen.sampling
+
+
+def test_the_shipped_method_sweeps_leave_the_reference_settings_to_each_method(hub_reachable):
+    from alignprop_ray.sweep.config import load_sweep
+
+    for name in ("methods.yaml", "methods_sd15.yaml"):
+        sweep = load_sweep(ROOT / "sweeps" / name)
+        for method in ("alignprop", "ddpo", "refl"):
+            point = {"method": method, "train.seed": 0}
+            if name == "methods_sd15.yaml":  # its base (sd15_aesthetic.yaml) sets AlignProp's truncation
+                point["truncation"] = None
+            cfg = sweep.experiment(point)
+            reference = get_method(method).reference
+            assert cfg.train.weight_decay == reference.weight_decay, (name, method)
+            assert cfg.sampling.guidance_scale == reference.guidance_scale, (name, method)
+            assert cfg.train.lr == reference.lr, (name, method)
+
+
+def test_ddpo_evaluation_also_scores_its_training_eta_and_names_its_sampler():
+    from alignprop_ray.train.evaluate import evaluate, sampler_description
+
+    cfg = method_experiment("ddpo", {}, "prompts.eval_seeds=2")
+    learner = method_learner(cfg)
+    metrics = evaluate(learner, cfg, PROMPTS, 0, None, None)
+    assert math.isfinite(metrics["eval/train_eta/reward"])
+    assert metrics["eval/train_eta/reward"] != metrics["eval/reward"]  # eta 1 samples other images
+    assert learner.sampler.eta == 0.0  # evaluation put the sampler back
+    assert sampler_description(learner, cfg) == (
+        "DDIMScheduler, 4 steps, eta 0, guidance 7.5; also at the training eta 1 (eval/train_eta/reward)"
+    )
+    alignprop = method_experiment("alignprop", {})
+    assert sampler_description(learner, alignprop) == "DDIMScheduler, 4 steps, eta 0, guidance 7.5"
+
+
 def test_a_nonfinite_method_loss_skips_the_update():
     def nan_reward(images, prompts):
         value = images.mean(dim=(1, 2, 3)) * float("nan")

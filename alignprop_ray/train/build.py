@@ -65,7 +65,7 @@ def engine_settings(cfg) -> EngineSettings:
             activation_budget_mb=cfg.model.activation_budget_mb,
         ),
         OptimSettings(
-            lr=train.lr,
+            lr=train.lr * train.lr_scale,  # lr: the method's reference unless the experiment sets it
             weight_decay=train.weight_decay,
             loss_scale=train.loss_scale,
             max_grad_norm=train.max_grad_norm,
