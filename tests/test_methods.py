@@ -307,6 +307,73 @@ def test_refl_draws_its_step_from_the_range_the_same_on_every_worker():
         StepRange(3, 6).draw(6, random.Random(0))
 
 
+def refl_toy_experiment(folder: Path, weight: float):
+    """ReFL on the committed toy-shapes model (64 px, 4 steps, no guidance), the hue reward at lr 1e-2."""
+    return load_experiment(
+        ROOT / "sweeps" / "tiny.yaml",
+        [
+            "truncation=null",
+            f"model.pretrained={ROOT / 'models' / 'toy-shapes'}",
+            "model.resolution=64",
+            "sampling.steps=4",
+            "sampling.guidance_scale=1",
+            f"method={{name: refl, pretrain_weight: {weight}, pretrain_data: {folder}}}",
+            "reward={hue: {colour: orange}}",
+        ],
+    )
+
+
+@pytest.mark.slow
+def test_refl_pretraining_loss_trains_on_the_toy_shapes_folder(tmp_path):
+    """ImageReward's regularizer, on toy-shapes caption-image pairs: 6 steps with pretrain_weight 100 lower
+    the denoiser's loss on those pairs (fixed timesteps and noise); the same 6 steps without it, driven by the
+    reward alone, raise it (measured: 0.0234 -> 0.0187 with, -> 0.102 without)."""
+    from alignprop_ray.engine.methods.refl import diffusion_loss, read_pairs
+    from alignprop_ray.toy.shapes import write_captioned_folder
+    from alignprop_ray.train.build import build_learner, plan_training_step
+
+    write_captioned_folder(tmp_path, 2, seed=3)
+    pixels, captions = read_pairs(tmp_path, 64)
+
+    def fixed_loss(learner) -> float:
+        with torch.no_grad():
+            draws = [
+                diffusion_loss(learner, pixels, captions, torch.Generator().manual_seed(s)) for s in range(6)
+            ]
+        return float(sum(draws) / len(draws))
+
+    after = {}
+    for weight in (100.0, 0.0):
+        cfg = refl_toy_experiment(tmp_path, weight)
+        learner = build_learner(cfg, torch.device("cpu"), captions)
+        before = fixed_loss(learner)
+        for step in range(6):
+            result = learner.train_step(*plan_training_step(cfg, captions, step))
+            assert result.updated and (result.metrics["pretrain_loss"] > 0) == (weight > 0)
+        after[weight] = fixed_loss(learner)
+    print("toy pre-training loss", before, after)
+    assert after[100.0] < before < after[0.0]
+
+
+def test_refl_pretraining_settings_are_checked_one_line_each(tmp_path):
+    from alignprop_ray.toy.shapes import write_captioned_folder
+
+    assert problems("method={name: refl, pretrain_weight: 1}") == [
+        "method.pretrain_weight: needs method.pretrain_data, a folder of caption-image pairs"
+    ]
+    (missing,) = problems(f"method={{name: refl, pretrain_data: {tmp_path / 'nowhere'}}}")
+    assert missing.startswith("method.pretrain_data: ") and "not found" in missing
+    (empty,) = problems(f"method={{name: refl, pretrain_data: {tmp_path}}}")
+    assert "holds no image with a caption" in empty
+    write_captioned_folder(tmp_path, 1, seed=0)
+    cfg = experiment(f"method={{name: refl, pretrain_weight: 0.5, pretrain_data: {tmp_path}}}")
+    assert cfg.method.pretrain_data == str(tmp_path) and cfg.method.pretrain_weight == 0.5
+    shipped = experiment(
+        f"method={{name: refl, pretrain_data: {ROOT / 'models' / 'toy-shapes' / 'pretrain'}}}"
+    )
+    assert shipped.method.pretrain_weight == 0  # off unless asked for
+
+
 # --- DRaFT-LV -----------------------------------------------------------------------------------------------
 
 

@@ -221,8 +221,9 @@ class SamplingConfig(Section):
 # registry (engine/methods/registry.py) with its defaults from the method's reference code; docs/methods.md.
 
 
-def parse_method(value: Any) -> MethodConfig:
-    """`ddpo` or `{name: ddpo, clip_range: 1.0e-3}` -> the method's config; every problem one pydantic error."""
+def parse_method(value: Any, info: ValidationInfo) -> MethodConfig:
+    """`ddpo` or `{name: ddpo, clip_range: 1.0e-3}` -> the method's config; every problem one pydantic error.
+    The validation context (a config file's PathContext) reaches the method's own validators (its paths)."""
     if isinstance(value, MethodConfig):
         return value
     fields = {"name": value} if isinstance(value, str) else value
@@ -247,7 +248,7 @@ def parse_method(value: Any) -> MethodConfig:
         if key not in known
     ]
     try:
-        parsed = TypeAdapter(row.config).validate_python({**known, "name": str(name)})
+        parsed = TypeAdapter(row.config).validate_python({**known, "name": str(name)}, context=info.context)
     except ValidationError as err:
         problems += [{k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in err.errors()]
     if problems:

@@ -205,7 +205,9 @@ _ROWS = [
         implementation=f"{_METHODS}.refl:Refl",
         reward_gradient=True,
         gradient_steps="refl backpropagates through one step drawn from method.step_range",
-        metrics=("step",),  # the 0-based index of the step that carried gradient (mean over batches)
+        # the 0-based index of the step that carried gradient (mean over batches); the pre-training loss,
+        # unweighted (0 without method.pretrain_weight)
+        metrics=("step", "pretrain_loss"),
         reference=REFL_REFERENCE,
     ),
     MethodRow(
