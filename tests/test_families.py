@@ -329,6 +329,23 @@ def assert_flow_x0_inverts_scale_noise(solver, i: int, t, shape) -> None:
 # --- what is particular to one family ------------------------------------------------------------------
 
 
+def test_sdxl_vae_in_float16_decodes_in_float32_as_diffusers_does():
+    """SDXL's VAE overflows in float16; diffusers' pipeline upcasts it (config force_upcast). So does decode,
+    whatever `family:` said (auto passes validation in float16), and the images are finite."""
+    from alignprop_ray.engine.sampler import decode
+
+    parts = get_family("sdxl").build_tiny(0)
+    parts.vae.to(torch.float16)
+    assert parts.vae.config.force_upcast
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).half()
+    images = decode(parts, latents)
+    assert parts.vae.dtype == torch.float32 and torch.isfinite(images).all()
+    sd = get_family("sd").build_tiny(0)  # no force_upcast: left as it is
+    sd.vae.to(torch.float16)
+    decode(sd, latents)
+    assert sd.vae.dtype == torch.float16
+
+
 def test_sd3_adapter_covers_the_joint_attention_text_stream(tmp_path):
     parts = load_parts("tiny", family="sd3")
     attach_lora(parts.denoiser, lora_settings())

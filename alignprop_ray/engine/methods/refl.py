@@ -36,7 +36,15 @@ from alignprop_ray.engine.methods.base import (
     run_chain,
 )
 from alignprop_ray.engine.methods.configs import ReflConfig, captioned_images
-from alignprop_ray.engine.sampler import decode, encode, guided_prediction, initial_latents, predict_x0, start
+from alignprop_ray.engine.sampler import (
+    decode,
+    encode,
+    guided_prediction,
+    initial_latents,
+    predict_x0,
+    start,
+    upcast_vae,
+)
 from alignprop_ray.errors import UserError
 
 
@@ -147,7 +155,7 @@ def diffusion_loss(learner, pixels: torch.Tensor, captions: list[str], gen: torc
     schedule = DDPMScheduler.from_config(parts.scheduler.config)
     resolution = learner.resolution or parts.native_resolution
     unguided = dataclasses.replace(learner.sampler, guidance_scale=1.0)
-    vae, device = parts.vae, parts.device
+    vae, device = upcast_vae(parts), parts.device
     with torch.no_grad():
         encoded = vae.encode(pixels.to(device, vae.dtype)).latent_dist.sample(gen)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
