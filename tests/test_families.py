@@ -149,7 +149,12 @@ PARITY = {
 } | PARTICULAR
 
 
-@pytest.mark.parametrize("case", list(PARITY))
+SLOW_PARITY = ("sd2-v-cfg", "sd2-v-eta1")  # one more pipeline to build (8 s): make test, not test-fast
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_PARITY else c for c in PARITY]
+)
 def test_matches_diffusers_pipeline(pipeline_dir, case):
     name, settings = PARITY[case]
     directory = pipeline_dir(name)
