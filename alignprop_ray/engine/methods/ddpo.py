@@ -200,7 +200,10 @@ class Ddpo(Method):
         first = learner.step - position  # the round's first step
         self.sampled = 0
         if self.rollouts is None or position == 0:
-            planned = [batches if first == learner.step else self.plan(learner, first, updates)]
+            # the round's first update trains on its own step's batches (those of this step, unless a resume
+            # lands mid-round and the run's plan can say which they were)
+            own = first == learner.step or learner.plan is None
+            planned = [batches if own else self.plan(learner, first, updates)]
             planned += [self.plan(learner, first + j, updates) for j in range(1, updates)]
             self.rollouts = [self.sample(learner, batch) for update in planned for batch in update]
             self.sampled = sum(len(r.batch.prompts) for r in self.rollouts)
