@@ -30,5 +30,8 @@ EVAL_METRICS = (
 )
 TERM_PREFIXES = ("train/reward/", "eval/reward/")
 HELDOUT_PREFIX = "eval/heldout/"
+# a method that samples its training images at another eta than evaluation (DDPO's method.eta): the trained
+# reward of the eval prompts and seeds at that eta as well (and eval/train_eta/reward/<term>)
+EVAL_TRAIN_ETA = "eval/train_eta/reward"
 # eval.base_fidelity: similarity of each eval image to the base model's (step 0) image of its prompt and seed
 BASE_FIDELITY = "eval/base_fidelity"

@@ -256,23 +256,25 @@ def tiny_sweep(space: dict, *, base: dict | None = None, **sections) -> dict:
     return {"base": merged, "space": space, "tune": {"algorithm": "grid"}, **sections}
 
 
-def assert_resumes_exactly(cfg, tmp: Path) -> None:
-    """A learner of experiment `cfg` takes a step, writes a checkpoint and takes a second step; a fresh
-    learner (as a restarted worker builds it) restores the checkpoint and takes the second step too: the
-    same adapter bit for bit, and the same method state."""
+def assert_resumes_exactly(cfg, tmp: Path, before: int = 1) -> None:
+    """A learner of experiment `cfg` takes `before` steps, writes a checkpoint and takes one more; a fresh
+    learner (as a restarted worker builds it) restores the checkpoint and takes that step too: the same
+    adapter bit for bit, and the same method state. (A DDPO round's samples are not in the checkpoint:
+    `before` is then its length, so the checkpoint falls between rounds.)"""
     from alignprop_ray.train.build import build_learner, plan_training_step
     from alignprop_ray.train.checkpoint import Progress, read_checkpoint, write_checkpoint
 
     def step(learner, index: int) -> None:
         learner.train_step(*plan_training_step(cfg, TRAIN_PROMPTS, index))
 
-    straight = build_learner(cfg, torch.device("cpu"))
-    step(straight, 0)
-    directory = write_checkpoint(straight, Progress(step=1, run_id="r"), tmp)
-    step(straight, 1)
-    resumed = build_learner(cfg, torch.device("cpu"))
-    assert read_checkpoint(directory).restore(resumed).step == 1
-    step(resumed, 1)
+    straight = build_learner(cfg, torch.device("cpu"), TRAIN_PROMPTS)
+    for index in range(before):
+        step(straight, index)
+    directory = write_checkpoint(straight, Progress(step=before, run_id="r"), tmp)
+    step(straight, before)
+    resumed = build_learner(cfg, torch.device("cpu"), TRAIN_PROMPTS)
+    assert read_checkpoint(directory).restore(resumed).step == before
+    step(resumed, before)
     assert all(torch.equal(a, b) for a, b in zip(straight.params, resumed.params, strict=True))
     assert resumed.state_dict()["method"] == straight.state_dict()["method"]
 

@@ -61,7 +61,8 @@ def pipeline_dir(tmp_path_factory):
     """`pipeline_dir(name)`: a tiny pipeline directory, written once per module. Names: a family (flux:
     the guidance-distilled [dev] shape), or `sdxl-ddim` (SDXL shipped with a DDIM scheduler), `sd3-no-t5`
     (SD3 without its T5 encoder), `sd3-dynamic-shift` (SD3 whose scheduler shifts by the image size) and
-    `flux-schnell` (FLUX.1 [schnell]: no guidance embedding, no shift)."""
+    `flux-schnell` (FLUX.1 [schnell]: no guidance embedding, no shift) and `sd2-v` (SD 2.x 768-v: a
+    v-prediction DDIM scheduler)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     made = {}
@@ -79,6 +80,10 @@ def pipeline_dir(tmp_path_factory):
             elif name == "sd3-dynamic-shift":
                 parts = get_family("sd3").build_tiny(0, t5=False)
                 parts.scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE, use_dynamic_shifting=True)
+                parts.family.pipeline(parts).save_pretrained(path)
+            elif name == "sd2-v":  # SD 2.x 768-v: the SD UNet with a v-prediction DDIM scheduler
+                parts = get_family("sd").build_tiny(0)
+                parts.scheduler = DDIMScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
                 parts.family.pipeline(parts).save_pretrained(path)
             elif name == "flux-schnell":
                 parts = get_family("flux").build_tiny(0, variant="schnell")
@@ -123,6 +128,9 @@ COMMON = {  # every family
 }
 PARTICULAR = {  # a family's own variants: DDIM's noise, SDXL shipped with DDIM, SD3 without T5
     "sd-eta1": ("sd", sampler_settings(steps=5, guidance_scale=3.0, eta=1.0)),
+    # SD 2.x 768-v's prediction type, through StableDiffusionPipeline (an external reference)
+    "sd2-v-cfg": ("sd2-v", sampler_settings(steps=5, guidance_scale=7.5)),
+    "sd2-v-eta1": ("sd2-v", sampler_settings(steps=5, guidance_scale=3.0, eta=1.0)),
     "sdxl-ddim-eta1": ("sdxl-ddim", sampler_settings(steps=5, guidance_scale=3.0, eta=1.0)),
     "sd3-no-t5": ("sd3-no-t5", sampler_settings(steps=4, guidance_scale=5.0)),
     # set_timesteps raises without the `mu` the pipeline computes from the image size
@@ -141,7 +149,12 @@ PARITY = {
 } | PARTICULAR
 
 
-@pytest.mark.parametrize("case", list(PARITY))
+SLOW_PARITY = ("sd2-v-cfg", "sd2-v-eta1")  # one more pipeline to build (8 s): make test, not test-fast
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_PARITY else c for c in PARITY]
+)
 def test_matches_diffusers_pipeline(pipeline_dir, case):
     name, settings = PARITY[case]
     directory = pipeline_dir(name)
@@ -293,15 +306,49 @@ def test_predict_x0_is_the_schedulers_own(family):
     for i, t in enumerate(timesteps):
         prediction = torch.randn(2, 4, 8, 8, generator=gen)
         x0 = schedulers.predict_x0(solver, prediction, t, x)
+        flow = name == "FlowMatchEulerDiscreteScheduler"
+        if flow:  # it returns no x0: check it at every step against the scheduler's own forward process
+            assert_flow_x0_inverts_scale_noise(solver, i, t, x.shape)
         out = solver.step(prediction, t, x, return_dict=False)
-        if len(out) > 1:  # DDIM and Euler return their own x0 prediction
+        if flow:  # ... and its Euler step: x' = (1 - sigma') x0 + sigma' n, n = x0 + v (at the end: x0)
+            following = solver.sigmas[i + 1]
+            assert torch.allclose(out[0], (1 - following) * x0 + following * (x0 + prediction), atol=1e-5)
+        else:  # DDIM and Euler return their own x0 prediction
             assert torch.allclose(x0, out[1], atol=1e-5)
-        elif i == len(timesteps) - 1:  # flow matching's last step lands on sigma = 0: x0 itself
-            assert torch.allclose(x0, out[0], atol=1e-5)
         x = out[0]
 
 
+def assert_flow_x0_inverts_scale_noise(solver, i: int, t, shape) -> None:
+    """At step i, the scheduler's forward process `scale_noise` of an x0 with noise n is (1 - sigma_i) x0 +
+    sigma_i n, and predict_x0 with the velocity n - x0 gives that x0 back."""
+    from alignprop_ray.engine import schedulers
+
+    sigma = solver.sigmas[i]
+    gen = torch.Generator().manual_seed(i)
+    clean, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    noised = solver.scale_noise(clean, t.reshape(1), noise)
+    assert torch.allclose(noised, (1 - sigma) * clean + sigma * noise, atol=1e-6)
+    assert torch.allclose(schedulers.predict_x0(solver, noise - clean, t, noised), clean, atol=1e-5)
+
+
 # --- what is particular to one family ------------------------------------------------------------------
+
+
+def test_sdxl_vae_in_float16_decodes_in_float32_as_diffusers_does():
+    """SDXL's VAE overflows in float16; diffusers' pipeline upcasts it (config force_upcast). So does decode,
+    whatever `family:` said (auto passes validation in float16), and the images are finite."""
+    from alignprop_ray.engine.sampler import decode
+
+    parts = get_family("sdxl").build_tiny(0)
+    parts.vae.to(torch.float16)
+    assert parts.vae.config.force_upcast
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).half()
+    images = decode(parts, latents)
+    assert parts.vae.dtype == torch.float32 and torch.isfinite(images).all()
+    sd = get_family("sd").build_tiny(0)  # no force_upcast: left as it is
+    sd.vae.to(torch.float16)
+    decode(sd, latents)
+    assert sd.vae.dtype == torch.float16
 
 
 def test_sd3_adapter_covers_the_joint_attention_text_stream(tmp_path):

@@ -205,7 +205,12 @@ class SamplingConfig(Section):
     # The paper's code calls DDIMScheduler.step without eta, i.e. eta=0: deterministic DDIM. (TRL's AlignProp
     # port defaults to 1.0; ddpo-pytorch needs 1.0 for log-probs, which reward backprop does not.)
     eta: Float = Field(0.0, ge=0, le=1, description="DDIM eta: 0 deterministic, 1 DDPM-like noise")
-    guidance_scale: Float = Field(7.5, ge=0, description="classifier-free guidance weight (1 = no guidance)")
+    guidance_scale: Float = Field(
+        7.5,
+        ge=0,
+        description="classifier-free guidance weight (1 = no guidance). Unset: the method's reference "
+        "(AlignProp: 7.5, DDPO: 5.0, ReFL: 1, its code has none)",
+    )
     negative_prompt: str = Field("", description="prompt of the unconditional branch of guidance")
 
 
@@ -216,8 +221,9 @@ class SamplingConfig(Section):
 # registry (engine/methods/registry.py) with its defaults from the method's reference code; docs/methods.md.
 
 
-def parse_method(value: Any) -> MethodConfig:
-    """`ddpo` or `{name: ddpo, clip_range: 1.0e-3}` -> the method's config; every problem one pydantic error."""
+def parse_method(value: Any, info: ValidationInfo) -> MethodConfig:
+    """`ddpo` or `{name: ddpo, clip_range: 1.0e-3}` -> the method's config; every problem one pydantic error.
+    The validation context (a config file's PathContext) reaches the method's own validators (its paths)."""
     if isinstance(value, MethodConfig):
         return value
     fields = {"name": value} if isinstance(value, str) else value
@@ -242,7 +248,7 @@ def parse_method(value: Any) -> MethodConfig:
         if key not in known
     ]
     try:
-        parsed = TypeAdapter(row.config).validate_python({**known, "name": str(name)})
+        parsed = TypeAdapter(row.config).validate_python({**known, "name": str(name)}, context=info.context)
     except ValidationError as err:
         problems += [{k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in err.errors()]
     if problems:
@@ -292,7 +298,18 @@ class TrainConfig(Section):
     # 2 images per GPU per pass: the paper's aesthetic run on 48 GB GPUs (per_gpu_capacity=2).
     batch_size: Int = Field(2, ge=1, description="images generated per worker per forward/backward pass")
     grad_accum: Int = Field(1, ge=1, description="passes accumulated per optimizer step (per worker)")
-    lr: Float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA parameters (the paper: 1e-3)")
+    lr: Float = Field(
+        1e-3,
+        gt=0,
+        description="AdamW learning rate of the LoRA parameters. Unset: the method's reference (docs/methods.md; "
+        "AlignProp: 1e-3, DDPO: 3e-4, ReFL: 1e-5)",
+    )
+    lr_scale: Float = Field(
+        1.0,
+        gt=0,
+        description="the optimizer's lr is lr x lr_scale: a relative axis, so one sweep can search {0.5, 1, 2} x "
+        "each method's own reference lr (leave lr unset)",
+    )
     lr_schedule: Literal["constant", "linear_warmup", "cosine"] = Field(
         "constant",
         description="constant (the paper); linear_warmup: lr x (step + 1) / warmup_steps, then lr; cosine: the "
@@ -302,10 +319,13 @@ class TrainConfig(Section):
         0, ge=0, description="optimizer steps of linear warm-up (linear_warmup, cosine)"
     )
     weight_decay: Float = Field(
-        0.1, ge=0, description="AdamW weight decay (the paper's aesthetic/HPS configs: 0.1)"
+        0.1,
+        ge=0,
+        description="AdamW weight decay. Unset: the method's reference (AlignProp's aesthetic/HPS configs: 0.1; "
+        "DDPO: 1e-4; ReFL: 1e-2)",
     )
     adam_betas: tuple[Float, Float] = Field(
-        (0.9, 0.999), description="AdamW (beta1, beta2) (the paper's code: 0.9, 0.999)"
+        (0.9, 0.999), description="AdamW (beta1, beta2). Unset: the method's reference (all: 0.9, 0.999)"
     )
     adam_eps: Float = Field(1e-8, gt=0, description="AdamW epsilon (the paper's code: 1e-8, torch's default)")
     # The official code backpropagates loss_coeff x loss (0.01 in its aesthetic and HPS configs) and clips that
@@ -315,16 +335,16 @@ class TrainConfig(Section):
         0.01,
         gt=0,
         description="the objective (minus the reward mixture) is multiplied by this before backward, so "
-        "max_grad_norm and adam_eps act on the gradient of loss_scale x objective (the paper's code: "
-        "loss_coeff 0.01); train/loss logs the unscaled objective",
+        "max_grad_norm and adam_eps act on the gradient of loss_scale x objective; train/loss logs the "
+        "unscaled objective. Unset: the method's reference (AlignProp's code: loss_coeff 0.01; DDPO: 1; ReFL: "
+        "grad_scale 1e-3)",
     )
     max_grad_norm: Float | None = Field(
         5.0,
         gt=0,
         description="clip the global norm of the LoRA gradient of loss_scale x objective to this (train/grad_norm "
-        "is that norm before clipping); null: no clipping. 5.0 with loss_scale 0.01 is the paper's code's update "
-        "(config/align_prop.py aesthetic/hps: max_grad_norm 5.0, loss_coeff 0.01): a clip at 500 on the "
-        "gradient of the unscaled objective",
+        "is that norm before clipping); null: no clipping. Unset: the method's reference (AlignProp's code: 5.0 "
+        "with loss_scale 0.01, a clip at 500 on the gradient of the unscaled objective; DDPO, ReFL: 1.0)",
     )
     seed: Int = Field(42, description="base random seed (the paper: 42)")
     eval_every: Int = Field(
@@ -518,8 +538,16 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _method_defaults(self) -> ExperimentConfig:
-        """The method's defaults that depend on other sections (AlignProp: truncation uniform:0:T; ReFL: its
-        step range [3T/4, T-1])."""
+        """The method's reference settings where the experiment leaves the field unset (its row's
+        `reference`: lr, Adam, loss scale, clip, guidance), then its defaults that depend on other sections
+        (AlignProp: truncation uniform:0:T; ReFL: its step range [3T/4, T-1]). The resolved values are the
+        config's, so `to_dict` and the MLflow params hold what the run uses."""
+        row = get_method(self.method.name)
+        for key, value in (row.reference.applied() if row is not None else {}).items():
+            section_name, name = key.split(".")
+            section = getattr(self, section_name)
+            if name not in section.model_fields_set:
+                setattr(self, section_name, section.model_copy(update={name: value}))
         self.method = self.method.resolve(self.sections())
         return self
 

@@ -156,9 +156,20 @@ def predict_x0(
 
 def decode(parts: DiffusionParts, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode to [0, 1] images (the pipelines' postprocess: x / 2 + 0.5, clamped)."""
-    vae = parts.vae
+    vae = upcast_vae(parts)
     image = vae.decode(parts.family.vae_input(vae, latents).to(vae.dtype), return_dict=False)[0]
     return (image / 2 + 0.5).clamp(0, 1)
+
+
+def upcast_vae(parts: DiffusionParts) -> torch.nn.Module:
+    """The VAE to decode (or encode) with: moved to float32 for good where it is float16, its config says
+    `force_upcast` and its family's pipeline upcasts it (SDXL's VAE overflows in float16: FamilyRow
+    `upcasts_vae`), as StableDiffusionXLPipeline does before decoding; else as it is. Whatever `family:` said
+    at validation (`auto` cannot refuse float16 before the weights are read)."""
+    vae = parts.vae
+    if parts.family.row.upcasts_vae and vae.dtype == torch.float16 and vae.config.get("force_upcast"):
+        vae.to(torch.float32)
+    return vae
 
 
 def checkpoint_plan(

@@ -76,31 +76,46 @@ def step(
 
 
 def predict_x0(scheduler, prediction: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """The clean latents x0 the model predicts at t from x_t (no clipping), differentiable.
+    """The clean latents x0 the model predicts at t from x_t (no clipping), differentiable; in float32 (or
+    the inputs' wider dtype) whatever the latents' dtype.
 
     DDIM-style (alphas_cumprod): x0 = (x - sqrt(1-a) eps) / sqrt(a), or sqrt(a) x - sqrt(1-a) v.
     Euler (sigmas, x = x0 + sigma eps): x0 = x - sigma eps. Flow matching (x = (1-sigma) x0 + sigma noise,
     v = noise - x0): x0 = x - sigma v.
+
+    Why float32: in bf16, alpha-bar at SD's last timestep (t=1: 0.99830) rounds to 1.0, so sqrt(1-a) is 0 and
+    x0 is x_t: 4.1% off the float64 value with SD-like inputs, 7.6e-8 in float32 (tests/test_methods.py
+    test_refl_x0_in_bf16_is_within_half_a_percent_of_float64).
     """
+    dtype = wide_dtype(prediction, latents)
+    x, out = latents.to(dtype), prediction.to(dtype)
     name = type(scheduler).__name__
     if name == "FlowMatchEulerDiscreteScheduler":
-        sigma = scheduler.sigmas[scheduler.index_for_timestep(t)]
-        return (latents.float() - sigma * prediction.float()).to(prediction.dtype)
+        sigma = scheduler.sigmas[scheduler.index_for_timestep(t)].to(x.device, dtype)
+        return x - sigma * out
     kind = scheduler.config.prediction_type
     if kind == "sample":
-        return prediction
+        return out
     if name == "EulerDiscreteScheduler":
-        sigma = scheduler.sigmas[scheduler.index_for_timestep(t)]
-        x = latents.float()
+        sigma = scheduler.sigmas[scheduler.index_for_timestep(t)].to(x.device, dtype)
         if kind == "epsilon":
-            return (x - sigma * prediction).to(prediction.dtype)
-        return (prediction * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)).to(prediction.dtype)
+            return x - sigma * out
+        return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
     if hasattr(scheduler, "alphas_cumprod"):
-        alpha = scheduler.alphas_cumprod.to(latents.device)[int(t)].to(prediction.dtype)
+        alpha = scheduler.alphas_cumprod[int(t)].to(x.device, dtype)
         if kind == "epsilon":
-            return (latents - (1 - alpha) ** 0.5 * prediction) / alpha**0.5
-        return alpha**0.5 * latents - (1 - alpha) ** 0.5 * prediction
+            return (x - (1 - alpha) ** 0.5 * out) / alpha**0.5
+        return alpha**0.5 * x - (1 - alpha) ** 0.5 * out
     raise ValueError(f"x0 prediction is not implemented for {name}")
+
+
+def wide_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or the widest of the tensors' dtypes if wider (float64 stays float64): the dtype of the
+    schedule's arithmetic, where bf16 and fp16 lose the small noise levels of the last steps."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
 
 
 def _step_parameters(scheduler) -> set[str]:

@@ -19,7 +19,7 @@ import math
 import random
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -142,6 +142,9 @@ class Learner:
             self.optimizer, lambda step: lr_factor(step, optim)
         )
         self.device = lora_params[0].device
+        # what `plan_step` gives any optimizer step on this worker (train/build.py sets it for a run);
+        # DDPO samples the batches of its round's later steps at the round's first
+        self.plan: Callable[[int], Sequence[Batch]] | None = None
         self.amp_dtype = parts.dtype if parts.dtype != torch.float32 else None
         # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it (a disabled scaler
         # passes everything through unchanged).

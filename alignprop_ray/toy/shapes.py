@@ -126,6 +126,20 @@ def make_dataset(n: int, seed: int, size: int = 64) -> tuple[torch.Tensor, list[
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes]
 
 
+def write_captioned_folder(folder, n: int, seed: int, size: int = 64) -> None:
+    """`make_dataset(n, seed, size)` as a caption-image folder: NNNN.png with NNNN.txt holding its caption
+    (what ReFL's method.pretrain_data reads; models/toy-shapes/pretrain is write_captioned_folder(..., 16,
+    seed=7))."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels, captions = make_dataset(n, seed, size)
+    for i, (image, text) in enumerate(zip(pixels, captions, strict=True)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(text + "\n")
+
+
 # The demo's prompts: AlignProp trains on DEMO_TRAIN_SIZE captions and evaluates on EVAL_PROMPTS, none of
 # which it trains on. The eval scenes cover every shape and mostly cool or neutral colours, so that a
 # warm-hue reward has a long way to move them.

@@ -17,8 +17,12 @@ from alignprop_ray.engine.step import Learner, OptimSettings, plan_step
 from alignprop_ray.engine.truncation import Draw
 
 
-def build_learner(cfg, device: torch.device) -> Learner:
-    """The model of `cfg` on `device` with a fresh LoRA adapter, its reward, method and optimizer."""
+def build_learner(
+    cfg, device: torch.device, prompts: list[str] | None = None, rank: int = 0, world_size: int = 1
+) -> Learner:
+    """The model of `cfg` on `device` with a fresh LoRA adapter, its reward, method and optimizer; with the
+    run's training `prompts`, also its plan of every step on worker `rank` (`Learner.plan`: DDPO samples its
+    round's later steps' batches at the round's first)."""
     from alignprop_ray.rewards.mixture import build_reward
 
     if device.type == "cuda":  # TF32 matmuls on Ampere+: ~2x faster, plenty for LoRA fine-tuning
@@ -31,7 +35,10 @@ def build_learner(cfg, device: torch.device) -> Learner:
     gradient = get_method(cfg.method.name).reward_gradient
     reward = build_reward(cfg.reward, device=device, dtype=torch.float32, for_training=gradient)
     method = build_method(cfg.method)
-    return Learner(parts, params, reward, sampler, optim, resolution=cfg.model.resolution, method=method)
+    learner = Learner(parts, params, reward, sampler, optim, resolution=cfg.model.resolution, method=method)
+    if prompts is not None:
+        learner.plan = lambda step: plan_training_step(cfg, prompts, step, rank, world_size)[0]
+    return learner
 
 
 class EngineSettings(NamedTuple):
@@ -58,7 +65,7 @@ def engine_settings(cfg) -> EngineSettings:
             activation_budget_mb=cfg.model.activation_budget_mb,
         ),
         OptimSettings(
-            lr=train.lr,
+            lr=train.lr * train.lr_scale,  # lr: the method's reference unless the experiment sets it
             weight_decay=train.weight_decay,
             loss_scale=train.loss_scale,
             max_grad_norm=train.max_grad_norm,

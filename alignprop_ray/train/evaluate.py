@@ -4,6 +4,7 @@ logs the grid and a table with a row per image."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from alignprop_ray.rewards.diversity import Features
     from alignprop_ray.rewards.mixture import RewardMixture
 
+EVAL_SAMPLER_TAG = "alignprop.eval_sampler"  # what evaluation sampled with, in words (set at each evaluation)
+TRAIN_ETA_PREFIX = "eval/train_eta/"  # the trained reward at the training eta, where it is not sampling.eta
 EVAL_SEED_BASE = 10_000  # eval image j of prompt i: seed EVAL_SEED_BASE + i x eval_seeds + j (eval_pairs)
 
 
@@ -62,8 +65,50 @@ def evaluate(learner: Learner, cfg, prompts: list[str], step: int, result: StepR
     metrics = {f"eval/{name}": float(value.mean()) for name, value in columns.items()}
     groups = [i for i in range(len(prompts)) for _ in range(cfg.prompts.eval_seeds)]
     metrics.update(diversity(images, groups, features, prefix="eval/"))
+    metrics.update(_at_training_eta(learner, cfg, mine_prompts, [s for _, s in mine]))
     if logger:
+        logger.set_tags({EVAL_SAMPLER_TAG: sampler_description(learner, cfg)})
         _log_eval_artifacts(logger, pairs, images, columns, step, result, cfg.prompts.eval_seeds)
+    return metrics
+
+
+def sampler_description(learner: Learner, cfg) -> str:
+    """What evaluation samples with: `DDIMScheduler, 50 steps, eta 0, guidance 7.5` (and the training eta
+    where the method samples its training images at another one, DDPO's)."""
+    settings = learner.sampler
+    text = (
+        f"{type(learner.parts.scheduler).__name__}, {settings.steps} steps, eta {settings.eta:g}, "
+        f"guidance {settings.guidance_scale:g}"
+    )
+    eta = _training_eta(cfg)
+    return text if eta is None else f"{text}; also at the training eta {eta:g} ({TRAIN_ETA_PREFIX}reward)"
+
+
+def _training_eta(cfg) -> float | None:
+    """The method's own sampling eta for its training images (DDPO's method.eta) where it differs from
+    sampling.eta, which evaluation uses; None otherwise."""
+    eta = getattr(cfg.method, "eta", None)
+    return eta if eta is not None and eta != cfg.sampling.eta else None
+
+
+def _at_training_eta(learner: Learner, cfg, prompts: list[str], seeds: list[int]) -> dict[str, float]:
+    """DDPO trains on samples drawn at its own eta (1 by default) but evaluation samples at sampling.eta
+    (0): the trained reward of the same eval prompts and seeds at the training eta as well (eval/train_eta/
+    reward, and per term). A collective: every worker calls it."""
+    eta = _training_eta(cfg)
+    if eta is None:
+        return {}
+    sampler = learner.sampler
+    learner.sampler = dataclasses.replace(sampler, eta=eta)
+    try:
+        _, terms, totals = generate_eval(learner, prompts, seeds, cfg.train.batch_size)
+    finally:
+        learner.sampler = sampler
+    shards = gather_objects((totals, terms))
+    metrics = {f"{TRAIN_ETA_PREFIX}reward": float(torch.cat([t for t, _ in shards]).mean())}
+    for name in terms:
+        values = torch.cat([shard[name] for _, shard in shards])
+        metrics[f"{TRAIN_ETA_PREFIX}reward/{name}"] = float(values.mean())
     return metrics
 
 

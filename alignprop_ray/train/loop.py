@@ -50,8 +50,9 @@ def train_loop(loop_input: dict) -> None:
     data = LoopInput(**loop_input)
     cfg = ExperimentConfig.model_validate(data.experiment)
     threads = gather_objects(use_assigned_cpus())  # every rank: a collective
-    learner = build_learner(cfg, ray.train.torch.get_device())
-    logger = _rank0_logger(cfg, data.run_id) if world()[0] == 0 else None
+    rank, world_size = world()
+    learner = build_learner(cfg, ray.train.torch.get_device(), data.train_prompts, rank, world_size)
+    logger = _rank0_logger(cfg, data.run_id) if rank == 0 else None
     try:
         _train(learner, cfg, data, logger, threads)
     except BaseException:

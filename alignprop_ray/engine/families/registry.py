@@ -44,6 +44,9 @@ class FamilyRow:
     tiny_scheduler: tuple[str, Mapping[str, Any]]
     tiny: Mapping[str, Mapping[str, Any]]
     refused_dtypes: Mapping[str, str] = field(default_factory=dict)  # model.dtype -> why it is refused
+    # Its pipeline decodes a float16 VAE whose config says force_upcast in float32 (StableDiffusionXLPipeline;
+    # the SD and SD3 pipelines do not, though AutoencoderKL's config defaults force_upcast to true)
+    upcasts_vae: bool = False
 
     def load(self) -> Any:
         """The family's implementation, a `Family` (engine/families/base.py, which imports this module: no
@@ -171,6 +174,7 @@ _ROWS = [
             "text_encoder": dict(width=_SDXL_WIDTHS[0]),
             "text_encoder_2": dict(width=_SDXL_WIDTHS[1], act="gelu"),
         },
+        upcasts_vae=True,
         refused_dtypes={
             "float16": "SDXL's VAE overflows in float16 (diffusers upcasts it to float32 at every decode); "
             "use bfloat16"

@@ -39,6 +39,9 @@ class LearnerView(Protocol):
     sampler: SamplerSettings
     resolution: int | None  # None: the model's own
     device: torch.device
+    # The micro-batches the run plans for any optimizer step (engine/step.py `plan_step`, this worker's);
+    # None outside a run. DDPO samples its round's later steps' batches at the round's first.
+    plan: Callable[[int], Sequence[Batch]] | None
 
     @property
     def step(self) -> int: ...  # optimizer steps taken so far

@@ -18,9 +18,18 @@ registry.py ties the class to its name, flags and implementation.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import (
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from alignprop_ray.engine.truncation import (
@@ -35,6 +44,14 @@ from alignprop_ray.engine.truncation import (
 from alignprop_ray.fields import Float, Int
 
 Sections = dict[str, Any]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def captioned_images(folder: Path) -> list[tuple[Path, Path]]:
+    """(image, caption file) of every image in `folder` with a .txt of the same name, sorted by name."""
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [(p, p.with_suffix(".txt")) for p in images if p.with_suffix(".txt").is_file()]
+
 
 # Parsed from its YAML forms once, here; written back in its short form (`uniform:0:50`) everywhere.
 TruncationField = Annotated[
@@ -169,7 +186,40 @@ class ReflConfig(MethodConfig):
         "[3T/4 rounded down, T-1] (ImageReward: 30..39 of 40)",
     )
 
+    pretrain_weight: Float = Field(
+        0.0,
+        ge=0,
+        description="weight of ReFL's pre-training loss (ImageReward, Algorithm 1): the denoiser's noise-"
+        "prediction MSE on caption-image pairs from method.pretrain_data, added to the reward loss of each "
+        "micro-batch (as many pairs as it has images); 0: none (ImageReward's released ReFL.py has none)",
+    )
+    pretrain_data: str | None = Field(
+        None,
+        description="folder of caption-image pairs for the pre-training loss: each image (.png, .jpg, .jpeg, "
+        ".webp) with a .txt of the same name holding its caption (models/toy-shapes/pretrain: the toy "
+        "shapes); resized to model.resolution",
+    )
+
+    @field_validator("pretrain_data")
+    @classmethod
+    def _folder(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """An existing folder with at least one captioned image, made absolute when a config file is read
+        (its validation context's PathContext, `paths`: the file's directory, then the cwd)."""
+        if value is None:
+            return None
+        paths = (info.context or {}).get("paths")
+        if paths is None:  # a resolved config read again (a worker): checked when it was written
+            return value
+        found = paths.find(value)
+        if found is None or not found.is_dir():
+            raise ValueError(f"folder {value!r} not found (looked in {paths.looked_in()})")
+        if not captioned_images(found):
+            raise ValueError(f"{found} holds no image with a caption (.txt of the same name)")
+        return str(found)
+
     def check(self, sections: Sections) -> list[str]:
+        if self.pretrain_weight > 0 and self.pretrain_data is None:
+            return ["method.pretrain_weight: needs method.pretrain_data, a folder of caption-image pairs"]
         steps = _steps(sections)
         if steps is None or self.step_range is None:
             return []
@@ -207,16 +257,30 @@ class DdpoConfig(MethodConfig):
     )
     clip_range: Float = Field(1e-4, gt=0, description="PPO ratio clip epsilon")
     adv_clip_max: Float = Field(
-        10.0, gt=0, description="advantages are clipped to [-adv_clip_max, adv_clip_max]"
+        5.0,
+        gt=0,
+        description="advantages are clipped to [-adv_clip_max, adv_clip_max] (TRL's DDPOConfig: 5)",
     )
     timestep_fraction: Float = Field(
         1.0, gt=0, le=1, description="share of the T steps trained on per batch (int(T x fraction) of them)"
     )
+    # TRL's DDPOConfig and ddpo-pytorch config/base.py: sample_num_batches_per_epoch 2 with one image per
+    # sample batch and per train batch, no accumulation: 2 optimizer steps per round (config/dgx.py: 4).
+    updates_per_round: Int = Field(
+        2,
+        ge=1,
+        description="optimizer steps per pass over a sampled round: a round samples this many per-update "
+        "batches (train.batch_size x train.grad_accum images per worker each) with the adapter of its first "
+        "step, and each update trains on a disjoint minibatch of them, so the PPO ratio and its clip act from "
+        "the second update on (ddpo-pytorch: sample.num_batches_per_epoch x sample.batch_size / "
+        "(train.batch_size x gradient_accumulation_steps)). 1, with inner_epochs 1: each sample is trained on "
+        "once by the adapter that drew it, the ratio is always 1 and nothing is clipped: REINFORCE",
+    )
     inner_epochs: Int = Field(
         1,
         ge=1,
-        description="optimizer steps per sampled round: the first samples the batches, the next ones reuse them "
-        "(the PPO ratio is 1 on the first; clipping acts from the second)",
+        description="passes over each sampled round (ddpo-pytorch's num_inner_epochs): a round lasts "
+        "updates_per_round x inner_epochs optimizer steps, its minibatches reshuffled each pass",
     )
     per_prompt_stats: bool = Field(
         True, description="normalize each reward by its prompt's recent rewards (else by the whole batch's)"

@@ -4,20 +4,26 @@ as kvablack/ddpo-pytorch implements it (scripts/train.py, diffusers_patch/ddim_w
 The policy is the DDIM sampler with eta > 0: each step x_t -> x_(t-1) is a Gaussian N(mu_theta(x_t), s_t^2),
 so a chain has a log-likelihood and any reward, differentiable or not, gives a policy gradient.
 
-    round (every `inner_epochs` optimizer steps): for every micro-batch, without autograd,
-        sample T steps with eta, keeping (x_t, x_(t-1), log p_old(x_(t-1) | x_t)) of every step
-        r = reward_mixture(decode(x_0))
+    round (every updates_per_round x inner_epochs optimizer steps), without autograd:
+        for each of its updates_per_round updates, for every micro-batch the plan gives that update's step:
+            sample T steps with eta, keeping (x_t, x_(t-1), log p_old(x_(t-1) | x_t)) of every step
+            r = reward_mixture(decode(x_0))
         A = (r - mean) / (std + 1e-6), per prompt over a buffer of its last rewards once it holds
-            `stat_min_count` of them, else over the whole step's batch (gathered from every worker);
+            `stat_min_count` of them, else over the whole round (gathered from every worker);
             clipped to [-adv_clip_max, adv_clip_max]
-    step: for each micro-batch, for int(T x timestep_fraction) of its steps t (one backward each):
-        ratio = exp(log p_theta(x_(t-1) | x_t) - log p_old)
-        loss  = mean(max(-A ratio, -A clip(ratio, 1 - clip_range, 1 + clip_range))) / steps trained
+    each of inner_epochs passes: shuffle the round's micro-batches, split them into updates_per_round
+    disjoint minibatches, one optimizer step each:
+        for each micro-batch, for int(T x timestep_fraction) of its steps t (one backward each):
+            ratio = exp(log p_theta(x_(t-1) | x_t) - log p_old)
+            loss  = mean(max(-A ratio, -A clip(ratio, 1 - clip_range, 1 + clip_range))) / steps trained
 
-The log-probability is averaged over the latent's elements, as the reference does. On the first optimizer
-step of a round the adapter is the one that sampled, so the ratio is 1 and nothing is clipped; with
-`inner_epochs` > 1 the later steps reuse the round and clipping acts. Deviations from the reference:
-the trained timesteps are drawn per micro-batch rather than per image (the same with timestep_fraction 1,
+The log-probability is averaged over the latent's elements, as the reference does. The first update of
+a round trains with the adapter that sampled it, so its ratio is 1 and nothing is clipped; every later
+update's adapter has moved, and the ratio and clip act (ddpo-pytorch scripts/train.py: sample a round, then
+`num_batches_per_epoch x sample.batch_size / (train.batch_size x gradient_accumulation_steps)` updates per
+inner epoch). With updates_per_round 1 and inner_epochs 1 every update is a round's first: that is
+REINFORCE with normalized advantages, not PPO. Deviations from the reference: a pass shuffles whole micro-batches rather
+than single images, the trained timesteps are drawn per micro-batch rather than per image (the same with timestep_fraction 1,
 its default), and the step's mean follows diffusers' DDIMScheduler.step exactly (the reference uses
 alphas_cumprod[0] where diffusers uses final_alpha_cumprod: the same for every SD checkpoint, whose
 scheduler has set_alpha_to_one false).
@@ -39,6 +45,7 @@ from alignprop_ray.engine.families.base import Conditioning
 from alignprop_ray.engine.families.registry import DDIM
 from alignprop_ray.engine.methods.base import (
     Backward,
+    Batch,
     Method,
     MicroBatchOutput,
     generators,
@@ -155,8 +162,9 @@ def batch_advantages(rewards: Sequence[float]) -> np.ndarray:
 
 @dataclass
 class Rollout:
-    """One micro-batch's sampled chains: the data every optimizer step of its round trains on."""
+    """One micro-batch's sampled chains: the data the updates of its round train on."""
 
+    batch: Batch
     cond: Conditioning
     timesteps: torch.Tensor  # (T,)
     latents: list[torch.Tensor]  # T + 1 entries: x_T, ..., x_0, each (B, C, h, w)
@@ -173,25 +181,58 @@ class Ddpo(Method):
         self.stats = (
             PerPromptStats(config.stat_buffer, config.stat_min_count) if config.per_prompt_stats else None
         )
-        self.rollouts: list[Rollout] | None = None
-        self.fresh = False  # whether this step's round was sampled at this step
+        self.rollouts: list[Rollout] | None = None  # the round: updates_per_round x grad_accum micro-batches
+        self.current: list[Rollout] = []  # this update's minibatch (one rollout per micro-batch)
+        self.sampled = 0  # images this worker sampled at this step (a round's first step: all of them)
+
+    @property
+    def round_length(self) -> int:
+        """Optimizer steps per round: updates_per_round updates in each of inner_epochs passes."""
+        return self.config.updates_per_round * self.config.inner_epochs
 
     def begin_step(self, learner, batches, draws) -> None:
-        """Sample a new round at the first step of each (and after a resume mid-round: its samples are not
-        in the checkpoint), then normalize its rewards over every worker's images."""
+        """At a round's first step (and after a resume mid-round: its samples are not in the checkpoint)
+        sample the whole round and normalize its rewards over every worker's images; then pick this update's
+        minibatch of it."""
         check_scheduler(learner.parts.scheduler)
-        self.fresh = self.rollouts is None or learner.step % self.config.inner_epochs == 0
-        if not self.fresh:
-            return
-        self.rollouts = [self.sample(learner, batch) for batch in batches]
-        prompts = [p for batch in batches for p in batch.prompts]
-        rewards = torch.cat([r.reward.total.detach().float().cpu() for r in self.rollouts]).tolist()
-        advantages = self.advantages(prompts, rewards)
-        for rollout, batch in zip(self.rollouts, batches, strict=True):
-            rollout.advantages, advantages = (
-                advantages[: len(batch.prompts)],
-                advantages[len(batch.prompts) :],
+        updates = self.config.updates_per_round
+        position = learner.step % self.round_length
+        first = learner.step - position  # the round's first step
+        self.sampled = 0
+        if self.rollouts is None or position == 0:
+            # the round's first update trains on its own step's batches (those of this step, unless a resume
+            # lands mid-round and the run's plan can say which they were)
+            own = first == learner.step or learner.plan is None
+            planned = [batches if own else self.plan(learner, first, updates)]
+            planned += [self.plan(learner, first + j, updates) for j in range(1, updates)]
+            self.rollouts = [self.sample(learner, batch) for update in planned for batch in update]
+            self.sampled = sum(len(r.batch.prompts) for r in self.rollouts)
+            prompts = [p for r in self.rollouts for p in r.batch.prompts]
+            rewards = torch.cat([r.reward.total.detach().float().cpu() for r in self.rollouts]).tolist()
+            advantages = self.advantages(prompts, rewards)
+            for rollout in self.rollouts:
+                size = len(rollout.batch.prompts)
+                rollout.advantages, advantages = advantages[:size], advantages[size:]
+        epoch, update = divmod(position, updates)
+        if len(self.rollouts) != updates * len(batches):
+            raise ValueError(
+                f"DDPO's round holds {len(self.rollouts)} micro-batches, not {updates} x {len(batches)}"
             )
+        # every worker shuffles its own micro-batches with the same permutation (the same count on each)
+        order = list(range(len(self.rollouts)))
+        random.Random(f"ddpo:round:{first}:{epoch}").shuffle(order)
+        mine = order[update * len(batches) : (update + 1) * len(batches)]
+        self.current = [self.rollouts[i] for i in mine]
+
+    @staticmethod
+    def plan(learner, step: int, updates: int) -> Sequence[Batch]:
+        """The micro-batches the plan gives optimizer step `step` (`learner.plan`, set by the run)."""
+        if learner.plan is None:
+            raise ValueError(
+                f"method ddpo with updates_per_round {updates} samples the batches of its round's later "
+                "steps at its first: the learner needs the run's plan (Learner.plan)"
+            )
+        return learner.plan(step)
 
     def advantages(self, prompts: list[str], rewards: list[float]) -> torch.Tensor:
         """Normalized advantages of this worker's images, the statistics taken over every worker's (a
@@ -206,7 +247,7 @@ class Ddpo(Method):
         offset = sum(len(shard) for shard, _ in shards[: world()[0]])
         return torch.tensor(normalized[offset : offset + len(prompts)], dtype=torch.float32)
 
-    def sample(self, learner, batch) -> Rollout:
+    def sample(self, learner, batch: Batch) -> Rollout:
         """The micro-batch's chains with eta, recording each step and its log-probability (no autograd)."""
         parts, settings = learner.parts, learner.sampler
         resolution = learner.resolution or parts.native_resolution
@@ -225,13 +266,15 @@ class Ddpo(Method):
                 parts, cond, noise, timesteps, settings.guidance_scale, self.config.eta, gens, record
             )
             out = learner.reward(decode(parts, final), batch.prompts)
-        return Rollout(cond, timesteps, [*latents, final], torch.stack(log_probs), out)
+        return Rollout(batch, cond, timesteps, [*latents, final], torch.stack(log_probs), out)
 
     def micro_batch(self, learner, index, batch, draw, backward: Backward) -> MicroBatchOutput:
-        rollout, parts = self.rollouts[index], learner.parts
+        """Train on micro-batch `index` of this update's minibatch (its own prompts and seeds: sampled at the
+        round's first step, which may not be this step's `batch`)."""
+        rollout, parts = self.current[index], learner.parts
         resolution = learner.resolution or parts.native_resolution
         start(parts, learner.sampler.steps, resolution)  # the step count sets each step's previous timestep
-        chosen = self.trained_steps(rollout, batch.seeds, learner.step)
+        chosen = self.trained_steps(rollout, rollout.batch.seeds, learner.step)
         advantages = rollout.advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
         advantages = advantages.to(learner.device)
         losses, kl, clipped = [], [], []
@@ -253,7 +296,7 @@ class Ddpo(Method):
         return MicroBatchOutput(
             rollout.reward,
             sum(losses) / len(losses),
-            images=len(batch.prompts) if self.fresh else 0,
+            images=self.sampled if index == 0 else 0,  # the whole round counts at its first step
             grad_steps=len(chosen),
             metrics={"clip_fraction": sum(clipped) / len(clipped), "approx_kl": sum(kl) / len(kl)},
         )

@@ -39,6 +39,7 @@ from alignprop_ray.engine.sampler import (
     solver_step,
     start,
 )
+from alignprop_ray.engine.schedulers import wide_dtype
 from alignprop_ray.rewards.base import RewardOutput
 
 
@@ -87,12 +88,13 @@ class DraftLV(Method):
         return Sample(cond, x0, gens)
 
     def noises(self, sample: Sample) -> list[torch.Tensor]:
-        """One standard normal draw per copy, each image's from its own generator."""
+        """One standard normal draw per copy, each image's from its own generator, in float32 (a bf16 draw
+        would round the noise before it is scaled)."""
         from diffusers.utils.torch_utils import randn_tensor
 
         x0 = sample.x0
         return [
-            randn_tensor(x0.shape, generator=sample.gens, device=x0.device, dtype=x0.dtype)
+            randn_tensor(x0.shape, generator=sample.gens, device=x0.device, dtype=torch.float32)
             for _ in range(self.samples)
         ]
 
@@ -102,9 +104,14 @@ class DraftLV(Method):
         parts, settings = learner.parts, learner.sampler
         with learner.autocast():
             t = last_step(parts, settings.steps, learner.resolution or parts.native_resolution)
-            noisy = renoise(parts.scheduler, sample.x0, noise, t)
-            prediction = guided_prediction(
-                parts, noisy, t, sample.cond, settings.guidance_scale, checkpointed=settings.checkpoint
+            noisy = renoise(parts.scheduler, sample.x0, noise, t)  # float32: the step below is taken in it
+            prediction = guided_prediction(  # the denoiser sees x_t in its own dtype
+                parts,
+                noisy.to(parts.dtype),
+                t,
+                sample.cond,
+                settings.guidance_scale,
+                checkpointed=settings.checkpoint,
             )
             x0 = solver_step(parts, prediction, t, noisy, settings.eta, sample.gens)
             out = learner.reward(decode(parts, x0), prompts)
@@ -122,7 +129,13 @@ def last_step(parts, steps: int, resolution: int) -> torch.Tensor:
 def renoise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t ~ q(x_t | x0) with the given standard normal `noise`: the scheduler's own forward process
     (`add_noise`: sqrt(a_t) x0 + sqrt(1 - a_t) noise for DDIM, x0 + sigma noise for Euler; flow matching's
-    `scale_noise`: (1 - sigma) x0 + sigma noise)."""
+    `scale_noise`: (1 - sigma) x0 + sigma noise), in float32 (or wider) whatever x0's dtype.
+
+    Both take the schedule in their input's dtype: in bf16, alpha-bar at t=1 (0.99830) rounds to 1.0, so
+    sqrt(1 - a_t) would be 0 and every copy would be x0 (no variance reduction at all).
+    """
+    dtype = wide_dtype(x0, noise)
+    x0, noise = x0.to(dtype), noise.to(dtype)
     timestep = t.reshape(1).to(x0.device)
     if hasattr(scheduler, "scale_noise"):
         return scheduler.scale_noise(x0, timestep, noise)

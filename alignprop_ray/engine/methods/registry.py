@@ -27,6 +27,40 @@ from alignprop_ray.engine.methods import configs
 
 ENTRY_POINT_GROUP = "alignprop_ray.methods"
 
+# A reference setting -> the experiment field it fills where the experiment leaves that field unset.
+APPLIED = {
+    "lr": "train.lr",
+    "adam_betas": "train.adam_betas",
+    "weight_decay": "train.weight_decay",
+    "loss_scale": "train.loss_scale",
+    "max_grad_norm": "train.max_grad_norm",
+    "guidance_scale": "sampling.guidance_scale",
+}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A method's settings as its reference code runs them, each with its source (`sources`: setting -> the
+    file and line, or paper section; docs/methods.md lists them). The APPLIED ones fill the experiment's
+    fields that the experiment does not set (config/schema.py); None: the schema's default (AlignProp's).
+    `eta` and `images_per_update` are the reference's, stated for comparison: the training eta is a method
+    setting where the method has one (DDPO's `method.eta`), and images per update depend on the cluster
+    (workers x train.batch_size x train.grad_accum)."""
+
+    lr: float | None = None
+    adam_betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+    loss_scale: float | None = None
+    max_grad_norm: float | None = None
+    guidance_scale: float | None = None
+    eta: float | None = None  # DDIM eta of the training samples (1.0: DDPM-like ancestral sampling)
+    images_per_update: int | None = None  # images per optimizer step, every GPU together
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def applied(self) -> dict[str, Any]:
+        """Experiment key (`train.lr`) -> value, for every APPLIED setting the reference has."""
+        return {key: getattr(self, name) for name, key in APPLIED.items() if getattr(self, name) is not None}
+
 
 @dataclass(frozen=True)
 class MethodRow:
@@ -46,6 +80,8 @@ class MethodRow:
     # An older spelling of one of its settings (a dotted experiment key) -> the setting. The older key is
     # still accepted, and stays the setting's MLflow param name, so runs logged before the move resume.
     aliases: Mapping[str, str] = field(default_factory=dict)
+    # its reference settings (optimizer, loss scale, clip, guidance), applied where the experiment is silent
+    reference: Reference = field(default_factory=Reference)
     plugin: bool = False  # defined outside this package
 
     @property
@@ -72,6 +108,73 @@ def _load(path: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+# Each method's reference settings, with their sources (docs/methods.md prints them).
+ALIGNPROP_REFERENCE = Reference(
+    lr=1e-3,
+    adam_betas=(0.9, 0.999),
+    weight_decay=0.1,
+    loss_scale=0.01,
+    max_grad_norm=5.0,
+    guidance_scale=7.5,
+    images_per_update=8,
+    sources={
+        "lr": "mihirp1998/AlignProp config/align_prop.py aesthetic(): train.learning_rate = 1e-3",
+        "adam_betas": "config/align_prop.py general(): train.adam_beta1 = 0.9, train.adam_beta2 = 0.999",
+        "weight_decay": "config/align_prop.py aesthetic(): train.adam_weight_decay = 0.1",
+        "loss_scale": "config/align_prop.py aesthetic(): train.loss_coeff = 0.01",
+        "max_grad_norm": "config/align_prop.py aesthetic(): train.max_grad_norm = 5.0",
+        "guidance_scale": "config/align_prop.py general(): sd_guidance_scale = 7.5",
+        "images_per_update": "config/align_prop.py aesthetic(): set_config_batch(total_batch_size=8)",
+    },
+)
+
+REFL_REFERENCE = Reference(
+    lr=1e-5,
+    adam_betas=(0.9, 0.999),
+    weight_decay=1e-2,
+    loss_scale=1e-3,
+    max_grad_norm=1.0,
+    guidance_scale=1.0,
+    eta=1.0,
+    images_per_update=64,
+    sources={
+        "lr": "THUDM/ImageReward scripts/train_refl.sh: --learning_rate=1e-05 (the whole UNet, not LoRA)",
+        "adam_betas": "ImageReward/ReFL.py: --adam_beta1 default 0.9, --adam_beta2 default 0.999",
+        "weight_decay": "ImageReward/ReFL.py: --adam_weight_decay default 1e-2",
+        "loss_scale": "scripts/train_refl.sh: --grad_scale 0.001 (ReFL.py: loss.mean() * args.grad_scale)",
+        "max_grad_norm": "scripts/train_refl.sh: --max_grad_norm=1",
+        "guidance_scale": "ImageReward/ReFL.py: the chain and the gradient call take the text "
+        "condition only, no classifier-free guidance",
+        "eta": "ImageReward/ReFL.py: DDPMScheduler, 40 steps",
+        "images_per_update": "scripts/train_refl.sh: --train_batch_size=2 "
+        "--gradient_accumulation_steps=4 --num_processes=8",
+    },
+)
+
+DDPO_REFERENCE = Reference(
+    lr=3e-4,
+    adam_betas=(0.9, 0.999),
+    weight_decay=1e-4,
+    loss_scale=1.0,
+    max_grad_norm=1.0,
+    guidance_scale=5.0,
+    eta=1.0,
+    sources={
+        "lr": "trl 0.23.1 DDPOConfig: train_learning_rate = 3e-4",
+        "adam_betas": "DDPOConfig: train_adam_beta1 = 0.9, train_adam_beta2 = 0.999",
+        "weight_decay": "DDPOConfig: train_adam_weight_decay = 1e-4 (ddpo-pytorch config/base.py: "
+        "train.adam_weight_decay = 1e-4)",
+        "loss_scale": "DDPOConfig / ddpo-pytorch scripts/train.py: the PPO loss is backpropagated unscaled",
+        "max_grad_norm": "DDPOConfig: train_max_grad_norm = 1.0 (config/base.py: train.max_grad_norm = 1.0)",
+        "guidance_scale": "DDPOConfig: sample_guidance_scale = 5.0 (config/base.py: "
+        "sample.guidance_scale = 5.0)",
+        "eta": "DDPOConfig: sample_eta = 1.0 (method.eta)",
+        "images_per_update": "DDPOConfig: train_batch_size 1 x train_gradient_accumulation_steps 1 "
+        "per process, any number of processes (so not stated as a total); "
+        "sample_num_batches_per_epoch 2 (method.updates_per_round)",
+    },
+)
+
 _METHODS = "alignprop_ray.engine.methods"
 _ROWS = [
     MethodRow(
@@ -83,6 +186,7 @@ _ROWS = [
         reward_gradient=True,
         gradient_steps="alignprop backpropagates through the last K steps, K drawn from method.truncation",
         aliases={"truncation": "truncation", "train.k0": "k0"},
+        reference=ALIGNPROP_REFERENCE,
     ),
     MethodRow(
         name="draft",
@@ -101,7 +205,10 @@ _ROWS = [
         implementation=f"{_METHODS}.refl:Refl",
         reward_gradient=True,
         gradient_steps="refl backpropagates through one step drawn from method.step_range",
-        metrics=("step",),  # the 0-based index of the step that carried gradient (mean over batches)
+        # the 0-based index of the step that carried gradient (mean over batches); the pre-training loss,
+        # unweighted (0 without method.pretrain_weight)
+        metrics=("step", "pretrain_loss"),
+        reference=REFL_REFERENCE,
     ),
     MethodRow(
         name="ddpo",
@@ -112,6 +219,7 @@ _ROWS = [
         reward_gradient=False,
         gradient_steps="ddpo trains on the log-probabilities of int(T x method.timestep_fraction) steps",
         schedulers=(DDIM,),
+        reference=DDPO_REFERENCE,
         limited_because="its policy is DDIM's Gaussian step, eta > 0, whose log-density it needs",
         metrics=("clip_fraction", "approx_kl"),  # PPO diagnostics (ddpo-pytorch's)
     ),
