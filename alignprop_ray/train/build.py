@@ -31,7 +31,16 @@ def build_learner(cfg, device: torch.device) -> Learner:
     gradient = get_method(cfg.method.name).reward_gradient
     reward = build_reward(cfg.reward, device=device, dtype=torch.float32, for_training=gradient)
     method = build_method(cfg.method)
-    return Learner(parts, params, reward, sampler, optim, resolution=cfg.model.resolution, method=method)
+    return Learner(
+        parts,
+        params,
+        reward,
+        sampler,
+        optim,
+        resolution=cfg.model.resolution,
+        method=method,
+        kl_weight=cfg.train.kl_weight,
+    )
 
 
 class EngineSettings(NamedTuple):

@@ -39,6 +39,7 @@ class LearnerView(Protocol):
     sampler: SamplerSettings
     resolution: int | None  # None: the model's own
     device: torch.device
+    kl_weight: float  # train.kl_weight: of a KL term to the base model (the adapter disabled); 0: none
 
     @property
     def step(self) -> int: ...  # optimizer steps taken so far
