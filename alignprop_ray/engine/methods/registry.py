@@ -128,7 +128,8 @@ _ROWS = [
         schedulers=(FLOW_EULER,),
         families=("sd3", "flux"),
         limited_because="its policy is the SDE of a flow-matching Euler sampler, whose step it needs",
-        metrics=("clip_fraction", "approx_kl", "kl"),  # PPO diagnostics; kl: to the base model
+        # PPO diagnostics (the authors'); train/flow_grpo/kl, the KL to the base model, when train.kl_weight > 0
+        metrics=("clip_fraction", "approx_kl"),
     ),
 ]
 _REGISTRY = {row.name: row for row in _ROWS}
