@@ -155,6 +155,7 @@ def check_method(v: Sections) -> list[str]:
             f"method: {row.name} trains {' or '.join(row.families)} models ({row.limited_because}); "
             f"this model is {family}"
         )
+        return problems  # one line per refusal: the family's scheduler would say it again
     scheduler = _scheduler_of(model)
     if row.schedulers is not None and scheduler is not None and scheduler not in row.schedulers:
         problems.append(

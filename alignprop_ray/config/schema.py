@@ -368,6 +368,16 @@ class TrainConfig(Section):
         ge=1,
         description="fail the run after this many NaN/inf losses in a row (each one skips its update)",
     )
+    # One weight for both KL-to-base terms: DPOK's penalty on the reward-gradient methods (issue 25, section
+    # 5) and Flow-GRPO's KL to the base policy (issue 26). The base model is the denoiser, adapter disabled.
+    kl_weight: Float = Field(
+        0.0,
+        ge=0,
+        description="weight of a KL-to-base term; 0: off. alignprop, draft, refl: the squared difference of "
+        "the adapted and the base denoiser's predictions along the sampled steps (DPOK's regularizer); "
+        "flow_grpo: the KL of its Gaussian SDE steps to the base model's (the same quantity over the step "
+        "variance). The base model is the same denoiser with the LoRA adapter disabled",
+    )
 
 
 class ScalingConfig(Section):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +79,18 @@ def attach_lora(denoiser: torch.nn.Module, settings: LoraSettings, seed: int = 0
     for p in params:
         p.data = p.data.float()
     return params
+
+
+@contextmanager
+def adapter_disabled(denoiser: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The base model for the block: the same denoiser with its LoRA adapter switched off (peft's
+    `disable_adapter`, through diffusers' `disable_adapters`), switched back on after it, also on error.
+    What every KL-to-base term compares against (`train.kl_weight`)."""
+    denoiser.disable_adapters()
+    try:
+        yield denoiser
+    finally:
+        denoiser.enable_adapters()
 
 
 def lora_metadata(denoiser: torch.nn.Module) -> dict:

@@ -127,9 +127,11 @@ class Learner:
         optim: OptimSettings,
         resolution: int | None = None,
         method: Method | None = None,
+        kl_weight: float = 0.0,
     ):
         self.parts, self.params, self.reward = parts, lora_params, reward
         self.sampler, self.optim, self.resolution = sampler, optim, resolution
+        self.kl_weight = kl_weight  # train.kl_weight: of a KL-to-base term, for the methods that have one
         # None: AlignProp, with the K the caller planned
         self.method = method or TruncatedBackprop(AlignPropConfig())
         if sampler.compile:  # here too, not only in generate: methods also call the denoiser directly

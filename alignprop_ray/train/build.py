@@ -35,7 +35,16 @@ def build_learner(
     gradient = get_method(cfg.method.name).reward_gradient
     reward = build_reward(cfg.reward, device=device, dtype=torch.float32, for_training=gradient)
     method = build_method(cfg.method)
-    learner = Learner(parts, params, reward, sampler, optim, resolution=cfg.model.resolution, method=method)
+    learner = Learner(
+        parts,
+        params,
+        reward,
+        sampler,
+        optim,
+        resolution=cfg.model.resolution,
+        method=method,
+        kl_weight=cfg.train.kl_weight,
+    )
     if prompts is not None:
         learner.plan = lambda step: plan_training_step(cfg, prompts, step, rank, world_size)[0]
     return learner

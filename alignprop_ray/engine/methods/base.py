@@ -42,6 +42,7 @@ class LearnerView(Protocol):
     # The micro-batches the run plans for any optimizer step (engine/step.py `plan_step`, this worker's);
     # None outside a run. DDPO samples its round's later steps' batches at the round's first.
     plan: Callable[[int], Sequence[Batch]] | None
+    kl_weight: float  # train.kl_weight: of a KL term to the base model (the adapter disabled); 0: none
 
     @property
     def step(self) -> int: ...  # optimizer steps taken so far

@@ -298,3 +298,108 @@ class DdpoConfig(MethodConfig):
             f"method.timestep_fraction: {self.timestep_fraction:g} of {steps} steps trains on none "
             "(int(T x fraction) must be >= 1)"
         ]
+
+
+def _images_per_step(sections: Sections) -> int | None:
+    """Images of one optimizer step over every worker, or None when a section it needs did not validate."""
+    train, scaling = sections.get("train"), sections.get("scaling")
+    if train is None or scaling is None:
+        return None
+    return scaling.num_workers * train.batch_size * train.grad_accum
+
+
+@method_config
+class FlowGrpoConfig(MethodConfig):
+    """Flow-GRPO (Liu et al. 2025, arXiv 2505.05470): GRPO on the SDE of a flow-matching sampler; with
+    `window`, Flow-GRPO-Fast. Defaults: the authors' code (yifan123/flow_grpo config/base.py, grpo.py)."""
+
+    name: str = "flow_grpo"
+    noise_level: Float = Field(
+        0.7,
+        gt=0,
+        description="a in the SDE's noise schedule sigma_t = a sqrt(t / (1 - t)) (the paper: 0.7); "
+        "evaluation samples the ODE (noise 0)",
+    )
+    group_size: Int = Field(
+        24,
+        ge=2,
+        description="G: images per prompt in a round, each from its own seed; an image's advantage is its "
+        "reward less its group's mean, over the group's std (the paper's SD3.5 runs: 24). Groups are taken "
+        "over every worker's images, so G must divide workers x train.batch_size x train.grad_accum",
+    )
+    clip_range: Float = Field(1e-4, gt=0, description="PPO ratio clip epsilon (the authors' code: 1e-4)")
+    adv_clip_max: Float = Field(
+        5.0, gt=0, description="advantages are clipped to [-adv_clip_max, adv_clip_max] (the authors': 5)"
+    )
+    updates_per_round: Int = Field(
+        1,
+        ge=1,
+        description="optimizer steps per sampled round: the first samples it, the next ones reuse it (the "
+        "PPO ratio is 1 on the first; clipping acts from the second)",
+    )
+    steps: Int | None = Field(
+        None,
+        ge=1,
+        description="denoising steps of the training rollouts; evaluation keeps sampling.steps (the paper's "
+        "denoising reduction: 10 in training, 40 in evaluation). null: sampling.steps",
+    )
+    window: Int | None = Field(
+        None,
+        ge=1,
+        description="Flow-GRPO-Fast: SDE steps (and trained steps) per rollout, a window of consecutive steps "
+        "placed at random per round, the other steps sampled by the ODE (the authors' Fast configs: 2). "
+        "null: Flow-GRPO, every step but the last is an SDE step and trained on",
+    )
+    window_range: tuple[Int, Int] | None = Field(
+        None,
+        description="[low, high]: the window's steps lie in low..high-1 (its first step drawn uniformly from "
+        "low..high-window); only with window. null: [0, T], T the training steps (the authors': (0, 10))",
+    )
+    cfg: bool = Field(
+        True,
+        description="train with classifier-free guidance at sampling.guidance_scale, as the rollouts sample; "
+        "false: CFG-free training, rollouts and training at guidance 1 (the conditional branch only); "
+        "evaluation keeps sampling.guidance_scale",
+    )
+    same_latent: bool = Field(
+        False,
+        description="the images of a group start from the same noise x_T (their first image's seed) and differ "
+        "by their SDE noise only (the authors' sample.same_latent, default False)",
+    )
+    global_std: bool = Field(
+        False,
+        description="divide the advantages by the std of every reward of the round instead of the group's "
+        "(the paper's formula: the group's; the authors' SD3 configs set global_std True)",
+    )
+
+    def train_steps(self, sections: Sections) -> int | None:
+        """T of the training rollouts: `steps`, else sampling.steps."""
+        return self.steps if self.steps is not None else _steps(sections)
+
+    def check(self, sections: Sections) -> list[str]:
+        problems = []
+        steps = self.train_steps(sections)
+        where = "method.steps" if self.steps is not None else "sampling.steps"
+        if steps is not None and self.window is None and steps < 2:
+            problems.append(
+                f"{where}: Flow-GRPO needs T >= 2 (it trains on every step but the last; T={steps})"
+            )
+        if self.window_range is not None and self.window is None:
+            problems.append("method.window_range: only used with method.window (Flow-GRPO-Fast)")
+        if steps is not None and self.window is not None:
+            low, high = self.window_range if self.window_range is not None else (0, steps)
+            if not 0 <= low < high <= steps:
+                problems.append(
+                    f"method.window_range: [{low}, {high}] must satisfy 0 <= low < high <= T = {steps}"
+                )
+            elif self.window > high - low:
+                problems.append(
+                    f"method.window: {self.window} steps do not fit in window_range [{low}, {high}]"
+                )
+        images = _images_per_step(sections)
+        if images is not None and images % self.group_size:
+            problems.append(
+                f"method.group_size: {self.group_size} images per prompt must divide the {images} images of "
+                "an optimizer step (scaling.num_workers x train.batch_size x train.grad_accum)"
+            )
+        return problems

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignprop_ray.engine.families.registry import DDIM
+from alignprop_ray.engine.families.registry import DDIM, FLOW_EULER
 from alignprop_ray.engine.methods import configs
 
 ENTRY_POINT_GROUP = "alignprop_ray.methods"
@@ -222,6 +222,22 @@ _ROWS = [
         reference=DDPO_REFERENCE,
         limited_because="its policy is DDIM's Gaussian step, eta > 0, whose log-density it needs",
         metrics=("clip_fraction", "approx_kl"),  # PPO diagnostics (ddpo-pytorch's)
+    ),
+    MethodRow(
+        name="flow_grpo",
+        label="Flow-GRPO",
+        summary="GRPO (PPO-clip, group-relative advantages) on the SDE of a flow-matching sampler, no reward "
+        "gradient",
+        config=configs.FlowGrpoConfig,
+        implementation=f"{_METHODS}.flow_grpo:FlowGrpo",
+        reward_gradient=False,
+        gradient_steps="flow_grpo trains on the log-probabilities of its SDE steps (every step but the last, "
+        "or method.window of them)",
+        schedulers=(FLOW_EULER,),
+        families=("sd3", "flux"),
+        limited_because="its policy is the SDE of a flow-matching Euler sampler, whose step it needs",
+        # PPO diagnostics (the authors'); train/flow_grpo/kl, the KL to the base model, when train.kl_weight > 0
+        metrics=("clip_fraction", "approx_kl"),
     ),
 ]
 _REGISTRY = {row.name: row for row in _ROWS}
