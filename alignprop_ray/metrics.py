@@ -6,13 +6,15 @@ engine/methods/registry.py)."""
 
 TRAIN_METRICS = (
     "train/reward",
-    # the unscaled objective the method minimized: -reward for alignprop, draft, refl; ddpo's PPO surrogate
+    # the unscaled objective the method minimized: -reward (+ kl_weight x train/kl) for alignprop, draft,
+    # refl; ddpo's PPO surrogate
     # (train.loss_scale scales only what is backpropagated)
     "train/loss",
     "train/k",  # denoising steps per image whose gradient reached LoRA (alignprop, draft: K; refl: 1)
     "train/k0_skipped",  # batches of the step that added no gradient (alignprop drew K=0, method.k0: skip)
     "train/grad_norm",  # of the gradient of loss_scale x loss, before clipping (what max_grad_norm bounds)
     "train/lr",
+    "train/kl",  # the KL-to-base term, unweighted (train.kl_weight > 0; engine/regularizers.py)
     "train/skipped_steps",
     "perf/step_seconds",
     # Cumulative, kept across resumes, the same for every method, so rewards plot against time and samples:

@@ -259,7 +259,7 @@ def tiny_sweep(space: dict, *, base: dict | None = None, **sections) -> dict:
 def assert_resumes_exactly(cfg, tmp: Path) -> None:
     """A learner of experiment `cfg` takes a step, writes a checkpoint and takes a second step; a fresh
     learner (as a restarted worker builds it) restores the checkpoint and takes the second step too: the
-    same adapter bit for bit, and the same method state."""
+    same adapter bit for bit, the same method state, and the same EMA of the weights (train.ema_decay)."""
     from alignprop_ray.train.build import build_learner, plan_training_step
     from alignprop_ray.train.checkpoint import Progress, read_checkpoint, write_checkpoint
 
@@ -275,3 +275,7 @@ def assert_resumes_exactly(cfg, tmp: Path) -> None:
     step(resumed, 1)
     assert all(torch.equal(a, b) for a, b in zip(straight.params, resumed.params, strict=True))
     assert resumed.state_dict()["method"] == straight.state_dict()["method"]
+    assert (resumed.ema is None) == (straight.ema is None)
+    if straight.ema is not None:
+        assert resumed.ema.updates == straight.ema.updates
+        assert all(torch.equal(a, b) for a, b in zip(straight.ema.weights, resumed.ema.weights, strict=True))

@@ -348,6 +348,25 @@ class TrainConfig(Section):
         ge=1,
         description="fail the run after this many NaN/inf losses in a row (each one skips its update)",
     )
+    # One weight for both KL-to-base terms: DPOK's penalty on the reward-gradient methods (issue 25, section
+    # 5) and Flow-GRPO's KL to the base policy (issue 26). The base model is the denoiser, adapter disabled.
+    kl_weight: Float = Field(
+        0.0,
+        ge=0,
+        description="weight of a KL-to-base term; 0: off. alignprop, draft, refl: the squared difference of "
+        "the adapted and the base denoiser's predictions along the sampled steps (DPOK's regularizer); "
+        "flow_grpo: the KL of its Gaussian SDE steps to the base model's (the same quantity over the step "
+        "variance). The base model is the same denoiser with the LoRA adapter disabled",
+    )
+    # Evaluation and every saved adapter (a checkpoint's, the run's logged one that `--register` takes) hold
+    # the average; training continues from the weights, which the checkpoint's training state keeps.
+    ema_decay: Float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="EMA of the LoRA weights: after each update ema <- d ema + (1 - d) weights, from the "
+        "initial adapter (engine/regularizers.py); evaluation and the saved adapter use the EMA. null: off",
+    )
 
 
 class ScalingConfig(Section):

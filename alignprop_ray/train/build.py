@@ -12,6 +12,7 @@ from alignprop_ray.engine.lora import LoraSettings, attach_lora
 from alignprop_ray.engine.methods import build_method, get_method
 from alignprop_ray.engine.methods.base import Batch
 from alignprop_ray.engine.models import DTYPES, load_parts
+from alignprop_ray.engine.regularizers import Regularizers
 from alignprop_ray.engine.sampler import SamplerSettings
 from alignprop_ray.engine.step import Learner, OptimSettings, plan_step
 from alignprop_ray.engine.truncation import Draw
@@ -31,7 +32,17 @@ def build_learner(cfg, device: torch.device) -> Learner:
     gradient = get_method(cfg.method.name).reward_gradient
     reward = build_reward(cfg.reward, device=device, dtype=torch.float32, for_training=gradient)
     method = build_method(cfg.method)
-    return Learner(parts, params, reward, sampler, optim, resolution=cfg.model.resolution, method=method)
+    regularizers = Regularizers(kl_weight=cfg.train.kl_weight, ema_decay=cfg.train.ema_decay)
+    return Learner(
+        parts,
+        params,
+        reward,
+        sampler,
+        optim,
+        resolution=cfg.model.resolution,
+        method=method,
+        regularizers=regularizers,
+    )
 
 
 class EngineSettings(NamedTuple):

@@ -153,6 +153,7 @@ def step_metrics(
         "train/k": result.k,
         "train/k0_skipped": sum(k == 0 for k in result.ks),  # batches without gradient (method.k0: skip)
         "train/lr": result.lr,
+        "train/kl": result.kl,  # the KL-to-base term (train.kl_weight); dropped below when off
         "train/skipped_steps": progress.skipped_steps,
         "perf/step_seconds": seconds,
         "perf/wall_seconds": progress.wall_seconds,
@@ -163,6 +164,8 @@ def step_metrics(
     }
     if not math.isnan(result.grad_norm):
         metrics["train/grad_norm"] = result.grad_norm
+    if math.isnan(result.kl):
+        del metrics["train/kl"]
     metrics.update({f"train/reward/{name}": value for name, value in result.terms.items()})
     metrics.update({f"train/{learner.method.name}/{name}": v for name, v in result.metrics.items()})
     return metrics
@@ -182,8 +185,9 @@ def _rank0_logger(cfg, run_id: str):
 
 
 def _finish(learner: Learner, logger) -> None:
-    """Log the adapter, then wait until MLflow holds everything (at most tracking.outage_limit_s)."""
-    with tempfile.TemporaryDirectory() as tmp:
+    """Log the adapter (the EMA of its weights when train.ema_decay is set), then wait until MLflow holds
+    everything (at most tracking.outage_limit_s)."""
+    with tempfile.TemporaryDirectory() as tmp, learner.evaluation_weights():
         logger.log_dir(save_adapter(learner.parts.denoiser, Path(tmp) / "adapter"), "adapter")
     logger.close()
 

@@ -39,6 +39,9 @@ class MethodRow:
     # it needs reward values only (a policy gradient), and any reward can train it.
     reward_gradient: bool
     gradient_steps: str  # which steps carry gradient (or log-probabilities), in words
+    # It adds train.kl_weight x a KL-to-base term to its loss (alignprop, draft, refl: DPOK's penalty over
+    # the steps that carry gradient, engine/regularizers.py); False: a nonzero train.kl_weight is refused.
+    kl_to_base: bool = False
     schedulers: tuple[str, ...] | None = None  # the scheduler classes it can train with; None: any
     families: tuple[str, ...] | None = None  # the model families it can train; None: every family
     limited_because: str = ""  # why schedulers/families are limited, in words (the refusal says it)
@@ -82,6 +85,7 @@ _ROWS = [
         implementation=f"{_METHODS}.alignprop:TruncatedBackprop",
         reward_gradient=True,
         gradient_steps="alignprop backpropagates through the last K steps, K drawn from method.truncation",
+        kl_to_base=True,
         aliases={"truncation": "truncation", "train.k0": "k0"},
     ),
     MethodRow(
@@ -92,6 +96,7 @@ _ROWS = [
         implementation=f"{_METHODS}.draft:build",
         reward_gradient=True,
         gradient_steps="draft backpropagates through the last method.k steps (DRaFT-LV: the last one)",
+        kl_to_base=True,
     ),
     MethodRow(
         name="refl",
@@ -101,6 +106,7 @@ _ROWS = [
         implementation=f"{_METHODS}.refl:Refl",
         reward_gradient=True,
         gradient_steps="refl backpropagates through one step drawn from method.step_range",
+        kl_to_base=True,
         metrics=("step",),  # the 0-based index of the step that carried gradient (mean over batches)
     ),
     MethodRow(
