@@ -14,7 +14,6 @@ TRAIN_METRICS = (
     "train/k0_skipped",  # batches of the step that added no gradient (alignprop drew K=0, method.k0: skip)
     "train/grad_norm",  # of the gradient of loss_scale x loss, before clipping (what max_grad_norm bounds)
     "train/lr",
-    "train/kl",  # the KL-to-base term, unweighted (train.kl_weight > 0; engine/regularizers.py)
     "train/skipped_steps",
     "perf/step_seconds",
     # Cumulative, kept across resumes, the same for every method, so rewards plot against time and samples:
@@ -34,3 +33,5 @@ TERM_PREFIXES = ("train/reward/", "eval/reward/")
 HELDOUT_PREFIX = "eval/heldout/"
 # eval.base_fidelity: similarity of each eval image to the base model's (step 0) image of its prompt and seed
 BASE_FIDELITY = "eval/base_fidelity"
+# train.kl_weight > 0: the KL-to-base term each step added, unweighted (engine/regularizers.py)
+KL_TO_BASE = "train/kl"

@@ -123,6 +123,7 @@ def test_kl_and_ema_resume_exactly_and_the_checkpoint_adapter_is_the_average(tmp
     from alignprop_ray.engine.lora import read_adapter
     from alignprop_ray.train.build import build_learner, plan_training_step
     from alignprop_ray.train.checkpoint import ADAPTER, Progress, write_checkpoint
+    from alignprop_ray.train.loop import step_metrics
 
     cfg = load_experiment(
         ROOT / "sweeps" / "tiny.yaml",
@@ -139,10 +140,12 @@ def test_kl_and_ema_resume_exactly_and_the_checkpoint_adapter_is_the_average(tmp
     first, second = (learner.train_step(*plan_training_step(cfg, PROMPTS, step)) for step in (0, 1))
     assert first.updated and first.kl == 0.0  # B = 0 at the first step: train/kl, logged
     assert second.kl > 0 and second.loss == pytest.approx(-second.reward + 0.5 * second.kl, rel=1e-5)
-    directory = write_checkpoint(learner, Progress(step=1, run_id="r"), tmp_path)
+    assert step_metrics(second, learner, 1.0, Progress(step=2, run_id="r"), 1)["train/kl"] == second.kl
+    (tmp_path / "own").mkdir()
+    directory = write_checkpoint(learner, Progress(step=1, run_id="r"), tmp_path / "own")
     saved = read_adapter(directory / ADAPTER).state
     with learner.evaluation_weights():
-        average = get_peft_model_state_dict(learner.parts.denoiser)
+        average = {k: v.clone() for k, v in get_peft_model_state_dict(learner.parts.denoiser).items()}
     trained = get_peft_model_state_dict(learner.parts.denoiser)
     assert saved.keys() == average.keys()
     assert all(torch.equal(saved[k], average[k].float()) for k in saved)

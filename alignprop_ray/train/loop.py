@@ -24,6 +24,7 @@ import torch
 from alignprop_ray.engine.distributed import gather_objects, world
 from alignprop_ray.engine.lora import save_adapter
 from alignprop_ray.engine.step import Learner, StepResult
+from alignprop_ray.metrics import KL_TO_BASE
 from alignprop_ray.train.build import build_learner, plan_training_step
 from alignprop_ray.train.checkpoint import Progress, report_step, restore
 from alignprop_ray.train.evaluate import evaluate
@@ -153,7 +154,6 @@ def step_metrics(
         "train/k": result.k,
         "train/k0_skipped": sum(k == 0 for k in result.ks),  # batches without gradient (method.k0: skip)
         "train/lr": result.lr,
-        "train/kl": result.kl,  # the KL-to-base term (train.kl_weight); dropped below when off
         "train/skipped_steps": progress.skipped_steps,
         "perf/step_seconds": seconds,
         "perf/wall_seconds": progress.wall_seconds,
@@ -164,8 +164,8 @@ def step_metrics(
     }
     if not math.isnan(result.grad_norm):
         metrics["train/grad_norm"] = result.grad_norm
-    if math.isnan(result.kl):
-        del metrics["train/kl"]
+    if not math.isnan(result.kl):  # train.kl_weight > 0
+        metrics[KL_TO_BASE] = result.kl
     metrics.update({f"train/reward/{name}": value for name, value in result.terms.items()})
     metrics.update({f"train/{learner.method.name}/{name}": v for name, v in result.metrics.items()})
     return metrics
