@@ -1,6 +1,6 @@
 """train.kl_weight (DPOK's KL-to-base penalty) and train.ema_decay (an EMA of the LoRA weights): the term is
-0 at initialization, its gradient is the derivative of what it computes (float64 finite differences, through
-each method that carries it), and the EMA follows its recurrence, is what evaluation and saving see, and
+0 at initialization, its gradient is the derivative of what it computes (float64 finite differences), and
+the EMA follows its recurrence, is what evaluation and saving see, and
 resumes exactly (engine/regularizers.py)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from alignprop_ray.engine.methods import build_method
 from alignprop_ray.engine.methods.base import Batch
-from alignprop_ray.engine.methods.configs import AlignPropConfig, ReflConfig
+from alignprop_ray.engine.methods.configs import AlignPropConfig
 from alignprop_ray.engine.regularizers import KLAccumulator, LoraEMA
 from alignprop_ray.rewards.base import RewardOutput
 from tests.helpers import (
@@ -35,17 +35,15 @@ def zero_reward(images, prompts):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("config", "draw"),
-    [(AlignPropConfig(), 2), (ReflConfig(step_range=(0, 0)), 0)],
-    ids=["alignprop-full", "refl-first-step"],
-)
-def test_kl_term_is_zero_at_init_and_its_gradient_matches_float64_finite_differences(config, draw):
+def test_kl_term_is_zero_at_init_and_its_gradient_matches_float64_finite_differences():
     """LoRA B = 0: the adapted denoiser is the base one and the term is exactly 0. With B != 0, the gradient
-    the method backpropagates for train.kl_weight x the term equals central finite differences of the loss
-    it reports, along a random direction, in float64. AlignProp with K = T = 2: the pathwise derivative
-    through the chain, checkpointed calls whose recompute switches the adapter off again. ReFL at its first
-    step: x_t is the initial noise, so no truncated part of the chain depends on the weights."""
+    AlignProp backpropagates for train.kl_weight x the term, with K = T = 2 (so no truncated part of the chain
+    depends on the weights), equals central finite differences of the loss it reports, along a random
+    direction, in float64: at the first step x_t carries no graph (as at ReFL's and DRaFT-LV's one step), at
+    the second it does (the pathwise derivative through the base call too), and both calls are checkpointed,
+    whose recompute switches the adapter off again. The term's other methods and families:
+    tests/test_methods.py::test_draft_lv_and_refl_step_other_families."""
+    config, draw = AlignPropConfig(), 2
     from alignprop_ray.engine.lora import attach_lora
     from alignprop_ray.engine.models import load_parts
 
@@ -129,8 +127,9 @@ def test_kl_and_ema_resume_exactly_and_the_checkpoint_adapter_is_the_average(tmp
         ROOT / "sweeps" / "tiny.yaml",
         [
             "truncation=full",
-            "sampling.steps=3",
+            "sampling.steps=2",
             "model.resolution=32",
+            "train.batch_size=1",
             "train.kl_weight=0.5",
             "train.ema_decay=0.8",
         ],
