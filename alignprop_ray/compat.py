@@ -1,12 +1,13 @@
 """Every use of another library's private names, in one place.
 
-Ray, MLflow and open_clip move their internals between releases. Each function here wraps one such
+Ray, MLflow, open_clip and peft move their internals between releases. Each function here wraps one such
 access and says which version it was written against; tests/test_compat.py calls each of them on the
 installed versions, so an upgrade that moves one breaks here, in one place, loudly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import re
@@ -247,3 +248,27 @@ def ray_monitor_command(gcs_address: str) -> list[str] | None:
         if flag in command and any(arg.endswith("monitor.py") for arg in command):
             return command
     return None
+
+
+@contextlib.contextmanager
+def peft_adapters_disabled(module):
+    """Run the block with every peft adapter layer inside `module` switched off (the base model), without
+    touching any parameter's `requires_grad`.
+
+    peft's public switch (`BaseTunerLayer.enable_adapters`, behind diffusers' `disable_adapters()`) also
+    sets `requires_grad=False` on the adapter weights and back on enable: inside a forward whose graph
+    holds those weights, or inside a checkpointed call that backward recomputes, that is unsafe. The
+    layers' forward reads only the flag `_disable_adapters` (peft 0.21: `BaseTunerLayer.disable_adapters`
+    returns it), so only the flag is flipped, and restored on the way out.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer._disable_adapters for layer in layers]
+    try:
+        for layer in layers:
+            layer._disable_adapters = True
+        yield
+    finally:
+        for layer, flag in zip(layers, before, strict=True):
+            layer._disable_adapters = flag

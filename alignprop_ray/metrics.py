@@ -6,7 +6,8 @@ engine/methods/registry.py)."""
 
 TRAIN_METRICS = (
     "train/reward",
-    # the unscaled objective the method minimized: -reward for alignprop, draft, refl; ddpo's PPO surrogate
+    # the unscaled objective the method minimized: -reward (+ kl_weight x train/kl) for alignprop, draft,
+    # refl; ddpo's PPO surrogate
     # (train.loss_scale scales only what is backpropagated)
     "train/loss",
     "train/k",  # denoising steps per image whose gradient reached LoRA (alignprop, draft: K; refl: 1)
@@ -35,3 +36,5 @@ HELDOUT_PREFIX = "eval/heldout/"
 EVAL_TRAIN_ETA = "eval/train_eta/reward"
 # eval.base_fidelity: similarity of each eval image to the base model's (step 0) image of its prompt and seed
 BASE_FIDELITY = "eval/base_fidelity"
+# train.kl_weight > 0: the KL-to-base term each step added, unweighted (engine/regularizers.py)
+KL_TO_BASE = "train/kl"

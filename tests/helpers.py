@@ -259,7 +259,7 @@ def tiny_sweep(space: dict, *, base: dict | None = None, **sections) -> dict:
 def assert_resumes_exactly(cfg, tmp: Path, before: int = 1) -> None:
     """A learner of experiment `cfg` takes `before` steps, writes a checkpoint and takes one more; a fresh
     learner (as a restarted worker builds it) restores the checkpoint and takes that step too: the same
-    adapter bit for bit, and the same method state. (A DDPO round's samples are not in the checkpoint:
+    adapter bit for bit, the same method state and the same EMA of the weights (train.ema_decay). (A DDPO round's samples are not in the checkpoint:
     `before` is then its length, so the checkpoint falls between rounds.)"""
     from alignprop_ray.train.build import build_learner, plan_training_step
     from alignprop_ray.train.checkpoint import Progress, read_checkpoint, write_checkpoint
@@ -277,6 +277,10 @@ def assert_resumes_exactly(cfg, tmp: Path, before: int = 1) -> None:
     step(resumed, before)
     assert all(torch.equal(a, b) for a, b in zip(straight.params, resumed.params, strict=True))
     assert resumed.state_dict()["method"] == straight.state_dict()["method"]
+    assert (resumed.ema is None) == (straight.ema is None)
+    if straight.ema is not None:
+        assert resumed.ema.updates == straight.ema.updates
+        assert all(torch.equal(a, b) for a, b in zip(straight.ema.weights, resumed.ema.weights, strict=True))
 
 
 def most_at_once(windows) -> int:

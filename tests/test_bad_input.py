@@ -90,6 +90,24 @@ CASES = [
         ["scaling.num_workers: must be >= 1", "train.lr: must be > 0"],
         {"e.yaml": with_change("scaling.num_workers", 0)},
     ),
+    Case(
+        "validate-regularizers-out-of-range",
+        ["validate", "e.yaml", "--set", "train.kl_weight=-0.1", "--set", "train.ema_decay=1.5"],
+        ["train.kl_weight: must be >= 0 (got -0.1)", "train.ema_decay: must be < 1 (got 1.5)"],
+        {"e.yaml": BASE},
+    ),
+    Case(
+        "validate-kl-weight-of-a-method-without-kl",
+        ["validate", "e.yaml", "--set", "train.kl_weight=0.1"],
+        ["train.kl_weight: ddpo has no KL-to-base term, so 0.1 would have no effect"],
+        {
+            "e.yaml": {
+                **{k: v for k, v in BASE.items() if k != "truncation"},  # AlignProp's
+                "method": {"name": "ddpo"},
+                "sampling": {"steps": 10, "eta": 1.0},
+            }
+        },
+    ),
     Case("validate-missing-file", ["validate", "nope.yaml"], ["nope.yaml: no such file"]),
     Case("validate-file-is-directory", ["validate", "conf"], ["conf: cannot read"], {"conf": DIR}),
     Case(

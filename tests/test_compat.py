@@ -174,3 +174,30 @@ def test_importing_the_package_keeps_mlflows_telemetry_thread_from_starting():
 
     assert started("")  # MLflow alone starts it here (the test would say nothing otherwise)
     assert not started("import alignprop_ray; ")
+
+
+def test_peft_adapters_are_switched_off_without_touching_requires_grad():
+    """peft 0.21: a LoRA layer with `_disable_adapters` set computes its base layer alone. A small peft
+    model whose adapter moves its output: inside the block it gives the output of the layer without the
+    adapter, every LoRA weight still requires grad, and after the block the adapter is back."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    base = torch.nn.Linear(4, 4)
+    base.load_state_dict(model[0].state_dict())
+    model = inject_adapter_in_model(
+        LoraConfig(r=2, target_modules=["0"], init_lora_weights="gaussian"), model
+    )
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    with torch.no_grad():
+        for p in lora:
+            p.normal_()
+    x = torch.randn(3, 4)
+    adapted = model(x)
+    assert not torch.allclose(adapted, base(x))
+    with compat.peft_adapters_disabled(model):
+        assert torch.equal(model(x), base(x))
+        assert all(p.requires_grad for p in lora)
+    assert torch.equal(model(x), adapted)

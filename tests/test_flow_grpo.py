@@ -135,7 +135,7 @@ def test_kl_to_the_base_model_by_hand_with_nonzero_lora():
             torch.testing.assert_close(method.policy_step(learner, rollout, j).mean, step.mean)
     losses = []
     out = learner.method.micro_batch(learner, 0, None, 0, losses.append)
-    assert out.metrics["kl"] > 0 and len(losses) == 3 and all(loss.requires_grad for loss in losses)
+    assert out.kl > 0 and len(losses) == 3 and all(loss.requires_grad for loss in losses)
     assert all(p.requires_grad for p in learner.params)  # the switch left the adapter trainable
 
 

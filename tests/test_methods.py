@@ -393,6 +393,8 @@ def test_draft_lv_gradient_is_the_average_of_its_copies_gradients():
         resolution=32,
         autocast=nullcontext,
         reward=brightness_reward,
+        kl_weight=0.0,
+        kl_term=lambda: None,
     )
     method, batch = DraftLV(DraftConfig(lv_samples=3)), Batch(PROMPTS, SEEDS)
 
@@ -562,25 +564,30 @@ def test_draft_lv_gradient_is_the_papers_algorithm_2_in_float64():
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_draft_lv_and_refl_step_other_families(family):
-    """Euler (SDXL) and flow matching (SD3, FLUX.1) keep a step index: the LV step starts it at the last step."""
+    """Euler (SDXL) and flow matching (SD3, FLUX.1) keep a step index: the LV step starts it at the last step.
+    With train.kl_weight, the base model's call at the same step (adapter off) gives a finite, nonzero term."""
     from alignprop_ray.engine.lora import attach_lora
     from alignprop_ray.engine.models import load_parts
+    from alignprop_ray.engine.regularizers import KLAccumulator
     from tests.helpers import lora_settings
 
     parts = load_parts("tiny", family=family)
     params = attach_lora(parts.denoiser, lora_settings())
     perturb(params)
+    sampler = sampler_settings(steps=3)
     engine = SimpleNamespace(
         parts=parts,
-        sampler=sampler_settings(steps=3),
+        sampler=sampler,
         resolution=32,
         autocast=nullcontext,
         reward=brightness_reward,
+        kl_weight=0.1,
+        kl_term=lambda: KLAccumulator(parts, sampler.guidance_scale),
     )
     batch = Batch(PROMPTS, SEEDS)
     for method, draw in [(DraftLV(DraftConfig(lv_samples=2)), 0), (Refl(ReflConfig(step_range=(1, 2))), 2)]:
         output = method.micro_batch(engine, 0, batch, draw, lambda loss: loss.backward())
-        assert math.isfinite(output.loss)
+        assert math.isfinite(output.loss) and math.isfinite(output.kl) and output.kl > 0
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
 
 

@@ -194,6 +194,17 @@ def _family_of(model: Any) -> str | None:
     return None if family == AUTO else family
 
 
+def check_kl_weight(v: Sections) -> list[str]:
+    """train.kl_weight belongs to the methods that add a KL-to-base term (their row's `kl_to_base`)."""
+    row, train = _method(v), v.get("train")
+    if row is None or train is None or not train.kl_weight or row.kl_to_base:
+        return []
+    return [
+        f"train.kl_weight: {row.name} has no KL-to-base term, so {train.kl_weight:g} would have no effect; "
+        "set it to 0"
+    ]
+
+
 def check_activation_budget(v: Sections) -> list[str]:
     """A budget picks which gradient-carrying calls are checkpointed: it needs checkpointing on."""
     model = v.get("model")
@@ -207,6 +218,7 @@ def check_activation_budget(v: Sections) -> list[str]:
 
 CHECKS: list[Callable[[Sections], list[str]]] = [
     check_method,
+    check_kl_weight,
     check_schedule,
     check_devices,
     check_activation_budget,

@@ -378,6 +378,15 @@ class TrainConfig(Section):
         "flow_grpo: the KL of its Gaussian SDE steps to the base model's (the same quantity over the step "
         "variance). The base model is the same denoiser with the LoRA adapter disabled",
     )
+    # Evaluation and every saved adapter (a checkpoint's, the run's logged one that `--register` takes) hold
+    # the average; training continues from the weights, which the checkpoint's training state keeps.
+    ema_decay: Float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="EMA of the LoRA weights: after each update ema <- d ema + (1 - d) weights, from the "
+        "initial adapter (engine/regularizers.py); evaluation and the saved adapter use the EMA. null: off",
+    )
 
 
 class ScalingConfig(Section):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,17 +81,6 @@ def attach_lora(denoiser: torch.nn.Module, settings: LoraSettings, seed: int = 0
 
 
 @contextmanager
-def adapter_disabled(denoiser: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The base model for the block: the same denoiser with its LoRA adapter switched off (peft's
-    `disable_adapter`, through diffusers' `disable_adapters`), switched back on after it, also on error.
-    What every KL-to-base term compares against (`train.kl_weight`)."""
-    denoiser.disable_adapters()
-    try:
-        yield denoiser
-    finally:
-        denoiser.enable_adapters()
-
-
 def lora_metadata(denoiser: torch.nn.Module) -> dict:
     config = denoiser.peft_config["default"].to_dict()
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from alignprop_ray.compat import peft_adapters_disabled
 from alignprop_ray.engine import schedulers
 from alignprop_ray.engine.families.base import Conditioning, DiffusionParts
 from alignprop_ray.engine.models import compile_denoiser
@@ -111,24 +112,33 @@ def guided_prediction(
     cond: Conditioning,
     guidance_scale: float,
     checkpointed: bool = False,
+    base: bool = False,
 ) -> torch.Tensor:
-    """One denoiser call at t on the doubled batch [uncond; cond], combined with classifier-free guidance.
+    """One denoiser call at t on the doubled batch [uncond; cond], combined with classifier-free guidance;
+    `base`: with the LoRA adapter switched off (the base model's prediction, for a KL-to-base term).
 
     The scheduler's input scaling runs outside the checkpoint: it reads the scheduler's step index, which
     has moved on by the time backward recomputes the call.
     """
     scaled = parts.family.model_input(parts.scheduler, latents, t)
     if checkpointed:
-        return checkpoint(_guided_call, parts, scaled, t, cond, guidance_scale, use_reentrant=False)
-    return _guided_call(parts, scaled, t, cond, guidance_scale)
+        return checkpoint(_guided_call, parts, scaled, t, cond, guidance_scale, base, use_reentrant=False)
+    return _guided_call(parts, scaled, t, cond, guidance_scale, base)
 
 
 def _guided_call(
-    parts: DiffusionParts, scaled: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance_scale: float
+    parts: DiffusionParts,
+    scaled: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning,
+    guidance_scale: float,
+    base: bool = False,
 ) -> torch.Tensor:
-    """The denoiser on [uncond; cond] (or cond alone) and the guidance combination: what a checkpoint wraps."""
+    """The denoiser on [uncond; cond] (or cond alone) and the guidance combination: what a checkpoint wraps
+    (the adapter is switched off inside it, so backward's recompute sees the same model)."""
     model_input = torch.cat([scaled] * 2) if cond.guided else scaled
-    prediction = parts.family.denoise(parts.denoiser, model_input, t, cond)
+    with peft_adapters_disabled(parts.denoiser) if base else nullcontext():
+        prediction = parts.family.denoise(parts.denoiser, model_input, t, cond)
     if not cond.guided:
         return prediction
     uncond, text = prediction.chunk(2)
@@ -261,6 +271,10 @@ def probe(
     return cache[key]
 
 
+# (latents x_t, t, conditioning, the guided prediction with its graph, whether that call was checkpointed)
+GradientStepHook = Callable[[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor, bool], None]
+
+
 def generate(
     parts: DiffusionParts,
     prompts: Sequence[str],
@@ -270,6 +284,7 @@ def generate(
     resolution: int | None = None,
     on_step: Callable[[int], None] | None = None,
     checkpointed: Sequence[bool] | None = None,
+    on_gradient_step: GradientStepHook | None = None,
 ) -> torch.Tensor:
     """Images in [0, 1], shape (B, 3, H, W); gradient flows through the last `k` solver steps only.
 
@@ -278,7 +293,8 @@ def generate(
     graph, as detaching the noise prediction (the AlignProp v1 code's way) does. With no gradient step the
     whole call runs without autograd and the result carries no graph. `checkpointed[j]` says whether the
     j-th gradient-carrying step's denoiser call is checkpointed (default: see `checkpoint_plan`).
-    `on_step(i)` is called after each step (progress bars).
+    `on_step(i)` is called after each step (progress bars). `on_gradient_step(latents, t, cond, prediction,
+    checkpointed)` sees each step whose denoiser call carries gradient (the KL-to-base term's steps).
     """
     steps = settings.steps
     mask = _grad_mask(k, steps)
@@ -305,9 +321,12 @@ def generate(
     for i, t in enumerate(timesteps):
         tracked |= mask[i]
         with nullcontext() if mask[i] else torch.no_grad():
+            checkpointed_call = mask[i] and next(plan)
             prediction = guided_prediction(
-                parts, latents, t, cond, settings.guidance_scale, checkpointed=mask[i] and next(plan)
+                parts, latents, t, cond, settings.guidance_scale, checkpointed=checkpointed_call
             )
+            if mask[i] and on_gradient_step is not None:
+                on_gradient_step(latents, t, cond, prediction, checkpointed_call)
         with nullcontext() if tracked else torch.no_grad():
             latents = solver_step(parts, prediction, t, latents, settings.eta, generators)
         if on_step is not None:

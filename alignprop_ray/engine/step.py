@@ -4,8 +4,10 @@ method.begin_step(micro-batches)             (DDPO: sample the round, normalize 
 for each of grad_accum micro-batches:
     draw <- drawn once for the micro-batch (the same on every worker): K for AlignProp/DRaFT-K
     the method generates, scores, and backpropagates its loss x loss_scale / grad_accum
-    (AlignProp: x0 sampled with gradient through the last K steps, loss = -reward_mixture(x0).mean())
-average LoRA gradients over workers; skip the update if anything is NaN/inf; clip; AdamW step
+    (AlignProp: x0 sampled with gradient through the last K steps, loss = -reward_mixture(x0).mean(),
+    plus train.kl_weight x the KL-to-base term over those steps: engine/regularizers.py)
+average LoRA gradients over workers; skip the update if anything is NaN/inf; clip; AdamW step;
+move the EMA of the LoRA weights (train.ema_decay), which evaluation and the saved adapter use
 
 The methods are in engine/methods/; everything else here is shared by all of them.
 
@@ -31,6 +33,7 @@ from alignprop_ray.engine.methods.alignprop import TruncatedBackprop
 from alignprop_ray.engine.methods.base import Batch, Method, MicroBatchOutput
 from alignprop_ray.engine.methods.configs import AlignPropConfig
 from alignprop_ray.engine.models import compile_denoiser
+from alignprop_ray.engine.regularizers import KLAccumulator, LoraEMA, Regularizers
 from alignprop_ray.engine.sampler import SamplerSettings, generate
 from alignprop_ray.engine.truncation import Draw, DrawRule
 from alignprop_ray.rewards.base import RewardModel
@@ -80,6 +83,7 @@ class StepResult:
     images: int  # denoising chains this worker sampled from fresh noise
     ks: list[int] = field(default_factory=list)  # per micro-batch, steps with gradient (0: none)
     lr: float = math.nan  # the learning rate this step used
+    kl: float = math.nan  # mean over workers and micro-batches of the KL-to-base term; nan when off
     metrics: dict[str, float] = field(default_factory=dict)  # the method's own, averaged over workers
 
 
@@ -127,11 +131,13 @@ class Learner:
         optim: OptimSettings,
         resolution: int | None = None,
         method: Method | None = None,
-        kl_weight: float = 0.0,
+        regularizers: Regularizers | None = None,
     ):
         self.parts, self.params, self.reward = parts, lora_params, reward
+        regularizers = regularizers or Regularizers()
+        self.kl_weight = regularizers.kl_weight
+        self.ema = LoraEMA(lora_params, regularizers.ema_decay) if regularizers.ema_decay else None
         self.sampler, self.optim, self.resolution = sampler, optim, resolution
-        self.kl_weight = kl_weight  # train.kl_weight: of a KL-to-base term, for the methods that have one
         # None: AlignProp, with the K the caller planned
         self.method = method or TruncatedBackprop(AlignPropConfig())
         if sampler.compile:  # here too, not only in generate: methods also call the denoiser directly
@@ -157,6 +163,18 @@ class Learner:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def kl_term(self) -> KLAccumulator | None:
+        """A fresh sum of the KL-to-base term for one micro-batch (methods add each gradient step to it);
+        None when train.kl_weight is 0."""
+        if not self.kl_weight:
+            return None
+        return KLAccumulator(self.parts, self.sampler.guidance_scale)
+
+    def evaluation_weights(self):
+        """The block sees the weights evaluation and the saved adapter use: the EMA when train.ema_decay is
+        set (the trained weights come back after it), else the trained weights."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
 
     @property
     def step(self) -> int:
@@ -208,19 +226,23 @@ class Learner:
         metrics = {
             name: sum(o.metrics[name] for o in outputs) / len(outputs) for name in sorted(outputs[0].metrics)
         }
+        # every worker has the same weight; nan when it is 0 (no KL term computed)
+        kl = sum(o.kl or 0.0 for o in outputs) / len(outputs) if self.kl_weight else math.nan
         ks = [o.grad_steps for o in outputs]
         local = [
             reward,
             sum(o.loss for o in outputs) / len(outputs),
             float(not local_finite),
             float(max(ks) > 0),
+            kl,
             *terms.values(),
             *metrics.values(),
         ]
         stats = mean_across_workers(torch.tensor(local, dtype=torch.float64)).tolist()
         reward, loss, any_nonfinite, any_gradient = stats[0], stats[1], stats[2] > 0, stats[3] > 0
-        terms = dict(zip(terms, stats[4 : 4 + len(terms)], strict=True))
-        metrics = dict(zip(metrics, stats[4 + len(terms) :], strict=True))
+        kl, shared = stats[4], 5
+        terms = dict(zip(terms, stats[shared : shared + len(terms)], strict=True))
+        metrics = dict(zip(metrics, stats[shared + len(terms) :], strict=True))
         images = sum(o.images for o in outputs)
         result = StepResult(
             reward,
@@ -233,6 +255,7 @@ class Learner:
             images,
             ks,
             metrics=metrics,
+            kl=kl,
         )
         if any_nonfinite or not any_gradient:  # e.g. K=0 everywhere: no gradient reached the adapter
             return result
@@ -251,6 +274,8 @@ class Learner:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         result.updated = True
+        if self.ema is not None:
+            self.ema.update()
         return result
 
     def state_dict(self) -> dict:
@@ -259,6 +284,7 @@ class Learner:
             "scaler": self.scaler.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "method": self.method.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -268,13 +294,23 @@ class Learner:
         if "scheduler" in state:  # checkpoints from before schedules: constant
             self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state.get("method", {}))  # checkpoints from before methods: none
+        if self.ema is not None and "ema" in state:  # none before train.ema_decay: it starts here
+            self.ema.load_state_dict(state["ema"])
 
 
 @torch.no_grad()
 def generate_eval(
     learner: Learner, prompts: Sequence[str], seeds: Sequence[int], batch_size: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """No-grad images for (prompt, seed) pairs, with each reward term and the weighted total per image."""
+    """No-grad images for (prompt, seed) pairs, with each reward term and the weighted total per image;
+    drawn with the evaluation weights (the EMA when train.ema_decay is set)."""
+    with learner.evaluation_weights():
+        return _generate_eval(learner, prompts, seeds, batch_size)
+
+
+def _generate_eval(
+    learner: Learner, prompts: Sequence[str], seeds: Sequence[int], batch_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     images, terms, totals = [], {}, []
     for start in range(0, len(prompts), batch_size):
         chunk_p, chunk_s = list(prompts[start : start + batch_size]), list(seeds[start : start + batch_size])

@@ -31,7 +31,14 @@ from alignprop_ray.config import ExperimentConfig, parse_experiment, read_yaml
 from alignprop_ray.config.overrides import collect_overrides, parse_value
 from alignprop_ray.engine.methods.registry import method_rows
 from alignprop_ray.errors import ConfigError, UserError
-from alignprop_ray.metrics import BASE_FIDELITY, EVAL_METRICS, HELDOUT_PREFIX, TERM_PREFIXES, TRAIN_METRICS
+from alignprop_ray.metrics import (
+    BASE_FIDELITY,
+    EVAL_METRICS,
+    HELDOUT_PREFIX,
+    KL_TO_BASE,
+    TERM_PREFIXES,
+    TRAIN_METRICS,
+)
 from alignprop_ray.problems import format_validation_error
 from alignprop_ray.rewards.spec import split_key
 from alignprop_ray.selection import (
@@ -454,6 +461,10 @@ def known_metrics(reference: ExperimentConfig | None, base: dict | None, domains
         known |= set(heldout_metrics(reference))
         if reference.eval.base_fidelity is not None:
             known.add(BASE_FIDELITY)
+        if reference.train.kl_weight > 0:
+            known.add(KL_TO_BASE)
+    if any(d.field == "train.kl_weight" for d in domains):
+        known.add(KL_TO_BASE)
     return known
 
 

@@ -12,6 +12,7 @@ from alignprop_ray.engine.lora import LoraSettings, attach_lora
 from alignprop_ray.engine.methods import build_method, get_method
 from alignprop_ray.engine.methods.base import Batch
 from alignprop_ray.engine.models import DTYPES, load_parts
+from alignprop_ray.engine.regularizers import Regularizers
 from alignprop_ray.engine.sampler import SamplerSettings
 from alignprop_ray.engine.step import Learner, OptimSettings, plan_step
 from alignprop_ray.engine.truncation import Draw
@@ -35,6 +36,7 @@ def build_learner(
     gradient = get_method(cfg.method.name).reward_gradient
     reward = build_reward(cfg.reward, device=device, dtype=torch.float32, for_training=gradient)
     method = build_method(cfg.method)
+    regularizers = Regularizers(kl_weight=cfg.train.kl_weight, ema_decay=cfg.train.ema_decay)
     learner = Learner(
         parts,
         params,
@@ -43,7 +45,7 @@ def build_learner(
         optim,
         resolution=cfg.model.resolution,
         method=method,
-        kl_weight=cfg.train.kl_weight,
+        regularizers=regularizers,
     )
     if prompts is not None:
         learner.plan = lambda step: plan_training_step(cfg, prompts, step, rank, world_size)[0]

@@ -65,7 +65,8 @@ class CheckpointContents:
     state: dict[str, Any]  # learner (optimizer, scaler, schedule) and RNG states
 
     def restore(self, learner: Learner) -> Progress:
-        """Load adapter, optimizer and RNG states into `learner`; the progress the checkpoint recorded."""
+        """Load adapter, optimizer and RNG states into `learner` (with an EMA, its trained weights replace
+        the adapter's, which are the average); the progress the checkpoint recorded."""
         load_adapter(learner.parts.denoiser, self.directory / ADAPTER)
         learner.load_state_dict(self.state["learner"])
         _restore_rng(self.state["rng"])
@@ -82,7 +83,8 @@ def write_checkpoint(
     files (rank 0 adds its unsent MLflow calls under UNSENT_LOGS)."""
     final = Path(parent) / f"checkpoint_{progress.step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".tmp-checkpoint-"))
-    save_adapter(learner.parts.denoiser, tmp / ADAPTER)
+    with learner.evaluation_weights():  # with train.ema_decay: the EMA; the trained weights go in STATE
+        save_adapter(learner.parts.denoiser, tmp / ADAPTER)
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()

@@ -24,6 +24,7 @@ import torch
 from alignprop_ray.engine.distributed import gather_objects, world
 from alignprop_ray.engine.lora import save_adapter
 from alignprop_ray.engine.step import Learner, StepResult
+from alignprop_ray.metrics import KL_TO_BASE
 from alignprop_ray.train.build import build_learner, plan_training_step
 from alignprop_ray.train.checkpoint import Progress, report_step, restore
 from alignprop_ray.train.evaluate import evaluate
@@ -164,6 +165,8 @@ def step_metrics(
     }
     if not math.isnan(result.grad_norm):
         metrics["train/grad_norm"] = result.grad_norm
+    if not math.isnan(result.kl):  # train.kl_weight > 0
+        metrics[KL_TO_BASE] = result.kl
     metrics.update({f"train/reward/{name}": value for name, value in result.terms.items()})
     metrics.update({f"train/{learner.method.name}/{name}": v for name, v in result.metrics.items()})
     return metrics
@@ -183,8 +186,9 @@ def _rank0_logger(cfg, run_id: str):
 
 
 def _finish(learner: Learner, logger) -> None:
-    """Log the adapter, then wait until MLflow holds everything (at most tracking.outage_limit_s)."""
-    with tempfile.TemporaryDirectory() as tmp:
+    """Log the adapter (the EMA of its weights when train.ema_decay is set), then wait until MLflow holds
+    everything (at most tracking.outage_limit_s)."""
+    with tempfile.TemporaryDirectory() as tmp, learner.evaluation_weights():
         logger.log_dir(save_adapter(learner.parts.denoiser, Path(tmp) / "adapter"), "adapter")
     logger.close()
 

@@ -20,6 +20,7 @@ import torch
 
 from alignprop_ray.engine.families.base import Conditioning, DiffusionParts
 from alignprop_ray.engine.methods.configs import MethodConfig
+from alignprop_ray.engine.regularizers import KLAccumulator
 from alignprop_ray.engine.sampler import SamplerSettings, guided_prediction, solver_step
 from alignprop_ray.engine.truncation import Draw
 from alignprop_ray.rewards.base import RewardModel, RewardOutput
@@ -42,12 +43,14 @@ class LearnerView(Protocol):
     # The micro-batches the run plans for any optimizer step (engine/step.py `plan_step`, this worker's);
     # None outside a run. DDPO samples its round's later steps' batches at the round's first.
     plan: Callable[[int], Sequence[Batch]] | None
-    kl_weight: float  # train.kl_weight: of a KL term to the base model (the adapter disabled); 0: none
+    kl_weight: float  # train.kl_weight: the weight of the KL-to-base term (engine/regularizers.py); 0: off
 
     @property
     def step(self) -> int: ...  # optimizer steps taken so far
 
     def autocast(self) -> AbstractContextManager: ...
+
+    def kl_term(self) -> KLAccumulator | None: ...  # a fresh sum of the KL-to-base term; None when off
 
 
 # Backpropagate `loss` (a scalar to minimize, unscaled): the learner multiplies it by train.loss_scale /
@@ -61,6 +64,7 @@ class MicroBatchOutput:
     loss: float  # the unscaled objective this micro-batch minimized (train/loss)
     images: int  # denoising chains newly sampled from noise on this worker (perf/images_generated)
     grad_steps: int  # denoiser calls per image whose gradient reached LoRA (train/k); 0: no gradient
+    kl: float | None = None  # the KL-to-base term it added, unweighted (train/kl); None: train.kl_weight 0
     metrics: dict[str, float] = field(default_factory=dict)  # logged as train/<method>/<name>
 
 

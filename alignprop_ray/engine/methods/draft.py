@@ -31,6 +31,7 @@ from alignprop_ray.engine.methods.base import (
     run_chain,
 )
 from alignprop_ray.engine.methods.configs import DraftConfig
+from alignprop_ray.engine.regularizers import KLAccumulator
 from alignprop_ray.engine.sampler import (
     decode,
     encode,
@@ -64,14 +65,22 @@ class DraftLV(Method):
 
     def micro_batch(self, learner, index, batch, draw, backward: Backward) -> MicroBatchOutput:
         sample = self.sample(learner, batch)
-        outputs, losses = [], []
+        outputs, losses, kls = [], [], []
         for noise in self.noises(sample):
-            out, loss = self.copy_loss(learner, sample, noise, batch.prompts)
+            kl = learner.kl_term()  # train.kl_weight: the KL-to-base term at the copy's step
+            out, loss = self.copy_loss(learner, sample, noise, batch.prompts, kl)
+            if kl is not None:
+                loss = loss + learner.kl_weight * kl.total
+                kls.append(kl.value())
             backward(loss / self.samples)
             outputs.append(out)
             losses.append(float(loss.detach()))
         return MicroBatchOutput(
-            mean_output(outputs), sum(losses) / len(losses), images=len(batch.prompts), grad_steps=1
+            mean_output(outputs),
+            sum(losses) / len(losses),
+            images=len(batch.prompts),
+            grad_steps=1,
+            kl=sum(kls) / len(kls) if kls else None,
         )
 
     @staticmethod
@@ -99,8 +108,11 @@ class DraftLV(Method):
         ]
 
     @staticmethod
-    def copy_loss(learner, sample: Sample, noise: torch.Tensor, prompts) -> tuple[RewardOutput, torch.Tensor]:
-        """One copy: re-noise x0 to the last step's level, take that step with gradient, score the result."""
+    def copy_loss(
+        learner, sample: Sample, noise: torch.Tensor, prompts, kl: KLAccumulator | None = None
+    ) -> tuple[RewardOutput, torch.Tensor]:
+        """One copy: re-noise x0 to the last step's level, take that step with gradient, score the result;
+        `kl` (when given) adds that step's KL-to-base term."""
         parts, settings = learner.parts, learner.sampler
         with learner.autocast():
             t = last_step(parts, settings.steps, learner.resolution or parts.native_resolution)
@@ -113,6 +125,8 @@ class DraftLV(Method):
                 settings.guidance_scale,
                 checkpointed=settings.checkpoint,
             )
+            if kl is not None:
+                kl(noisy, t, sample.cond, prediction)
             x0 = solver_step(parts, prediction, t, noisy, settings.eta, sample.gens)
             out = learner.reward(decode(parts, x0), prompts)
         return out, -out.total.float().mean()

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 
 import torch
 
+from alignprop_ray.compat import peft_adapters_disabled
 from alignprop_ray.engine.distributed import gather_objects, world
 from alignprop_ray.engine.families.base import Conditioning
 from alignprop_ray.engine.families.registry import FLOW_EULER
 from alignprop_ray.engine.flow_sde import gaussian_kl, group_advantages, sde_step
-from alignprop_ray.engine.lora import adapter_disabled
 from alignprop_ray.engine.methods.base import Backward, Batch, Method, MicroBatchOutput, generators
 from alignprop_ray.engine.methods.configs import FlowGrpoConfig
 from alignprop_ray.engine.methods.ddpo import ppo_clip_loss
@@ -221,15 +221,13 @@ class FlowGrpo(Method):
             # the authors' diagnostics (ddpo-pytorch's): 0.5 E[(log ratio)^2], the share of ratios clipped
             approx_kl.append(float(0.5 * torch.mean((step.log_prob.detach() - old) ** 2)))
             clipped.append(float(torch.mean(((ratio.detach() - 1.0).abs() > self.config.clip_range).float())))
-        metrics = {"clip_fraction": _mean(clipped), "approx_kl": _mean(approx_kl)}
-        if kls:
-            metrics["kl"] = _mean(kls)
         return MicroBatchOutput(
             rollout.reward,
             _mean(losses),
             images=len(rollout.prompts) if self.fresh else 0,
             grad_steps=len(rollout.steps),
-            metrics=metrics,
+            kl=_mean(kls) if kls else None,  # train/kl, as the reward-gradient methods' KL term
+            metrics={"clip_fraction": _mean(clipped), "approx_kl": _mean(approx_kl)},
         )
 
     def policy_step(self, learner, rollout: Rollout, j: int):
@@ -247,7 +245,7 @@ class FlowGrpo(Method):
 
     def kl_to_base(self, learner, rollout: Rollout, j: int, step) -> torch.Tensor:
         """KL(this step || the base model's step), per image: the adapter disabled for the base's call."""
-        with torch.no_grad(), adapter_disabled(learner.parts.denoiser):
+        with torch.no_grad(), peft_adapters_disabled(learner.parts.denoiser):
             base = self.policy_step(learner, rollout, j)
         return gaussian_kl(step.mean, base.mean, step.std)
 

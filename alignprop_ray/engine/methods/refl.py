@@ -3,7 +3,7 @@
     i    <- drawn per micro-batch from [low, high] (the plan's draw: engine/truncation.py `StepRange`)
     x_t  <- steps 0 .. i-1 without autograd          (t = the i-th timestep of the T-step chain)
     x0'  =  predict_x0(x_t, one guided denoiser call at t, with gradient)
-    loss =  -reward_mixture(decode(x0')).mean()
+    loss =  -reward_mixture(decode(x0')).mean()   [+ train.kl_weight x the KL to the base model at t]
 
 ImageReward stops at a random step in 30..39 of 40 and scores the scheduler's `pred_original_sample`
 (ReFL.py); the default range here is the same fraction of T (config: method.step_range). Its loss is
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from alignprop_ray.engine.families.base import Conditioning
 from alignprop_ray.engine.methods.base import (
     Backward,
     Batch,
@@ -53,6 +54,7 @@ class Prediction:
     """The gradient step of one micro-batch: x_t, the guided prediction at t, and the x0 it implies."""
 
     t: torch.Tensor
+    cond: Conditioning
     latents: torch.Tensor  # x_t (no graph)
     prediction: torch.Tensor  # with gradient
     x0: torch.Tensor  # with gradient
@@ -66,18 +68,28 @@ class Refl(Method):
         self.pairs: tuple[torch.Tensor, list[str]] | None = None  # pretrain_data, read at first use
 
     def micro_batch(self, learner, index, batch, draw: int, backward: Backward) -> MicroBatchOutput:
+        kl = learner.kl_term()  # train.kl_weight: the KL-to-base term at the one step (regularizers.py)
         with learner.autocast():
             step = self.predict(learner, batch, draw)
             out = learner.reward(decode(learner.parts, step.x0), batch.prompts)
+            if kl is not None:
+                kl(step.latents, step.t, step.cond, step.prediction)
         loss = -out.total.float().mean()
         metrics = {"step": draw, "pretrain_loss": 0.0}
         if self.config.pretrain_weight > 0:
             pretrain = self.pretrain_loss(learner, batch)
             metrics["pretrain_loss"] = float(pretrain.detach())
             loss = loss + self.config.pretrain_weight * pretrain
+        if kl is not None:
+            loss = loss + learner.kl_weight * kl.total
         backward(loss)
         return MicroBatchOutput(
-            out, float(loss.detach()), images=len(batch.prompts), grad_steps=1, metrics=metrics
+            out,
+            float(loss.detach()),
+            images=len(batch.prompts),
+            grad_steps=1,
+            kl=None if kl is None else kl.value(),
+            metrics=metrics,
         )
 
     def pretrain_loss(self, learner, batch: Batch) -> torch.Tensor:
@@ -116,7 +128,7 @@ class Refl(Method):
         prediction = guided_prediction(
             parts, latents, t, cond, settings.guidance_scale, checkpointed=settings.checkpoint
         )
-        return Prediction(t, latents, prediction, predict_x0(parts, prediction, t, latents))
+        return Prediction(t, cond, latents, prediction, predict_x0(parts, prediction, t, latents))
 
 
 def read_pairs(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:

@@ -73,6 +73,9 @@ class MethodRow:
     # it needs reward values only (a policy gradient), and any reward can train it.
     reward_gradient: bool
     gradient_steps: str  # which steps carry gradient (or log-probabilities), in words
+    # It adds train.kl_weight x a KL-to-base term to its loss (alignprop, draft, refl: DPOK's penalty over
+    # the steps that carry gradient, engine/regularizers.py); False: a nonzero train.kl_weight is refused.
+    kl_to_base: bool = False
     schedulers: tuple[str, ...] | None = None  # the scheduler classes it can train with; None: any
     families: tuple[str, ...] | None = None  # the model families it can train; None: every family
     limited_because: str = ""  # why schedulers/families are limited, in words (the refusal says it)
@@ -185,6 +188,7 @@ _ROWS = [
         implementation=f"{_METHODS}.alignprop:TruncatedBackprop",
         reward_gradient=True,
         gradient_steps="alignprop backpropagates through the last K steps, K drawn from method.truncation",
+        kl_to_base=True,
         aliases={"truncation": "truncation", "train.k0": "k0"},
         reference=ALIGNPROP_REFERENCE,
     ),
@@ -196,6 +200,7 @@ _ROWS = [
         implementation=f"{_METHODS}.draft:build",
         reward_gradient=True,
         gradient_steps="draft backpropagates through the last method.k steps (DRaFT-LV: the last one)",
+        kl_to_base=True,
     ),
     MethodRow(
         name="refl",
@@ -205,6 +210,7 @@ _ROWS = [
         implementation=f"{_METHODS}.refl:Refl",
         reward_gradient=True,
         gradient_steps="refl backpropagates through one step drawn from method.step_range",
+        kl_to_base=True,
         # the 0-based index of the step that carried gradient (mean over batches); the pre-training loss,
         # unweighted (0 without method.pretrain_weight)
         metrics=("step", "pretrain_loss"),
@@ -236,7 +242,7 @@ _ROWS = [
         schedulers=(FLOW_EULER,),
         families=("sd3", "flux"),
         limited_because="its policy is the SDE of a flow-matching Euler sampler, whose step it needs",
-        # PPO diagnostics (the authors'); train/flow_grpo/kl, the KL to the base model, when train.kl_weight > 0
+        # PPO diagnostics (the authors'); the KL to the base model, when train.kl_weight > 0, is train/kl
         metrics=("clip_fraction", "approx_kl"),
     ),
 ]
