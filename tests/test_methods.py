@@ -907,6 +907,9 @@ def test_reward_at_cost_joins_evaluations_to_the_cost_so_far():
     points = reward_at_cost(history, "a", "perf/wall_seconds")
     assert points["cost"].tolist() == [0.0, 30.0, 60.0] and points["step"].tolist() == [0, 3, 6]
     assert method_labels(runs) == {"a": "alignprop", "b": "draft-LV2", "c": "ddpo"}
+    # a run that logged no evaluation (a trial that never started) has no points, not an error
+    unevaluated = history[(history["run_id"] != "a") | (history["key"] != "eval/reward")]
+    assert reward_at_cost(unevaluated, "a", "perf/wall_seconds").empty
 
 
 def test_cost_plots_have_a_line_per_run_colored_by_method():

@@ -391,7 +391,10 @@ def reward_at_cost(history: pd.DataFrame, run_id: str, cost_key: str) -> pd.Data
     cost = metric(history, cost_key, run_id)[["step", "value"]].rename(columns={"value": "cost"})
     cost = pd.concat([pd.DataFrame({"step": [0], "cost": [0.0]}), cost[cost["step"] > 0]])
     joined = reward.merge(cost, on="step").sort_values("step")
-    return joined[joined["reward"].map(math.isfinite)][["step", "cost", "reward"]].reset_index(drop=True)
+    # astype(bool): on a run without evaluations the mask is an empty object Series, which pandas would
+    # take for a list of column labels
+    finite = joined["reward"].map(math.isfinite).astype(bool)
+    return joined[finite][["step", "cost", "reward"]].reset_index(drop=True)
 
 
 def plot_reward_vs_time(runs: pd.DataFrame, history: pd.DataFrame) -> Figure | None:
