@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,7 +79,6 @@ def attach_lora(denoiser: torch.nn.Module, settings: LoraSettings, seed: int = 0
     return params
 
 
-@contextmanager
 def lora_metadata(denoiser: torch.nn.Module) -> dict:
     config = denoiser.peft_config["default"].to_dict()
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
