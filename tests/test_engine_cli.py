@@ -89,6 +89,7 @@ def family_dirs(tmp_path_factory):
     return dirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_adapter", [False, True])
 @pytest.mark.parametrize("family", list(PIPELINES))
 def test_sample_png_equals_the_familys_diffusers_png(family_dirs, tmp_path, family, with_adapter):

@@ -73,6 +73,7 @@ def adamw_step(params: list[torch.Tensor], optimizer, grads: list[torch.Tensor],
     return norm
 
 
+@pytest.mark.slow
 def test_the_default_update_is_the_official_update(one_thread):
     """Our learner with the default config against main.py's update written out here, step by step on the
     same gradients: loss x 0.01, clip at 5, AdamW (lr 1e-3, betas, weight decay 0.1, eps 1e-8) in float64.

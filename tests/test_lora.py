@@ -75,6 +75,7 @@ def test_resume_refuses_a_different_rank(tmp_path):
         load_adapter(parts.denoiser, tmp_path / "a")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_mix_endpoints_reproduce_each_adapter(tmp_path, alpha):
     trained_adapter(tmp_path / "a", rank=4, alpha=8, seed=0)

@@ -441,6 +441,8 @@ def test_draft_lv_copies_keep_their_noise_in_bf16():
         resolution=32,
         autocast=nullcontext,
         reward=brightness_reward,
+        kl_weight=0.0,
+        kl_term=lambda: None,
     )
     method = DraftLV(DraftConfig(lv_samples=2))
     sample = method.sample(engine, Batch(PROMPTS, SEEDS))
@@ -510,6 +512,8 @@ def test_draft_lv_gradient_is_the_papers_algorithm_2_in_float64():
         resolution=32,
         autocast=nullcontext,
         reward=brightness_reward,
+        kl_weight=0.0,
+        kl_term=lambda: None,
     )
     DraftLV(DraftConfig(lv_samples=copies)).micro_batch(
         engine, 0, Batch(PROMPTS, SEEDS), 0, lambda loss: loss.backward()
@@ -562,6 +566,7 @@ def test_draft_lv_gradient_is_the_papers_algorithm_2_in_float64():
     assert error <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_draft_lv_and_refl_step_other_families(family):
     """Euler (SDXL) and flow matching (SD3, FLUX.1) keep a step index: the LV step starts it at the last step.
@@ -691,6 +696,7 @@ def test_every_method_trains_only_lora_and_reports_its_own_metrics(row, settings
     assert {key for key in logged if key.startswith(f"train/{row.name}/")} == set(row.metric_names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
 def test_every_method_resumes_from_a_checkpoint_exactly(row, tmp_path):
     """At the method's defaults: tests/helpers.py `assert_resumes_exactly`; DDPO's per-prompt reward
