@@ -243,6 +243,7 @@ def test_a_lost_worker_node_costs_only_the_steps_since_the_last_checkpoint(clust
     assert logged_steps(cluster, name, "eval/reward") == list(range(0, STEPS + 1, 8))
 
 
+@pytest.mark.soak  # short form in make test: test_room.py's restart bound, without Ray
 def test_a_lost_worker_node_that_never_comes_back_fails_within_the_wait_saying_how_to_resume(cluster):
     name = f"node-gone-{uuid.uuid4().hex[:6]}"
     # Ray Train's start timeout cut to 20 s, so one try of 20 s is the whole wait (default: 60 s a try).

@@ -742,7 +742,8 @@ def test_resumed_sweep_prints_the_table_and_the_best_adapter(killed_and_resumed,
     table = out[out.index("\ntrial ") :].splitlines()
     assert table[1].split()[:3] == ["trial", "truncation", "train.lr"]
     assert sum(line.rstrip().endswith("completed") for line in table) == 4
-    adapter = next(line for line in out.splitlines() if line.startswith("best adapter: ")).split(": ", 1)[1]
+    line = next(line for line in out.splitlines() if line.startswith("best adapter: "))
+    adapter = line.removeprefix("best adapter: ").removesuffix(" (what --register registers)")
     assert adapter_change(tiny_dir, adapter) > 1e-2  # the best trial's adapter, trained: a new image
     # the servers are gone, the killed driver's too (its watcher saw the driver die)
     assert not any(_alive(int(pid)) for pid in _server_pids(f"sqlite:///{tmp / 'mlflow.db'}"))

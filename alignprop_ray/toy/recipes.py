@@ -231,7 +231,9 @@ class SDToy(ToySettings):
     def parts(self, models):
         family = self.pipeline_family
         (tokenizer,), (text_encoder,) = models.tokenizers, models.text_encoders
-        return family.parts(tokenizer, text_encoder, models.denoiser, models.vae, self.scheduler())
+        return DiffusionParts(
+            family, [tokenizer], [text_encoder], models.denoiser, models.vae, self.scheduler(), {}
+        )
 
 
 @cache

@@ -237,6 +237,7 @@ _ROWS = [
         config=configs.FlowGrpoConfig,
         implementation=f"{_METHODS}.flow_grpo:FlowGrpo",
         reward_gradient=False,
+        kl_to_base=True,
         gradient_steps="flow_grpo trains on the log-probabilities of its SDE steps (every step but the last, "
         "or method.window of them)",
         schedulers=(FLOW_EULER,),
