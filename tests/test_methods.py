@@ -377,6 +377,15 @@ def test_refl_pretraining_settings_are_checked_one_line_each(tmp_path):
 # --- DRaFT-LV -----------------------------------------------------------------------------------------------
 
 
+def lv_learner(parts, sampler, **extra) -> SimpleNamespace:
+    """What DRaFT-LV reads of a learner, on 32 px images and the brightness reward, without a KL term
+    unless `extra` gives one."""
+    fields = dict(
+        resolution=32, autocast=nullcontext, reward=brightness_reward, kl_weight=0.0, kl_term=lambda: None
+    )
+    return SimpleNamespace(parts=parts, sampler=sampler, **{**fields, **extra})
+
+
 def test_draft_lv_gradient_is_the_average_of_its_copies_gradients():
     from alignprop_ray.engine.lora import attach_lora
     from alignprop_ray.engine.models import load_parts
@@ -387,15 +396,7 @@ def test_draft_lv_gradient_is_the_average_of_its_copies_gradients():
     for p in params:
         p.data = p.data.double()
     perturb(params)
-    engine = SimpleNamespace(
-        parts=parts,
-        sampler=sampler_settings(steps=5, guidance_scale=5.0),
-        resolution=32,
-        autocast=nullcontext,
-        reward=brightness_reward,
-        kl_weight=0.0,
-        kl_term=lambda: None,
-    )
+    engine = lv_learner(parts, sampler_settings(steps=5, guidance_scale=5.0))
     method, batch = DraftLV(DraftConfig(lv_samples=3)), Batch(PROMPTS, SEEDS)
 
     def grads() -> torch.Tensor:
@@ -435,15 +436,7 @@ def test_draft_lv_copies_keep_their_noise_in_bf16():
     from alignprop_ray.engine.models import load_parts
 
     parts = load_parts("tiny", dtype=torch.bfloat16)
-    engine = SimpleNamespace(
-        parts=parts,
-        sampler=sampler_settings(steps=6, guidance_scale=5.0),
-        resolution=32,
-        autocast=nullcontext,
-        reward=brightness_reward,
-        kl_weight=0.0,
-        kl_term=lambda: None,
-    )
+    engine = lv_learner(parts, sampler_settings(steps=6, guidance_scale=5.0))
     method = DraftLV(DraftConfig(lv_samples=2))
     sample = method.sample(engine, Batch(PROMPTS, SEEDS))
     t = last_step(parts, 6, 32)
@@ -506,15 +499,7 @@ def test_draft_lv_gradient_is_the_papers_algorithm_2_in_float64():
     for p in params:
         p.data = p.data.double()
     perturb(params)
-    engine = SimpleNamespace(
-        parts=parts,
-        sampler=sampler_settings(steps=steps, guidance_scale=guidance),
-        resolution=32,
-        autocast=nullcontext,
-        reward=brightness_reward,
-        kl_weight=0.0,
-        kl_term=lambda: None,
-    )
+    engine = lv_learner(parts, sampler_settings(steps=steps, guidance_scale=guidance))
     DraftLV(DraftConfig(lv_samples=copies)).micro_batch(
         engine, 0, Batch(PROMPTS, SEEDS), 0, lambda loss: loss.backward()
     )
@@ -580,14 +565,8 @@ def test_draft_lv_and_refl_step_other_families(family):
     params = attach_lora(parts.denoiser, lora_settings())
     perturb(params)
     sampler = sampler_settings(steps=3)
-    engine = SimpleNamespace(
-        parts=parts,
-        sampler=sampler,
-        resolution=32,
-        autocast=nullcontext,
-        reward=brightness_reward,
-        kl_weight=0.1,
-        kl_term=lambda: KLAccumulator(parts, sampler.guidance_scale),
+    engine = lv_learner(
+        parts, sampler, kl_weight=0.1, kl_term=lambda: KLAccumulator(parts, sampler.guidance_scale)
     )
     batch = Batch(PROMPTS, SEEDS)
     for method, draw in [(DraftLV(DraftConfig(lv_samples=2)), 0), (Refl(ReflConfig(step_range=(1, 2))), 2)]:
