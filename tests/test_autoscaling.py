@@ -376,6 +376,7 @@ def test_a_sweep_grows_the_cluster_from_zero_and_runs_trials_side_by_side(cluste
         "train.eval_every": 3,
         "train.checkpoint_every": 3,
         "sampling.steps": 4,
+        "model.resolution": 32,
         "stop.collapse": "null",  # the point here is placement, not the trials' fate
         # all 4 at once asked for, room for 2 once both nodes are up: the other 2 wait for room (issue 22)
         "tune.max_concurrent_trials": 4,

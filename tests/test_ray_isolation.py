@@ -52,6 +52,7 @@ def start_train(tmp: Path, name: str) -> subprocess.Popen:
         "train.eval_every": STEPS,
         "train.checkpoint_every": CHECKPOINT_EVERY,
         "sampling.steps": 4,
+        "model.resolution": 32,
         "truncation": "fixed:2",
         "prompts.eval": "tiny",
         "scaling.num_workers": 1,

@@ -630,7 +630,13 @@ def first_value(client, run, key: str) -> float:
     return min(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step).value
 
 
-SMOKE_SET = ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=2", "sampling.steps=4"]
+SMOKE_SET = [
+    "train.steps=4",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "sampling.steps=4",
+    "model.resolution=32",
+]
 
 
 def sweep_command(*extra: str) -> list[str]:

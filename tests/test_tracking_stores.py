@@ -196,6 +196,7 @@ def test_sweep_with_two_concurrent_trials_logs_completely_to_postgresql(
             f"train.eval_every={steps}",
             f"train.checkpoint_every={steps}",
             "sampling.steps=4",
+            "model.resolution=32",
         ],
         env={},
     )
