@@ -34,9 +34,8 @@ demo: setup
 	$(VENV)/bin/alignprop-ray demo
 
 # Retrain a toy model: FAMILY=sd (the demo's committed models/toy-shapes, about 77 minutes on this 2-core box)
-# or FAMILY=sd3 (its flow-matching twin, models/toy-shapes-sd3: not committed yet; one run on a loaded box
-# reached 1,700 of its 3,000 denoiser iterations in 68 minutes). Seeded, 1 CPU thread; each directory's
-# training_log.json has the measured times and every setting.
+# or FAMILY=sd3 (its committed flow-matching twin, models/toy-shapes-sd3: 4,135 CPU s). Seeded, 1 CPU thread;
+# each directory's training_log.json has the measured times and every setting.
 FAMILY ?= sd
 toy-model: setup
 	$(PY) -m alignprop_ray.toy.train --family $(FAMILY) --seed 0

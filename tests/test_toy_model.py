@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 TOY_MODEL = ROOT / "models" / "toy-shapes"
 # The committed toys, by family: SD-shaped (DDIM) and its flow-matching twin (SD3's MMDiT, flow Euler).
-TOY_MODELS = {"sd": TOY_MODEL}
+TOY_MODELS = {"sd": TOY_MODEL, "sd3": ROOT / "models" / "toy-shapes-sd3"}
 PIPELINES = {"sd": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline"}
 PALETTE = np.array(list(shapes.COLOURS.values()), dtype=float)
 
@@ -174,6 +174,62 @@ def test_sample_draws_what_the_diffusers_pipeline_draws(family, tmp_path):
     ).images[0]
     difference = np.asarray(Image.open(out)).astype(int) - np.asarray(theirs).astype(int)
     assert np.abs(difference).max() == 0
+
+
+FLOW_TOY_STEPS = 6
+
+
+def toy_experiment(model: Path, *sets: str):
+    """The demo's setting (10 steps, guidance 5, the `hue: orange` reward, the committed prompt files) on
+    `model`, as one experiment on one CPU worker."""
+    from alignprop_ray.config import load_experiment
+
+    return load_experiment(
+        ROOT / "sweeps" / "tiny.yaml",
+        [
+            f"model.pretrained={model}",
+            "sampling.steps=10",
+            "sampling.guidance_scale=5.0",
+            "reward={hue: {colour: orange}}",
+            f"prompts.train={model / 'prompts' / 'train.txt'}",
+            f"prompts.eval={model / 'prompts' / 'eval.txt'}",
+            "scaling.num_workers=1",
+            *sets,
+        ],
+    )
+
+
+@pytest.mark.slow
+def test_flow_grpo_on_the_flow_toy_raises_the_eval_reward():
+    """Flow-GRPO-Fast (a 2-step SDE window of the 10, noise level 1, one group of 8 per round) on the committed
+    flow-matching toy, trained on one caption with fresh seeds each round: the demo's orange reward of that
+    caption, drawn by the ODE sampler from 8 seeds no round trained on, rises. Measured: -0.357 -> -0.273
+    (training reward -0.358 -> -0.309). On the held-out captions (cool colours) 8 such rounds did not yet
+    move the mean up (-0.209 -> -0.219 at lr 1e-3 with groups of 8), so this claim is the trained caption's."""
+    from alignprop_ray.engine.methods.base import Batch
+    from alignprop_ray.engine.step import generate_eval
+    from alignprop_ray.train.build import build_learner
+
+    cfg = toy_experiment(
+        TOY_MODELS["sd3"],
+        "truncation=null",
+        "method={name: flow_grpo, group_size: 8, window: 2, noise_level: 1.0, updates_per_round: 1}",
+        "train.batch_size=8",
+        "train.lr=1.0e-2",
+    )
+    learner = build_learner(cfg, torch.device("cpu"))
+    caption, unseen = "a blue circle on a green background", list(range(100, 108))
+
+    def eval_reward() -> float:
+        return float(generate_eval(learner, [caption] * 8, unseen, batch_size=8)[2].mean())
+
+    before, rewards = eval_reward(), []
+    for step in range(FLOW_TOY_STEPS):
+        seeds = list(range(8 * step, 8 * step + 8))
+        rewards.append(learner.train_step([Batch([caption] * 8, seeds)], [0]).reward)
+    after = eval_reward()
+    assert rewards[-1] > rewards[0], rewards
+    assert after - before > 0.03, (before, after)
 
 
 # --- the training script ------------------------------------------------------------------------------
