@@ -41,7 +41,7 @@ TINY_COMPARISON = {
     },
     # lr scale 300 x AlignProp's 1e-3 collapses the tiny model within a few steps (test_sweep's collapse sweep)
     "compare": {"methods": ["alignprop", {"name": "draft", "k": 1}], "lr_scales": [1, 300], "seeds": [0, 1]},
-    "tune": {"max_concurrent_trials": 1},
+    "tune": {"max_concurrent_trials": 2},  # the two scales of a method at once: 2 CPUs, 1 worker each
 }
 
 
@@ -134,7 +134,7 @@ def test_a_comparison_is_one_sweep_per_method_and_round(tmp_path):
     assert "train.grad_accum" not in other and other["sampling.eta"] == [0.5]
     # each round is a grid run once, whatever the file's tune section says of its objective
     assert (select.config.tune.algorithm, select.config.tune.num_samples) == ("grid", 1)
-    assert select.config.tune.max_concurrent_trials == 1
+    assert select.config.tune.max_concurrent_trials == 2
 
 
 def test_the_shipped_comparisons_validate(hub_reachable, tmp_path, capsys):
