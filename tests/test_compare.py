@@ -139,6 +139,7 @@ def test_a_comparison_is_one_sweep_per_method_and_round(tmp_path):
 
 def test_the_shipped_comparisons_validate(hub_reachable, tmp_path, capsys):
     assert {p.name for p in COMPARISONS} == {"methods.yaml", "methods_sd15.yaml", "methods_flow.yaml"}
+    loaded = {}
     for path in COMPARISONS:
         overrides = []
         if path.name == "methods_flow.yaml" and not (ROOT / "models" / "toy-shapes-sd3").is_dir():
@@ -146,20 +147,21 @@ def test_the_shipped_comparisons_validate(hub_reachable, tmp_path, capsys):
 
             tiny_sd3 = save_tiny_model(tmp_path / "sd3", family="sd3")  # until the toy sd3 model is committed
             overrides = [f"base.model.pretrained={tiny_sd3}"]
-        comparison = load_comparison(path, overrides, env={})
-        assert cli.main(["validate", str(path), *(a for o in overrides for a in ("--set", o))]) == 0
-        assert capsys.readouterr().out.strip() == f"OK: {path} (comparison)"
+        comparison = loaded[path.name] = load_comparison(path, overrides, env={})
         assert comparison.scales == [0.5, 1.0, 2.0] and len(comparison.seeds) >= 3
         budgets = {comparison.selection_sweep(i).reference.train.max_wall_seconds for i in range(3)}
         assert len(budgets) == 1 and None not in budgets, path.name
-    methods = load_comparison(ROOT / "sweeps" / "methods.yaml", env={})
+    assert cli.main(["validate", str(ROOT / "sweeps" / "methods.yaml")]) == 0
+    assert capsys.readouterr().out.strip() == f"OK: {ROOT / 'sweeps' / 'methods.yaml'} (comparison)"
+    methods = loaded["methods.yaml"]
     assert methods.labels == ["alignprop", "draft-K1", "draft-LV2", "refl", "ddpo"]
     assert methods.selection_sweep(0).reference.train.max_wall_seconds == 30  # docs/methods.md says so
-    gpu = load_comparison(ROOT / "sweeps" / "methods_sd15.yaml", env={})
+    gpu = loaded["methods_sd15.yaml"]
     ddpo = gpu.selection_sweep(gpu.labels.index("ddpo")).reference
     # DDPO's reference images per update (ddpo-pytorch config/dgx.py: 64) and 4 updates per round
     images = ddpo.scaling.num_workers * ddpo.train.batch_size * ddpo.train.grad_accum
     assert (images, ddpo.method.updates_per_round) == (64, 4)
+    assert loaded["methods_flow.yaml"].labels == ["flow_grpo", "alignprop", "draft-K1"]
 
 
 # --- the protocol end to end (Ray) --------------------------------------------------------------------------
@@ -175,7 +177,8 @@ def _main(argv: list[str]) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def protocol_run(ray_session, tmp_path_factory):
     """The tiny comparison: stopped (Ctrl-C) once its first round has finished, continued, then run a third
-    time when everything has finished; then its report."""
+    time when everything has finished; then its report. About 4 minutes on the 2-core box: 4 sweeps of Ray
+    Train trials inside Tune, each trial starting 5 actors (about 45 s on the loaded box), for 1 s of training."""
     import mlflow
 
     from alignprop_ray.sweep import compare
@@ -279,7 +282,10 @@ def test_the_report_draws_each_methods_seeds_as_a_band_and_tables_every_figure_w
     assert (report / "reward_vs_time.png").is_file() and (report / "reward_vs_images.png").is_file()
     table = (report / "comparison.md").read_text()
     assert table in out  # the command prints it too
-    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    methods_table = table.split("The selection round")[0]
+    rows = {
+        line.split(" | ")[0].strip("| "): line for line in methods_table.splitlines() if line.startswith("| ")
+    }
     for label in ("alignprop", "draft-K1"):
         cells = rows[label].split(" | ")
         assert cells[3] == "0, 1" and cells[4] == RANGE  # seeds, and the spread of 2 is their range
