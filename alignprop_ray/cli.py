@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="MLflow experiment name (default: the most recent)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--target",
+        type=float,
+        help="a comparison's table (alignprop-ray compare) adds the training seconds and images each method's "
+        "runs took to first reach this eval/reward",
+    )
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-init pipeline as a diffusers directory")
     p.add_argument("dir")

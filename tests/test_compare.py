@@ -77,6 +77,19 @@ def test_the_band_runs_through_every_curves_points_up_to_the_first_curve_to_stop
     assert band([]).empty
 
 
+def test_the_time_to_a_target_is_the_first_evaluation_at_or_above_it():
+    import pandas as pd
+
+    from alignprop_ray.report.compare import first_reaching
+
+    rows = [("a", "perf/wall_seconds", step, 10.0 * step) for step in range(1, 7)]
+    rows += [("a", "eval/reward", step, r) for step, r in [(0, 0.1), (2, 0.25), (4, 0.2), (6, 0.4)]]
+    history = pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+    assert first_reaching(history, "a", "perf/wall_seconds", 0.25) == 20.0  # step 2, not the dip after it
+    assert first_reaching(history, "a", "perf/wall_seconds", 0.1) == 0.0  # the base model: no cost yet
+    assert math.isnan(first_reaching(history, "a", "perf/wall_seconds", 0.5))
+
+
 # --- the pick and the rounds --------------------------------------------------------------------------------
 
 
@@ -208,7 +221,19 @@ def protocol_run(ray_session, tmp_path_factory):
     runs_after_second = len(mlflow.MlflowClient(uri).search_runs([_experiment_id(uri)]))
     third = _main(["compare", str(path)])
     report = tmp / "report"
-    fourth = _main(["report", "--tracking-uri", uri, "--experiment", "tiny-compare", "--out", str(report)])
+    fourth = _main(
+        [
+            "report",
+            "--tracking-uri",
+            uri,
+            "--experiment",
+            "tiny-compare",
+            "--out",
+            str(report),
+            "--target",
+            "0.2",
+        ]
+    )
     return {
         "uri": uri,
         "outputs": [first, second, third, fourth],
@@ -291,5 +316,8 @@ def test_the_report_draws_each_methods_seeds_as_a_band_and_tables_every_figure_w
         assert cells[3] == "0, 1" and cells[4] == RANGE  # seeds, and the spread of 2 is their range
         assert all(cell.count("[") == 1 for cell in cells[5:]), rows[label]  # every figure: mean [min, max]
     assert "The selection round" in table and "| yes |" in table
+    # --target: the base model already scores above 0.2 on the tiny model: every run reached it at 0 s
+    header = methods_table.splitlines()[2].split(" | ")
+    assert "reached 0.2" in header and rows["alignprop"].split(" | ")[header.index("reached 0.2")] == "2/2"
     page = (report / "index.html").read_text()
     assert "Comparison: each method at its picked lr scale" in page

@@ -16,7 +16,7 @@ import math
 import pandas as pd
 
 from alignprop_ray.report.data import metric
-from alignprop_ray.report.plots import comparison_groups
+from alignprop_ray.report.plots import comparison_groups, reward_at_cost
 from alignprop_ray.report.spread import spread
 
 # column -> (metric, which value of its history, format): the figures of the comparison table
@@ -42,9 +42,19 @@ def value(history: pd.DataFrame, run_id: str, key: str, which: str) -> float:
     return float(rows["value"].iloc[0 if which == "first" else -1])
 
 
-def comparison_table(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+def first_reaching(history: pd.DataFrame, run_id: str, cost_key: str, target: float) -> float:
+    """The cost (`perf/wall_seconds`, `perf/images_generated`) at the run's first evaluation with eval/reward
+    at or above `target`; NaN if it never got there."""
+    points = reward_at_cost(history, run_id, cost_key)
+    hit = points[points["reward"] >= target]
+    return math.nan if hit.empty else float(hit["cost"].iloc[0])
+
+
+def comparison_table(runs: pd.DataFrame, history: pd.DataFrame, target: float | None = None) -> pd.DataFrame:
     """One row per compared method: its picked lr scale and lr, its seeds, and each figure as `mean [low,
-    high]` over them; empty when the experiment holds no comparison."""
+    high]` over them; with `target`, also how many runs reached eval/reward `target` and the training
+    seconds and images at their first evaluation there (spread over those runs). Empty when the experiment
+    holds no comparison."""
     by_id = runs.set_index("run_id")
     rows = []
     for label, run_ids in comparison_groups(runs).items():
@@ -60,6 +70,12 @@ def comparison_table(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
         }
         for column, (key, which, spec) in FIGURES.items():
             row[column] = spread([value(history, r, key, which) for r in run_ids]).format(spec)
+        if target is not None:
+            seconds = [first_reaching(history, r, "perf/wall_seconds", target) for r in run_ids]
+            images = [first_reaching(history, r, "perf/images_generated", target) for r in run_ids]
+            row[f"reached {target:g}"] = f"{sum(math.isfinite(s) for s in seconds)}/{len(run_ids)}"
+            row[f"seconds to {target:g}"] = spread(seconds).format(".1f")
+            row[f"images to {target:g}"] = spread(images).format(".0f")
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -105,7 +105,7 @@ DPI = 110
 def cmd_report(args: argparse.Namespace) -> int:
     out = _check_out(Path(args.out))
     runs, history = load_runs(args.tracking_uri, args.experiment)
-    paths = write_report_files(runs, history, out)
+    paths = write_report_files(runs, history, out, target=args.target)
     print(format_summary(summary_table(runs)).to_string(index=False))
     print("\n".join(selection_lines(runs, history)))
     if (out / COMPARISON_FILE).is_file():
@@ -124,20 +124,22 @@ def write_report(tracking_uri: str | None, experiment: str | None, out_dir: str 
     return write_report_files(*load_runs(tracking_uri, experiment), out)
 
 
-def write_report_files(runs: pd.DataFrame, history: pd.DataFrame, out: Path) -> list[Path]:
-    """write_report on tables already loaded by `load_runs` (PNGs first, index.html last)."""
+def write_report_files(
+    runs: pd.DataFrame, history: pd.DataFrame, out: Path, target: float | None = None
+) -> list[Path]:
+    """write_report on tables already loaded by `load_runs` (PNGs first, index.html last); `target`: the
+    eval/reward whose time and images to reach a comparison's table adds."""
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     written = write_plots(runs, history, out)
     grids = fetch_eval_grids(open_store(runs.attrs["tracking_uri"]), runs, out)
     table = summary_table(runs)
     table.to_csv(out / "runs.csv", index=False)
-    compared = write_comparison(runs, history, out)
+    tables = comparison_tables(runs, history, target)
+    compared = write_comparison(tables, out)
     page = out / "index.html"
     lines = selection_lines(runs, history)
-    html_page = render_html(
-        runs, table, [p.name for p in written], grids, lines, comparison_tables(runs, history)
-    )
+    html_page = render_html(runs, table, [p.name for p in written], grids, lines, tables)
     page.write_text(html_page, encoding="utf-8")
     return [
         *written,
@@ -148,18 +150,20 @@ def write_report_files(runs: pd.DataFrame, history: pd.DataFrame, out: Path) -> 
     ]
 
 
-def comparison_tables(runs: pd.DataFrame, history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def comparison_tables(
+    runs: pd.DataFrame, history: pd.DataFrame, target: float | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per method, selection round) of a comparison in the experiment; both empty without one."""
     from alignprop_ray.report.compare import comparison_table, selection_table
 
-    return comparison_table(runs, history), selection_table(runs, history)
+    return comparison_table(runs, history, target), selection_table(runs, history)
 
 
-def write_comparison(runs: pd.DataFrame, history: pd.DataFrame, out: Path) -> list[Path]:
+def write_comparison(tables: tuple[pd.DataFrame, pd.DataFrame], out: Path) -> list[Path]:
     """comparison.md and comparison.csv where the experiment holds a comparison (alignprop-ray compare)."""
     from alignprop_ray.report.compare import markdown
 
-    methods, picks = comparison_tables(runs, history)
+    methods, picks = tables
     if methods.empty and picks.empty:
         return []
     (out / COMPARISON_FILE).write_text(markdown(methods, picks), encoding="utf-8")
