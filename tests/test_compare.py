@@ -311,13 +311,15 @@ def test_the_report_draws_each_methods_seeds_as_a_band_and_tables_every_figure_w
     rows = {
         line.split(" | ")[0].strip("| "): line for line in methods_table.splitlines() if line.startswith("| ")
     }
-    for label in ("alignprop", "draft-K1"):
-        cells = rows[label].split(" | ")
-        assert cells[3] == "0, 1" and cells[4] == RANGE  # seeds, and the spread of 2 is their range
-        assert all(cell.count("[") == 1 for cell in cells[5:]), rows[label]  # every figure: mean [min, max]
-    assert "The selection round" in table and "| yes |" in table
-    # --target: the base model already scores above 0.2 on the tiny model: every run reached it at 0 s
     header = methods_table.splitlines()[2].split(" | ")
-    assert "reached 0.2" in header and rows["alignprop"].split(" | ")[header.index("reached 0.2")] == "2/2"
+    figures = header[header.index("base eval/reward") : header.index("reached 0.2")]
+    assert {"final eval/reward", "eval/reward gain", "training seconds", "images generated"} <= set(figures)
+    for label in ("alignprop", "draft-K1"):
+        cells = dict(zip(header, rows[label].split(" | "), strict=True))
+        assert cells["seeds"] == "0, 1" and cells["spread"] == RANGE  # the spread of 2 seeds: their range
+        assert all(cells[f].count("[") == 1 for f in figures), rows[label]  # each: mean [min, max]
+        # --target: the base model already scores above 0.2 on the tiny model: every run reached it at 0 s
+        assert cells["reached 0.2"] == "2/2" and cells["seconds to 0.2"].startswith("0.0 [")
+    assert "The selection round" in table and "| yes |" in table
     page = (report / "index.html").read_text()
     assert "Comparison: each method at its picked lr scale" in page

@@ -70,6 +70,10 @@ def comparison_table(runs: pd.DataFrame, history: pd.DataFrame, target: float | 
         }
         for column, (key, which, spec) in FIGURES.items():
             row[column] = spread([value(history, r, key, which) for r in run_ids]).format(spec)
+            if column == "final eval/reward":  # each method evaluates with its own sampler (reference
+                # guidance), so its own base is its baseline: the gain compares across methods
+                gains = [value(history, r, key, "last") - value(history, r, key, "first") for r in run_ids]
+                row["eval/reward gain"] = spread(gains).format("+.3f")
         if target is not None:
             seconds = [first_reaching(history, r, "perf/wall_seconds", target) for r in run_ids]
             images = [first_reaching(history, r, "perf/images_generated", target) for r in run_ids]
