@@ -33,6 +33,7 @@ every subcommand has its own --help; configs: sweeps/*.yaml, schema: alignprop_r
 HANDLERS = {
     "train": "alignprop_ray.train.launch:cmd_train",
     "sweep": "alignprop_ray.sweep.launch:cmd_sweep",
+    "compare": "alignprop_ray.sweep.compare:cmd_compare",
     "validate": "alignprop_ray.cli:cmd_validate",
     "sample": "alignprop_ray.engine.commands:cmd_sample",
     "mix": "alignprop_ray.engine.commands:cmd_mix",
@@ -120,7 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_console(p)
     _add_overrides(p)
 
-    p = sub.add_parser("validate", help="validate an experiment or sweep YAML and exit")
+    p = sub.add_parser(
+        "compare",
+        help="compare training methods by the protocol of docs/methods.md: each method's lr picked on one "
+        "seed, then more seeds at it, equal training time; rerun to continue",
+    )
+    p.add_argument(
+        "config", help="comparison YAML (a sweep file with a compare: section; sweeps/methods.yaml)"
+    )
+    _add_verbose(p)
+    _add_overrides(p)
+
+    p = sub.add_parser("validate", help="validate an experiment, sweep or comparison YAML and exit")
     p.add_argument("config")
     _add_overrides(p)
 
@@ -172,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="MLflow experiment name (default: the most recent)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--target",
+        type=float,
+        help="a comparison's table (alignprop-ray compare) adds the training seconds and images each method's "
+        "runs took to first reach this eval/reward",
+    )
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-init pipeline as a diffusers directory")
     p.add_argument("dir")
@@ -214,11 +232,17 @@ def _add_verbose(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """`alignprop-ray validate FILE [--set k=v ...]`: print `OK: FILE (experiment|sweep)` or raise ConfigError."""
+    """`alignprop-ray validate FILE [--set k=v ...]`: print `OK: FILE (experiment|sweep|comparison)` or raise
+    ConfigError."""
     from alignprop_ray.config import load_experiment, read_yaml
     from alignprop_ray.sweep.config import is_sweep, load_sweep
+    from alignprop_ray.sweep.protocol import is_comparison, load_comparison
 
-    if is_sweep(read_yaml(args.config)):
+    data = read_yaml(args.config)
+    if is_comparison(data):
+        load_comparison(args.config, args.overrides)
+        kind = "comparison"
+    elif is_sweep(data):
         load_sweep(args.config, args.overrides)
         kind = "sweep"
     else:

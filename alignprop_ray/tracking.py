@@ -36,6 +36,13 @@ BEST_RUN_TAG = "alignprop.best_run_id"  # ... and that trial's MLflow run
 SELECT_TAG = "alignprop.select_rule"  # ... the rule that chose it (selection.SelectionRule as text)
 SELECTION_TAG = "alignprop.selection"  # ... which trial that rule chose and why (not the plain maximum)
 PARETO_TAG = "alignprop.pareto_front"  # ... the trials on its Pareto fronts (pareto_front.csv: each front)
+# `alignprop-ray compare` (sweep/compare.py): on a trial's run, the comparison, method label and round it ran
+# in, and `true` where it ran at its method's picked lr scale; on a selection sweep's parent, that scale.
+COMPARE_TAG = "alignprop.compare"
+COMPARE_METHOD_TAG = "alignprop.compare.method"
+COMPARE_ROUND_TAG = "alignprop.compare.round"
+COMPARE_FINAL_TAG = "alignprop.compare.final"
+COMPARE_PICK_TAG = "alignprop.compare.lr_scale"
 EXCLUDED_TAG = "alignprop.excluded"  # on a trial's run: why it breaks the sweep's selection rule
 # Params that may differ between machines or reruns of the same run: not compared on resume.
 IGNORED_ON_RESUME = ("tracking.", "storage.", "failure.", "name")

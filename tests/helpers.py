@@ -292,3 +292,34 @@ def most_at_once(windows) -> int:
         running += change
         most = max(most, running)
     return most
+
+
+_TINY_SD3: list[Path] = []
+
+
+def load_shipped_sweep(path: Path):
+    """The sweep a shipped sweep file runs; for a comparison file (`alignprop-ray compare`), its first method's
+    selection round (every round asks for the same resources). A comparison on a toy model that is not
+    committed yet (models/toy-shapes-sd3) is read with a tiny model of its family in that model's place."""
+    from alignprop_ray.config import read_yaml
+    from alignprop_ray.sweep.config import load_sweep
+    from alignprop_ray.sweep.protocol import is_comparison, load_comparison
+
+    data = read_yaml(path)
+    if not is_comparison(data):
+        return load_sweep(path, env={})
+    base = data.get("base")
+    model = (base.get("model") or {}) if isinstance(base, dict) else {}
+    overrides = []
+    if (
+        str(model.get("pretrained", "")).endswith("toy-shapes-sd3")
+        and not (path.parent / model["pretrained"]).is_dir()
+    ):
+        if not _TINY_SD3:
+            import tempfile
+
+            from alignprop_ray.engine.models import save_tiny_model
+
+            _TINY_SD3.append(save_tiny_model(Path(tempfile.mkdtemp()) / "sd3", family="sd3"))
+        overrides = [f"base.model.pretrained={_TINY_SD3[0]}"]
+    return load_comparison(path, overrides, env={}).selection_sweep(0)

@@ -29,6 +29,13 @@ from tests.helpers import lora_settings
 from tests.test_config import BASE, with_change
 
 SWEEP = {"base": BASE, "space": {"train.lr": {"grid": [1e-3, 1e-2]}}}
+COMPARISON = {
+    "base": {
+        **{k: v for k, v in BASE.items() if k != "truncation"},  # AlignProp's: the other methods have none
+        "train": {**BASE["train"], "max_wall_seconds": 5},
+    },
+    "compare": {"methods": ["alignprop", {"name": "draft", "k": 1}], "lr_scales": [1, 2], "seeds": [0, 1]},
+}
 DIR = None  # a `files` value: make a directory
 SAMPLE = ["sample", "--model", "tiny", "--prompt", "x", "--steps", "1", "--out", "x.png"]
 
@@ -252,6 +259,63 @@ CASES = [
         ["sweep", "s.yaml", "--register", "a/b"],
         ["model name 'a/b'"],
         {"s.yaml": SWEEP},
+    ),
+    # --- compare ---------------------------------------------------------------------------------------
+    Case(
+        "compare-without-a-time-budget",
+        ["compare", "c.yaml", "--set", "train.max_wall_seconds=null"],
+        ["base.train.max_wall_seconds: required: the protocol gives every trial the same seconds"],
+        {"c.yaml": COMPARISON},
+    ),
+    Case(
+        "compare-one-lr-for-all",
+        ["compare", "c.yaml", "--set", "train.lr=1e-3"],
+        ["base.train.lr: leave it unset"],
+        {"c.yaml": COMPARISON},
+    ),
+    Case(
+        "compare-with-a-space-and-a-zero-scale",
+        ["compare", "c.yaml", "--set", "compare.lr_scales=[0, 1]"],
+        ["space: a comparison has no space", "compare.lr_scales.0: must be > 0 (got 0)"],
+        {"c.yaml": {**COMPARISON, "space": {"train.lr": {"grid": [1e-3]}}}},
+    ),
+    Case(
+        "compare-a-method-sets-its-seed-and-its-time",
+        ["compare", "c.yaml"],
+        [
+            "compare.methods.1.set.train.seed: set by the protocol (compare.seeds)",
+            "compare.methods.1.set.train.max_wall_seconds: the same for every method",
+        ],
+        {
+            "c.yaml": {
+                **COMPARISON,
+                "compare": {
+                    **COMPARISON["compare"],
+                    "methods": [
+                        "alignprop",
+                        {"method": "refl", "set": {"train.seed": 3, "train.max_wall_seconds": 9}},
+                    ],
+                },
+            }
+        },
+    ),
+    Case(
+        "compare-two-methods-one-label",
+        ["compare", "c.yaml", "--set", "compare.methods=[{name: draft}, {name: draft, k: 1}]"],
+        ["compare.methods.1: its label 'draft-K1' is method 0's too"],
+        {"c.yaml": COMPARISON},
+    ),
+    Case(
+        "compare-a-setting-of-another-method",
+        ["compare", "c.yaml", "--set", "compare.methods=[alignprop, {name: draft, kk: 1}]"],
+        ["compare.methods.1.kk: not a setting of method draft"],
+        {"c.yaml": COMPARISON},
+    ),
+    Case(
+        "sweep-on-a-comparison-file",
+        ["sweep", "c.yaml"],
+        ["compare: this is a comparison file: run it with `alignprop-ray compare FILE`"],
+        {"c.yaml": COMPARISON},
     ),
     # --- sample ---------------------------------------------------------------------------------------
     Case("sample-non-integer-steps", [*SAMPLE, "--steps", "many"], ["--steps: invalid int value"]),
@@ -534,6 +598,7 @@ def test_bad_input_is_exit_2_and_one_line_per_problem(case, fx, tmp_path, monkey
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr("alignprop_ray.train.launch.run_training", tripwire)
     monkeypatch.setattr("alignprop_ray.sweep.launch.run_sweep", tripwire)
+    monkeypatch.setattr("alignprop_ray.sweep.compare.run_comparison", tripwire)
     for name, content in case.files.items():
         path = tmp_path / name
         if content is DIR:

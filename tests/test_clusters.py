@@ -44,6 +44,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from alignprop_ray.config import load_experiment, read_yaml
 from alignprop_ray.sweep.capacity import NODE_TYPES_ENV, trial_resources
 from alignprop_ray.sweep.config import is_sweep, load_sweep
+from tests.helpers import load_shipped_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
@@ -256,7 +257,7 @@ def most_trials_at_once(cluster: str, monkeypatch) -> int:
         ceiling = capacity.declared_ceiling(_env(head)[NODE_TYPES_ENV]["value"])
     monkeypatch.setattr(capacity, "cluster_ceiling", lambda: ceiling)
     counts = [
-        capacity.concurrency(load_sweep(path, env={}), print)[0]
+        capacity.concurrency(load_shipped_sweep(path), print)[0]
         for path in SHIPPED
         if is_sweep(read_yaml(path)) and fitting_types(trial_needs(path), cluster_node_types(cluster))
     ]
@@ -406,7 +407,7 @@ def test_the_quota_advice_is_what_the_shipped_sweeps_run_at_once(hub_reachable, 
     for path in SHIPPED:
         if not is_sweep(read_yaml(path)) or not trial_needs(path).get("GPU"):
             continue
-        sweep = load_sweep(path, env={})
+        sweep = load_shipped_sweep(path)
         at_once, _ = capacity.concurrency(sweep, print)
         workers, per_worker = capacity.trial_workers(sweep)
         by_quota: dict[str, int] = {}
@@ -677,7 +678,7 @@ def test_kuberay_mlflow_store_is_postgresql_on_its_own_volume():
 def trial_needs(path: Path) -> dict[str, float]:
     """What one trial of a sweep (or one run of an experiment) asks Ray for, as the sweep counts it."""
     if is_sweep(read_yaml(path)):
-        return trial_resources(load_sweep(path, env={}))
+        return trial_resources(load_shipped_sweep(path))
     return trial_resources(SimpleNamespace(reference=load_experiment(path, env={}), domains=[]))
 
 

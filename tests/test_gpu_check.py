@@ -68,13 +68,13 @@ def shipped_levers() -> dict:
 def test_the_shipped_gpu_experiments_turn_both_speed_levers_on(hub_reachable):
     """What `make gpu-check` trains with (part 2) is what the GPU experiments set, and they validate."""
     from alignprop_ray.config import load_experiment
-    from alignprop_ray.sweep.config import load_sweep
+    from alignprop_ray.sweep.protocol import load_comparison
 
     assert shipped_levers() == {"compile": True, "activation_budget_mb": "auto"}
     for name in ("sd15_aesthetic", "sdxl_aesthetic", "sd35_medium_aesthetic", "paper_aesthetic", "paper_hps"):
         model = load_experiment(ROOT / "sweeps" / f"{name}.yaml").model
         assert (model.compile, model.activation_budget_mb) == (True, "auto"), name
-    model = load_sweep(ROOT / "sweeps" / "methods_sd15.yaml").reference.model
+    model = load_comparison(ROOT / "sweeps" / "methods_sd15.yaml").selection_sweep(0).reference.model
     assert (model.compile, model.activation_budget_mb) == (True, "auto")
 
 

@@ -722,15 +722,13 @@ def test_each_method_takes_its_reference_settings_where_the_experiment_is_silent
 
 
 def test_the_shipped_method_sweeps_leave_the_reference_settings_to_each_method(hub_reachable):
-    from alignprop_ray.sweep.config import load_sweep
+    from alignprop_ray.sweep.protocol import load_comparison
 
     for name in ("methods.yaml", "methods_sd15.yaml"):
-        sweep = load_sweep(ROOT / "sweeps" / name)
+        comparison = load_comparison(ROOT / "sweeps" / name, env={})
         for method in ("alignprop", "ddpo", "refl"):
-            point = {"method": method, "train.seed": 0}
-            if name == "methods_sd15.yaml":  # its base (sd15_aesthetic.yaml) sets AlignProp's truncation
-                point["truncation"] = None
-            cfg = sweep.experiment(point)
+            sweep = comparison.selection_sweep(comparison.labels.index(method))
+            cfg = sweep.experiment({d.field: d.first() for d in sweep.domains})
             reference = get_method(method).reference
             assert cfg.train.weight_decay == reference.weight_decay, (name, method)
             assert cfg.sampling.guidance_scale == reference.guidance_scale, (name, method)
@@ -846,17 +844,18 @@ def test_validate_imports_no_torch():
 
 
 def test_method_sweeps_validate(hub_reachable):
-    from alignprop_ray.sweep.config import load_sweep
+    from alignprop_ray.sweep.protocol import load_comparison
 
-    sweep = load_sweep(ROOT / "sweeps" / "methods.yaml")
+    comparison = load_comparison(ROOT / "sweeps" / "methods.yaml", env={})
     methods = {
         value["name"] if isinstance(value, dict) else value
-        for d in sweep.domains
+        for i in range(len(comparison.labels))
+        for d in comparison.selection_sweep(i).domains
         for value in d.values
         if d.field == "method"
     }
     assert methods == {"alignprop", "draft", "refl", "ddpo"}
-    gpu = load_sweep(ROOT / "sweeps" / "methods_sd15.yaml")
+    gpu = load_comparison(ROOT / "sweeps" / "methods_sd15.yaml", env={}).selection_sweep(0)
     assert gpu.reference.model.dtype == "bfloat16" and gpu.reference.scaling.use_gpu
 
 

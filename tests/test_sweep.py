@@ -37,7 +37,9 @@ from alignprop_ray.sweep.summary import best_row, format_table
 from tests.helpers import adapter_change, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEPS = sorted(p for p in (ROOT / "sweeps").glob("*.yaml") if is_sweep(read_yaml(p)))
+SWEEPS = sorted(
+    p for p in (ROOT / "sweeps").glob("*.yaml") if is_sweep(read_yaml(p)) and "compare" not in read_yaml(p)
+)  # the comparison files: test_compare.py
 
 # A small valid sweep; each malformed case below breaks exactly one thing in it.
 SWEEP = tiny_sweep({"train.lr": {"grid": [1e-3, 1e-2]}})

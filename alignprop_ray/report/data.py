@@ -31,7 +31,17 @@ from alignprop_ray.selection import (
     parse_rule,
     select,
 )
-from alignprop_ray.tracking import KIND_TAG, NAME_TAG, PARENT_TAG, SELECT_TAG, STOP_TAG
+from alignprop_ray.tracking import (
+    COMPARE_FINAL_TAG,
+    COMPARE_METHOD_TAG,
+    COMPARE_ROUND_TAG,
+    COMPARE_TAG,
+    KIND_TAG,
+    NAME_TAG,
+    PARENT_TAG,
+    SELECT_TAG,
+    STOP_TAG,
+)
 
 MAX_LISTED = 20  # experiment names an error message lists
 UNSET = "(unset)"  # the truncation of a run that logged no `truncation` param
@@ -269,8 +279,14 @@ def _run_row(run, names: dict[str, str]) -> dict[str, Any]:
         "status": run.info.status,
         "stop_reason": tags.get(STOP_TAG),
         "truncation": params.get("truncation", UNSET),
-        "lr": _to_float(params.get("train.lr")),
+        "lr": _to_float(params.get("train.lr"))
+        * _to_float(params.get("train.lr_scale", "1")),  # the optimizer's
         "reward": reward_label(params),
+        # `alignprop-ray compare`: the comparison, method label and round of the run; final: at the pick
+        "compare": tags.get(COMPARE_TAG),
+        "compare_method": tags.get(COMPARE_METHOD_TAG),
+        "compare_round": tags.get(COMPARE_ROUND_TAG),
+        "compare_final": tags.get(COMPARE_FINAL_TAG) == "true",
         "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
         **{f"params.{key}": value for key, value in sorted(params.items())},
     }

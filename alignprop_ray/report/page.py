@@ -29,6 +29,12 @@ from alignprop_ray.report.plots import (
     plot_reward_vs_time,
 )
 
+COMPARISON_NOTE = (
+    "In a comparison (alignprop-ray compare), only each method's runs at its picked lr scale: the line is "
+    "their mean, the band their spread (min-max; with 5 or more seeds, the 95% interval of the mean), "
+    "up to the first of them to stop."
+)
+COMPARISON_FILE = "comparison.md"
 # (file, plot, title, caption); a plot without data (e.g. no mixtures) is left out of the page.
 PLOTS: list[tuple[str, Callable, str, str]] = [
     (
@@ -69,14 +75,14 @@ PLOTS: list[tuple[str, Callable, str, str]] = [
         plot_reward_vs_time,
         "Eval reward vs training time",
         "Each evaluation at the wall-clock seconds its run had spent in training steps (evaluation, logging "
-        "and checkpoints excluded), one color per training method; 0 is the base model.",
+        "and checkpoints excluded), one color per training method; 0 is the base model. " + COMPARISON_NOTE,
     ),
     (
         "reward_vs_images.png",
         plot_reward_vs_images,
         "Eval reward vs images generated",
         "Each evaluation at the number of images (denoising chains from fresh noise, all workers) its run had "
-        "sampled for training, one color per training method.",
+        "sampled for training, one color per training method. " + COMPARISON_NOTE,
     ),
     (
         "reward_terms.png",
@@ -99,9 +105,11 @@ DPI = 110
 def cmd_report(args: argparse.Namespace) -> int:
     out = _check_out(Path(args.out))
     runs, history = load_runs(args.tracking_uri, args.experiment)
-    paths = write_report_files(runs, history, out)
+    paths = write_report_files(runs, history, out, target=args.target)
     print(format_summary(summary_table(runs)).to_string(index=False))
     print("\n".join(selection_lines(runs, history)))
+    if (out / COMPARISON_FILE).is_file():
+        print("\n" + (out / COMPARISON_FILE).read_text(encoding="utf-8"), end="")
     print(f"wrote {len(paths)} files; open {out / 'index.html'}")
     return 0
 
@@ -116,18 +124,51 @@ def write_report(tracking_uri: str | None, experiment: str | None, out_dir: str 
     return write_report_files(*load_runs(tracking_uri, experiment), out)
 
 
-def write_report_files(runs: pd.DataFrame, history: pd.DataFrame, out: Path) -> list[Path]:
-    """write_report on tables already loaded by `load_runs` (PNGs first, index.html last)."""
+def write_report_files(
+    runs: pd.DataFrame, history: pd.DataFrame, out: Path, target: float | None = None
+) -> list[Path]:
+    """write_report on tables already loaded by `load_runs` (PNGs first, index.html last); `target`: the
+    eval/reward whose time and images to reach a comparison's table adds."""
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     written = write_plots(runs, history, out)
     grids = fetch_eval_grids(open_store(runs.attrs["tracking_uri"]), runs, out)
     table = summary_table(runs)
     table.to_csv(out / "runs.csv", index=False)
+    tables = comparison_tables(runs, history, target)
+    compared = write_comparison(tables, out)
     page = out / "index.html"
     lines = selection_lines(runs, history)
-    page.write_text(render_html(runs, table, [p.name for p in written], grids, lines), encoding="utf-8")
-    return [*written, *(path for pairs in grids.values() for _, path in pairs), out / "runs.csv", page]
+    html_page = render_html(runs, table, [p.name for p in written], grids, lines, tables)
+    page.write_text(html_page, encoding="utf-8")
+    return [
+        *written,
+        *(path for pairs in grids.values() for _, path in pairs),
+        out / "runs.csv",
+        *compared,
+        page,
+    ]
+
+
+def comparison_tables(
+    runs: pd.DataFrame, history: pd.DataFrame, target: float | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per method, selection round) of a comparison in the experiment; both empty without one."""
+    from alignprop_ray.report.compare import comparison_table, selection_table
+
+    return comparison_table(runs, history, target), selection_table(runs, history)
+
+
+def write_comparison(tables: tuple[pd.DataFrame, pd.DataFrame], out: Path) -> list[Path]:
+    """comparison.md and comparison.csv where the experiment holds a comparison (alignprop-ray compare)."""
+    from alignprop_ray.report.compare import markdown
+
+    methods, picks = tables
+    if methods.empty and picks.empty:
+        return []
+    (out / COMPARISON_FILE).write_text(markdown(methods, picks), encoding="utf-8")
+    methods.to_csv(out / "comparison.csv", index=False)
+    return [out / COMPARISON_FILE, out / "comparison.csv"]
 
 
 def _check_out(out: Path) -> Path:
@@ -143,7 +184,7 @@ def _check_out(out: Path) -> Path:
 
 def _remove_stale(out: Path) -> None:
     """A plot left out this time (no data) must not linger from an earlier report."""
-    for name, *_ in PLOTS:
+    for name in [*(name for name, *_ in PLOTS), COMPARISON_FILE, "comparison.csv"]:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / GRIDS_DIR, ignore_errors=True)
 
@@ -225,6 +266,7 @@ def render_html(
     plots: list[str],
     grids: dict[str, list[tuple[int, Path]]],
     selection: list[str] = (),
+    comparison: tuple[pd.DataFrame, pd.DataFrame] | None = None,
 ) -> str:
     """The report page: header, run table, which run each sweep picks and why (`selection`), each plot with
     its caption, base vs final eval grids."""
@@ -249,6 +291,7 @@ def render_html(
             "constraints (by default, not collapsed: eval/diversity at least half its step-0 value).</p>",
             f"<ul class='selection'>{items}</ul>",
         ]
+    parts += _comparison_section(comparison)
     for name, _, title, caption in PLOTS:
         if name in plots:
             parts += [
@@ -258,6 +301,26 @@ def render_html(
             ]
     parts += _grid_section(runs, grids)
     return PAGE.format(title=f"AlignProp report: {experiment}", body="\n".join(parts))
+
+
+def _comparison_section(comparison: tuple[pd.DataFrame, pd.DataFrame] | None) -> list[str]:
+    methods, picks = comparison if comparison is not None else (pd.DataFrame(), pd.DataFrame())
+    parts = []
+    if not methods.empty:
+        parts += [
+            "<h2>Comparison: each method at its picked lr scale</h2>",
+            "<p>Each figure: mean [min, max] over the seeds (with 5 or more seeds, the 95% interval of the "
+            "mean). The scale is the one its selection round picked.</p>",
+            methods.to_html(index=False, escape=True, border=0, classes="runs"),
+        ]
+    if not picks.empty:
+        parts += [
+            "<h2>Comparison: the selection round</h2>",
+            "<p>One trial per lr scale on the first seed; the pick is the best final objective among the "
+            "trials its sweep's rule keeps (by default, not collapsed).</p>",
+            picks.to_html(index=False, escape=True, border=0, classes="runs"),
+        ]
+    return parts
 
 
 def _grid_section(runs: pd.DataFrame, grids: dict[str, list[tuple[int, Path]]]) -> list[str]:

@@ -19,9 +19,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from alignprop_ray.engine.methods.registry import METHODS
+from alignprop_ray.engine.methods.registry import METHODS, variant_label
 from alignprop_ray.metrics import HELDOUT_PREFIX
 from alignprop_ray.report.data import metric, trial_results
+from alignprop_ray.report.spread import band
 from alignprop_ray.selection import front_pairs, pareto_front
 
 LINESTYLES = ("-", "--", ":", "-.")
@@ -358,19 +359,13 @@ def plot_k_histograms(runs: pd.DataFrame, history: pd.DataFrame, ncols: int = 4)
 
 
 def method_label(params: dict) -> str:
-    """A run's method as its params name it: `alignprop`, `draft-K1`, `draft-LV2`, `refl`, `ddpo`; runs
-    logged before methods existed are alignprop."""
+    """A run's method as its params name it (`registry.variant_label`: `alignprop`, `draft-K1`, `draft-LV2`,
+    `refl`, `ddpo`); runs logged before methods existed are alignprop."""
     name = params.get("params.method.name")
     if not isinstance(name, str):
         return "alignprop"
-    if name == "draft":
-        lv = params.get("params.method.lv_samples")
-        return (
-            f"draft-LV{lv}"
-            if isinstance(lv, str) and lv != "null"
-            else f"draft-K{params.get('params.method.k')}"
-        )
-    return name
+    keys = ("k", "lv_samples")
+    return variant_label({"name": name, **{k: params.get(f"params.method.{k}") for k in keys}})
 
 
 def method_labels(runs: pd.DataFrame) -> dict[str, str]:
@@ -412,6 +407,8 @@ def plot_reward_vs_images(runs: pd.DataFrame, history: pd.DataFrame) -> Figure |
 def _reward_vs_cost(runs: pd.DataFrame, history: pd.DataFrame, cost_key: str, xlabel: str) -> Figure | None:
     if not (history["key"] == cost_key).any():
         return None
+    if comparison_runs(runs).any():
+        return _reward_vs_cost_bands(runs, history, cost_key, xlabel)
     labels = method_labels(runs)
     groups = sorted(set(labels.values()), key=method_order)
     cmap = matplotlib.colormaps["tab10"]
@@ -433,4 +430,55 @@ def _reward_vs_cost(runs: pd.DataFrame, history: pd.DataFrame, cost_key: str, xl
     ax.grid(alpha=0.3)
     shown = [label for label in groups if label in seen]
     ax.legend([Line2D([], [], color=colors[label]) for label in shown], shown, fontsize=8, title="method")
+    return fig
+
+
+def comparison_runs(runs: pd.DataFrame) -> pd.Series:
+    """Which runs are a comparison's runs at their method's picked lr scale (`alignprop-ray compare`)."""
+    if "compare_final" not in runs:
+        return pd.Series(False, index=runs.index)
+    return runs["compare_final"].fillna(False).astype(bool)
+
+
+def comparison_groups(runs: pd.DataFrame) -> dict[str, list[str]]:
+    """Method label (`comparison: label` where the experiment holds several comparisons) -> its final runs'
+    ids, in the order the comparison lists methods (the first run's start)."""
+    final = runs[comparison_runs(runs)].sort_values("start_time", kind="stable")
+    several = final["compare"].nunique() > 1
+    groups: dict[str, list[str]] = {}
+    for run in final.itertuples():
+        label = f"{run.compare}: {run.compare_method}" if several else str(run.compare_method)
+        groups.setdefault(label, []).append(run.run_id)
+    return groups
+
+
+def _reward_vs_cost_bands(runs: pd.DataFrame, history: pd.DataFrame, cost_key: str, xlabel: str) -> Figure:
+    """A comparison's methods: the seeds' mean eval/reward against the cost, their spread as a band
+    (min-max; with 5 or more seeds, the 95% interval of the mean: report/spread.py), each seed faint."""
+    groups = comparison_groups(runs)
+    cmap = matplotlib.colormaps["tab10"]
+    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    ax = fig.subplots()
+    handles, labels = [], []
+    for i, (label, run_ids) in enumerate(groups.items()):
+        color = cmap(i % 10)
+        curves = [reward_at_cost(history, run_id, cost_key) for run_id in run_ids]
+        curves = [c for c in curves if len(c) >= 2]
+        for curve in curves:
+            ax.plot(curve["cost"], curve["reward"], color=color, alpha=0.3, linewidth=0.8)
+        spread = band([(c["cost"], c["reward"]) for c in curves])
+        if spread.empty:
+            continue
+        ax.fill_between(spread["x"], spread["low"], spread["high"], color=color, alpha=0.2, linewidth=0)
+        ax.plot(spread["x"], spread["mean"], color=color, linewidth=2)
+        handles.append(Line2D([], [], color=color, linewidth=2))
+        labels.append(f"{label} ({len(curves)} seeds, {spread['kind'].iloc[0]})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("eval/reward")
+    ax.set_title(
+        f"eval/reward against {cost_key}: mean over seeds (line), spread (band), each seed (faint)",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(handles, labels, fontsize=8, title="method (seeds, band)")
     return fig

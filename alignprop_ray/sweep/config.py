@@ -49,13 +49,15 @@ from alignprop_ray.selection import (
 from alignprop_ray.sweep.space import Domain, apply_point, parse_space
 
 SWEEP_KEYS = ("name", "base", "space", "tune", "stop")
-MARKERS = ("tune", "space")  # top-level keys that mark a sweep file rather than an experiment
+# top-level keys that mark a sweep file rather than an experiment (`compare`: a comparison, sweep/protocol.py)
+MARKERS = ("tune", "space", "compare")
 MAX_COMBINATIONS = 64  # grid/choice combinations checked one by one; beyond, each field is checked alone
 Mode = Literal["max", "min"]
 
 
 def is_sweep(data: dict) -> bool:
-    """True for a sweep file (top-level `tune:` or `space:`), False for an experiment file."""
+    """True for a sweep or comparison file (top-level `tune:`, `space:` or `compare:`), False for an
+    experiment file."""
     return any(key in data for key in MARKERS)
 
 
@@ -278,6 +280,8 @@ def parse_sweep(
     default_name: str = "sweep",
     source: str | None = None,
 ) -> Sweep:
+    if "compare" in data:
+        raise ConfigError(["compare: this is a comparison file: run it with `alignprop-ray compare FILE`"])
     overrides = list(overrides)
     data, problems = _apply_sweep_overrides(data, overrides)
     config, config_problems = _validate_config(data)

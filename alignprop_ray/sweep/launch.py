@@ -107,6 +107,22 @@ def can_resume(sweep) -> bool:
     return tune.Tuner.can_restore(experiment_path(sweep))
 
 
+def finished_outcome(sweep) -> SweepOutcome | None:
+    """The outcome of a sweep that finished before (its parent run FINISHED, Tune's state on disk), read
+    again without running a trial; None if it has not finished. Raises UserError if its settings changed."""
+    from alignprop_ray import tracking
+    from alignprop_ray.sweep.tracking import find_parent
+
+    uri, experiment = sweep.reference.tracking.uri, sweep.reference.tracking.experiment
+    parent_id = find_parent(uri, experiment, sweep.name)
+    if parent_id is None or not can_resume(sweep):
+        return None
+    if tracking.client(uri).get_run(parent_id).info.status != "FINISHED":
+        return None
+    _check_same_search(sweep, uri, experiment)
+    return _finish(sweep, experiment_path(sweep), uri, experiment, parent_id)
+
+
 def run_sweep(sweep, *, resume: bool = False, say: Callable[[str], None] = print) -> SweepOutcome:
     """Run (or with `resume`, continue) the sweep on Ray and return its trials; raises UserError early."""
     from alignprop_ray import tracking

@@ -275,6 +275,23 @@ def get_method(name: str) -> MethodRow | None:
     return dataclasses.replace(row, name=name, plugin=True)
 
 
+def variant_label(settings: Mapping[str, Any]) -> str:
+    """A run's method in one word, as reports and comparisons name it: `alignprop`, `draft-K1`, `draft-LV2`,
+    `refl`, `ddpo`. `settings`: the method's name and settings (`method:` as a mapping; text values, as
+    MLflow params hold them, are read too); a DRaFT run without `k` is DRaFT-1 (its default)."""
+    name = str(settings.get("name") or DEFAULT_METHOD)
+    if name != "draft":
+        return name
+    lv, k = _given(settings.get("lv_samples")), _given(settings.get("k"))
+    return f"draft-LV{lv}" if lv is not None else f"draft-K{1 if k is None else k}"
+
+
+def _given(value: Any) -> str | None:
+    """A setting's value as text, None where it is unset (None, NaN, `null`, empty)."""
+    text = "" if value is None else str(value)
+    return None if text in ("", "null", "None", "nan") else text
+
+
 def key_aliases() -> dict[str, str]:
     """Every older experiment key of a built-in method's setting -> its place (`method.<setting>`)."""
     return {old: f"method.{setting}" for row in _ROWS for old, setting in row.aliases.items()}
