@@ -73,7 +73,7 @@ def _term_mappings(spec: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
         name, field = split_key(str(key))
         fields = terms.setdefault(name, {})
         if field:
-            fields[field] = value
+            _set_dotted(fields, field, value)
         elif value is None:
             continue  # `aesthetic:` alone means weight 1 with defaults
         elif isinstance(value, Mapping):
@@ -83,6 +83,18 @@ def _term_mappings(spec: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
         else:
             problems.append(f"reward.{name}: expected a weight or a mapping of options, got {value!r}")
     return terms, problems
+
+
+def _set_dotted(fields: dict[str, Any], dotted: str, value: Any) -> None:
+    """`serve.max_replicas` -> fields["serve"]["max_replicas"] (a nested setting of a term)."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        inner = fields.get(part)
+        if inner is True:  # `serve: true` with one setting changed
+            inner = {}
+        fields[part] = inner = dict(inner) if isinstance(inner, Mapping) else {}
+        fields = inner
+    fields[last] = value
 
 
 def split_key(key: str) -> tuple[str, str]:

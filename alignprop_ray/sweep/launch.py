@@ -110,6 +110,8 @@ def can_resume(sweep) -> bool:
 def run_sweep(sweep, *, resume: bool = False, say: Callable[[str], None] = print) -> SweepOutcome:
     """Run (or with `resume`, continue) the sweep on Ray and return its trials; raises UserError early."""
     from alignprop_ray import tracking
+    from alignprop_ray.serving.pool import reward_pool
+    from alignprop_ray.serving.specs import SERVED_TAG, served_tag
     from alignprop_ray.sweep import tracking as sweep_tracking
     from alignprop_ray.train.launch import connect_ray
 
@@ -118,16 +120,21 @@ def run_sweep(sweep, *, resume: bool = False, say: Callable[[str], None] = print
     _check_state(sweep, path, uri, experiment, resume)
     connect_ray()
     _say_ray_version(say)
-    concurrency, why = capacity.concurrency(sweep, say)
+    served = sweep.served_terms()  # every trial's served rewards: one pool for the whole sweep
+    held = [replica for term in served for replica in term.holds()]
+    concurrency, why = capacity.concurrency(sweep, say, held)
     tracking.ensure_experiment(uri, experiment)  # before any server: pins the artifact folder
-    parent_id, _ = sweep_tracking.start_parent(uri, experiment, sweep, _sweep_yaml(sweep))
-    say(_header(sweep, path, uri, parent_id, concurrency, why, resume))
-    try:
-        with _trial_tracking_uri(uri, concurrency, path) as trial_uri:
-            _fit(sweep, path, parent_id, trial_uri, concurrency, resume)
-    except BaseException as err:
-        tracking.end_run(uri, parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
+    with reward_pool(served, say):  # before the parent run: a reward that cannot start leaves none
+        parent_id, _ = sweep_tracking.start_parent(uri, experiment, sweep, _sweep_yaml(sweep))
+        if served:
+            tracking.client(uri).set_tag(parent_id, SERVED_TAG, served_tag(served))
+        say(_header(sweep, path, uri, parent_id, concurrency, why, resume))
+        try:
+            with _trial_tracking_uri(uri, concurrency, path) as trial_uri:
+                _fit(sweep, path, parent_id, trial_uri, concurrency, resume)
+        except BaseException as err:
+            tracking.end_run(uri, parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
     return _finish(sweep, path, uri, experiment, parent_id)
 
 
