@@ -151,7 +151,7 @@ def ray_version_note(running: str, requirements: list[str]) -> str | None:
     return (
         f"warning: Ray {running} runs here, the cluster image runs Ray {pinned[0]} (clusters/Dockerfile): "
         f"a laptop's `ray up` and `ray job submit` need the cluster's Ray; "
-        f"pip install 'ray[default,train,tune]=={pinned[0]}'"
+        f"pip install 'ray[default,serve,train,tune]=={pinned[0]}'"
     )
 
 
