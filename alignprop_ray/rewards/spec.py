@@ -120,7 +120,9 @@ def _parse_term(
         return None, format_validation_error(err, (), entry.options, label=("reward", name))
     problems = [f"reward.{name}.{problem}" for problem in term.check()]
     differentiable = entry.differentiable
-    if entry.plugin and not problems:  # a plugin is checked by calling it: this imports torch
+    # A plugin is checked by calling it, which imports torch and the plugin; a served one is checked where it
+    # runs (its replicas build and probe it), since its packages may be only in its runtime_env.
+    if entry.plugin and not problems and term.serve is None:
         from alignprop_ray.rewards.plugins import probe_plugin
 
         problem, differentiable = probe_plugin(entry.factory, term)

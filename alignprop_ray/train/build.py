@@ -16,6 +16,7 @@ from alignprop_ray.engine.regularizers import Regularizers
 from alignprop_ray.engine.sampler import SamplerSettings
 from alignprop_ray.engine.step import Learner, OptimSettings, plan_step
 from alignprop_ray.engine.truncation import Draw
+from alignprop_ray.errors import UserError
 
 
 def build_learner(
@@ -39,6 +40,14 @@ def build_learner(
     reward = build_reward(
         cfg.reward, device=device, dtype=torch.float32, for_training=gradient, served=served_reward
     )
+    if gradient and not reward.differentiable:  # a served plugin proves it only where it runs
+        flat = [
+            name for name, r in reward.rewards.items() if not r.differentiable and reward.terms[name].weight
+        ]
+        raise UserError(
+            f"reward.{flat[0]}: not differentiable (its replicas found no gradient reaching the images), "
+            f"cannot be a {get_method(cfg.method.name).label} training objective"
+        )
     method = build_method(cfg.method)
     regularizers = Regularizers(kl_weight=cfg.train.kl_weight, ema_decay=cfg.train.ema_decay)
     learner = Learner(
