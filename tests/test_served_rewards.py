@@ -275,3 +275,44 @@ def test_replicas_are_placed_before_trials_are_counted():
     assert "less the reward replicas' {'CPU': 2.0, 'GPU': 1.0}" in half.source
     unbounded = capacity.reserve(Ceiling([], [(gpu_node, math.inf)], "t"), [{"GPU": 1}])
     assert trials_that_fit(unbounded, worker, 1) == math.inf
+
+
+def test_a_train_run_starts_its_served_rewards_before_its_mlflow_run_and_stops_them(monkeypatch, tmp_path):
+    """`train` alone: Ray, then the deployments (waited for), then the MLflow run; stopped after, also when
+    the run fails. A reward that cannot start leaves no MLflow run."""
+    import contextlib
+
+    from alignprop_ray.errors import UserError
+    from alignprop_ray.serving import pool
+    from alignprop_ray.train import launch
+
+    events, failing = [], []
+
+    @contextlib.contextmanager
+    def reward_pool(terms, say=print):
+        if failing:
+            raise UserError("reward.aesthetic.serve: did not start")
+        events.append(("start", [t.name for t in terms]))
+        try:
+            yield []
+        finally:
+            events.append("stop")
+
+    def run(cfg, name, served, *rest):
+        events.append(("run", [t.name for t in served]))
+        raise RuntimeError("the run failed")
+
+    monkeypatch.setattr(pool, "reward_pool", reward_pool)
+    monkeypatch.setattr(launch, "connect_ray", lambda: events.append("ray"))
+    monkeypatch.setattr(launch, "_run_training", run)
+    data = experiment({"aesthetic": {**TINY_AESTHETIC, "serve": True}})
+    data["storage"] = {"path": str(tmp_path)}
+    cfg = parse_experiment(data, None, env={})
+    with pytest.raises(RuntimeError, match="the run failed"):
+        launch.run_training(cfg, "n")
+    assert events == ["ray", ("start", ["aesthetic"]), ("run", ["aesthetic"]), "stop"]
+    failing.append(True)
+    events.clear()
+    with pytest.raises(UserError, match="did not start"):
+        launch.run_training(cfg, "n")
+    assert events == ["ray"]  # no run
