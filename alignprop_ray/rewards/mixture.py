@@ -16,6 +16,31 @@ from alignprop_ray.rewards.spec import parse_reward_spec
 from alignprop_ray.rewards.weights import WeightsError
 
 
+class _ByTermName(nn.ModuleDict):
+    """A ModuleDict keyed by term names, which may hold dots (a plugin's import path, `my_pkg.rewards:fn`)
+    where torch's module names may not: stored with each dot escaped, read back by the term's name."""
+
+    _DOT = "%2E"
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return super().__getitem__(name.replace(".", self._DOT))
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        super().__setitem__(name.replace(".", self._DOT), module)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(name.replace(".", self._DOT))
+
+    def __iter__(self):
+        return (key.replace(self._DOT, ".") for key in super().__iter__())
+
+    def keys(self):
+        return list(iter(self))
+
+    def items(self):
+        return list(zip(self.keys(), self.values(), strict=True))
+
+
 class RewardMixture(nn.Module):
     """Sum over terms of ``weight * r`` (maximize) or ``-weight * |target - r|`` (target); always frozen.
 
@@ -26,7 +51,7 @@ class RewardMixture(nn.Module):
     def __init__(self, terms: Mapping[str, RewardTerm], rewards: dict[str, Reward]):
         super().__init__()
         self.terms = dict(terms)
-        self.rewards = nn.ModuleDict(rewards)
+        self.rewards = _ByTermName(rewards)
         self.requires_grad_(False)
         self.train(False)
 
