@@ -123,8 +123,8 @@ def run_sweep(sweep, *, resume: bool = False, say: Callable[[str], None] = print
     served = sweep.served_terms()  # every trial's served rewards: one pool for the whole sweep
     held = [replica for term in served for replica in term.holds()]
     concurrency, why = capacity.concurrency(sweep, say, held)
-    tracking.ensure_experiment(uri, experiment)  # before any server: pins the artifact folder
-    with reward_pool(served, say):  # before the parent run: a reward that cannot start leaves none
+    with reward_pool(served, say):  # before anything in MLflow: a reward that cannot start leaves nothing
+        tracking.ensure_experiment(uri, experiment)  # before any server: pins the artifact folder
         parent_id, _ = sweep_tracking.start_parent(uri, experiment, sweep, _sweep_yaml(sweep))
         if served:
             tracking.client(uri).set_tag(parent_id, SERVED_TAG, served_tag(served))
