@@ -81,7 +81,7 @@ def main() -> None:
         path = Path(args.out)
         merged = json.loads(path.read_text()) if path.exists() else {}
         merged["served_rewards"] = result
-        path.write_text(json.dumps(merged, indent=2) + "\n")
+        path.write_text(json.dumps(merged, indent=1))  # as bench/run.py writes it
 
 
 def run_side(side: str, tmp: Path, steps: int) -> dict:
