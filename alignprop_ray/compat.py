@@ -272,3 +272,11 @@ def peft_adapters_disabled(module):
     finally:
         for layer, flag in zip(layers, before, strict=True):
             layer._disable_adapters = flag
+
+
+def ray_logs_dir() -> Path:
+    """The logs folder of the Ray instance this process is connected to (worker-*.out hold the console of
+    every worker process, Train workers included). Ray 2.60: `ray._private.worker._global_node`."""
+    from ray._private import worker
+
+    return Path(worker._global_node.get_logs_dir_path())

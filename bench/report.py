@@ -314,6 +314,8 @@ def summary(res: dict) -> str:
                     verdict(u["ratio"]["both"] <= 0.85),
                 ]
             )
+    if "served_rewards" in res:
+        rows += served_verdicts(res["served_rewards"])
     gpu = res.get("gpu", {})
     rows.append(
         [
@@ -324,6 +326,107 @@ def summary(res: dict) -> str:
         ]
     )
     return "## Verdicts\n\n" + table(["benchmark", "target", "measured", "verdict"], rows)
+
+
+def served_verdicts(served: dict) -> list[list[str]]:
+    local, remote, copy = served["local"], served["served"], served["copy"]["copy_rss"] / 2**20
+    worst = max(d["max_rel"] for d in remote["equality"].values())
+    ratio = remote["step_seconds"]["median"] / local["step_seconds"]["median"]
+    return [
+        [
+            f"7a. reward model copies, {served['trials']}-trial sweep: served vs local",
+            "1 vs 4",
+            f"{remote['processes']['replica']} vs {local['processes']['workers']} ({mib(copy)} each)",
+            verdict(
+                remote["processes"]["replica"] == 1 and local["processes"]["workers"] == served["trials"]
+            ),
+        ],
+        [
+            "7b. served reward, dR/dpixels, LoRA gradient vs local (float32, largest relative difference)",
+            "<= 1e-5",
+            f"{worst:.1e}",
+            verdict(worst <= 1e-5),
+        ],
+        ["7c. step time, served / local (4 trials at once)", "measured", f"{ratio:.2f}x", "–"],
+    ]
+
+
+def served_section(served: dict) -> str:
+    local, remote, copy = served["local"], served["served"], served["copy"]
+    trials, steps = served["trials"], served["steps"]
+
+    def peak(side: dict, kind: str) -> str:
+        return mib(side["peak_rss"][kind] / 2**20) if side["processes"][kind] else "–"
+
+    def steps_of(side: dict) -> str:
+        t = side["step_seconds"]
+        return f"{t['median']:.2f} s ({t['min']:.2f}-{t['max']:.2f}, {t['n']} steps)"
+
+    rows = [
+        [
+            "processes holding a reward model",
+            str(local["processes"]["workers"]),
+            str(remote["processes"]["replica"]),
+        ],
+        [
+            "reward model memory (copies x RSS of one copy)",
+            mib(local["processes"]["workers"] * copy["copy_rss"] / 2**20),
+            mib(remote["processes"]["replica"] * copy["copy_rss"] / 2**20),
+        ],
+        ["peak RSS, all Train workers together", peak(local, "workers"), peak(remote, "workers")],
+        ["peak RSS, the reward replica", "–", peak(remote, "replica")],
+        [
+            "peak RSS, workers and replica together",
+            mib(local["peak_rss_total"] / 2**20),
+            mib(remote["peak_rss_total"] / 2**20),
+        ],
+        [
+            "step time, median (range) over every trial's steps after its first",
+            steps_of(local),
+            steps_of(remote),
+        ],
+        [
+            "sweep wall time (Tune start to end)",
+            f"{local['sweep_seconds']:.0f} s",
+            f"{remote['sweep_seconds']:.0f} s",
+        ],
+        ["trials", ", ".join(local["statuses"]), ", ".join(remote["statuses"])],
+    ]
+    eq = remote["equality"]
+    names = {
+        "reward": "reward of 4 images",
+        "pixel_gradient": "dR/dpixels of 4 images",
+        "lora_gradient": "LoRA gradient of one AlignProp step",
+    }
+    equal_rows = [
+        [names[k], f"{v['max_abs']:.2e}", f"{v['max_rel']:.2e}", f"{v['largest']:.3g}"] for k, v in eq.items()
+    ]
+    reward = served["reward"]
+    return "\n".join(
+        [
+            "## 7. Served rewards: one replica for a sweep vs a copy per worker",
+            "",
+            f"`bench/served_rewards.py` (issue 29): {trials} trials at once (a grid over train.lr), each 1 Ray "
+            f"Train worker of 1 CPU, {steps} steps of the tiny model at 64 px (T=4, full backprop, batch 2), "
+            f"scored by `aesthetic` on open_clip {reward['arch']} at random init ({copy['parameters'] / 1e6:.0f}M "
+            "parameters: a real model's size and compute, no download; the score means nothing). Local: every "
+            "trial's worker builds the reward. Served: `serve: "
+            + json.dumps(served["serve"]).replace('"', "")
+            + "`, one Ray Serve replica for all trials. Each side in a fresh private Ray instance of "
+            f"{trials + 1} logical CPUs on this 2-core machine, so the trials share the cores: the step times "
+            "measure contention as much as the reward. RSS sampled every 0.5 s; the RSS of one copy is what "
+            "building the reward adds to a fresh process.",
+            "",
+            table(["", "local", "served"], rows),
+            "",
+            "Served vs local, float32 (the replica and this process run the same model on different threads):",
+            "",
+            table(
+                ["", "largest difference", "relative to the largest local value", "largest local value"],
+                equal_rows,
+            ),
+        ]
+    )
 
 
 def floor_section(floor: dict) -> str:
@@ -710,6 +813,7 @@ BENCH_BUDGET_MB=80 bash bench/run.sh --only trl   # section 2 with issue 18's le
 .venv/bin/python bench/ray_train.py ray --workers 1 2
 .venv/bin/python bench/user_path.py --pipeline /tmp/alignprop-bench/tiny   # alignprop-ray train vs TRL, levers
 .venv/bin/python bench/gpu.py --workdir /tmp/alignprop-bench/gpu        # CUDA only
+flock /tmp/alignprop-ray.lock .venv/bin/python bench/served_rewards.py --out bench/results.json  # section 7
 python bench/report.py            # re-render this file from bench/results.json
 ```
 
@@ -748,6 +852,8 @@ def render(res: dict) -> str:
     parts += ["", gpu_section(res.get("gpu", {}))]
     if "user_path" in res:
         parts += ["", user_path_section(res["user_path"]) + measured(res["user_path"])]
+    if "served_rewards" in res:
+        parts += ["", served_section(res["served_rewards"]) + measured(res["served_rewards"])]
     parts += ["", machine_section(res), "", COMMANDS, ""]
     return "\n".join(parts)
 

@@ -168,7 +168,7 @@ def test_launcher_config_pins_ray_and_exports_our_env(path):
     if _runs_project_image(config):  # Ray comes pinned in the image (test_project_image_...)
         assert "--no-deps" in " ".join(config["setup_commands"]), "nodes must not reinstall dependencies"
     else:
-        assert f'"ray[default,train,tune]=={RAY_VERSION}"' in " ".join(config["setup_commands"])
+        assert f'"ray[default,serve,train,tune]=={RAY_VERSION}"' in " ".join(config["setup_commands"])
     for var in ENV_VARS:
         assert var in text, f"{path.name} never sets {var}"
     head = " ".join(config["head_start_ray_commands"])
@@ -549,12 +549,12 @@ def test_the_package_pins_the_cluster_images_ray_and_the_sweep_warns_on_another(
     from alignprop_ray.sweep.launch import ray_version_note
 
     requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert f"ray[default,train,tune]=={RAY_VERSION}" in requirements
+    assert f"ray[default,serve,train,tune]=={RAY_VERSION}" in requirements
     assert ray.__version__ == RAY_VERSION
     assert ray_version_note(RAY_VERSION, requirements) is None
     note = ray_version_note("2.61.0", requirements)
     assert note.startswith(f"warning: Ray 2.61.0 runs here, the cluster image runs Ray {RAY_VERSION} ")
-    assert note.endswith(f"pip install 'ray[default,train,tune]=={RAY_VERSION}'")
+    assert note.endswith(f"pip install 'ray[default,serve,train,tune]=={RAY_VERSION}'")
 
 
 def test_kuberay_declares_its_worker_groups_to_the_sweep():
@@ -589,7 +589,7 @@ def test_project_image_is_built_from_the_pinned_ray_image_with_the_mlflow_driver
     assert re.search(rf"^FROM {re.escape(GPU_IMAGE)}$", dockerfile, re.MULTILINE)
     install = next(line for line in dockerfile.splitlines() if "ray[default," in line)
     assert install.startswith("RUN pip install")
-    assert f'"ray[default,train,tune]=={RAY_VERSION}"' in install
+    assert f'"ray[default,serve,train,tune]=={RAY_VERSION}"' in install
     # S3 artifacts; the PostgreSQL driver the store URIs name (postgresql+psycopg://)
     assert "boto3" in install and '"psycopg[binary]' in install
 

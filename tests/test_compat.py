@@ -201,3 +201,9 @@ def test_peft_adapters_are_switched_off_without_touching_requires_grad():
         assert torch.equal(model(x), base(x))
         assert all(p.requires_grad for p in lora)
     assert torch.equal(model(x), adapted)
+
+
+@pytest.mark.ray
+def test_ray_logs_dir_holds_the_worker_logs(ray_session):
+    logs = compat.ray_logs_dir()
+    assert logs.is_dir() and (logs / "raylet.out").exists()

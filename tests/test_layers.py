@@ -28,6 +28,7 @@ RANKS = {
     "toy": 4,  # trains the demo model with the engine
     "config": 4,  # typed experiment; parses truncation (engine) and checks reward specs (rewards)
     "tracking": 4,  # MLflow
+    "serving": 4.5,  # Ray Serve: served rewards (their deployments, the pool, the workers' client)
     "train": 5,  # Ray Train: wires config, engine, rewards and tracking
     "report": 5,  # reads MLflow
     "registry": 6,  # registers a run's adapter as an MLflow model (finds runs as report does)

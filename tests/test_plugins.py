@@ -159,3 +159,15 @@ def test_a_plugin_trains_like_a_built_in_reward(plugin_package):
     learner = tiny_learner(mixture, lr=3e-2)
     results = train_steps(learner, 2, truncation="fixed:2")
     assert all(r.updated for r in results) and set(results[0].terms) == set(out.terms)
+
+
+def test_a_plugin_in_a_dotted_module_path_builds_and_is_logged_under_its_name(plugin_package):
+    """`my_pkg.rewards:fn` (the docs' form): torch module names take no dots, the mixture's term names do."""
+    (plugin_package / "my_dotted").mkdir()  # a package of its own: other tests keep `my_rewards` imported
+    (plugin_package / "my_dotted" / "__init__.py").write_text("")
+    (plugin_package / "my_dotted" / "rewards.py").write_text(PLUGIN)
+    name = "my_dotted.rewards:redness"
+    mixture = build_reward({name: 1.0, "saturation": 0.5}, device="cpu", dtype=torch.float32)
+    out = mixture(torch.rand(2, 3, 8, 8), ["a", "b"])
+    assert list(out.terms) == [name, "saturation"] and name in mixture.rewards
+    assert list(mixture.rewards) == [name, "saturation"] and mixture.rewards[name].differentiable

@@ -140,7 +140,7 @@ def test_spec_parsing_weights_objectives_and_dotted_overrides():
         ),
         (
             {"saturation": {"gamma": 2}},
-            "reward.saturation.gamma: unknown field (valid: weight, objective, target)",
+            "reward.saturation.gamma: unknown field (valid: weight, objective, target, serve)",
         ),
         (
             {"aesthetic": {"arch": "tiny", "seed": "one"}},

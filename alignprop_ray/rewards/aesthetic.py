@@ -58,8 +58,8 @@ class AestheticReward(Reward):
 
 
 def aesthetic(options: AestheticTerm, *, device: torch.device, dtype: torch.dtype) -> Reward:
-    tiny = options.arch == TINY
-    clip_file = None if tiny else resolve_file("clip_path", options.clip_path, CLIP_L14_SOURCE)
+    seeded = options.arch == TINY or options.init == "random"
+    clip_file = None if seeded else resolve_file("clip_path", options.clip_path, CLIP_L14_SOURCE)
     encoder = load_open_clip(
         options.arch, clip_file, device=device, dtype=dtype, seed=options.seed, option="clip_path"
     )
@@ -72,7 +72,7 @@ def _load_head(options: AestheticTerm, input_size: int) -> AestheticHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         head = AestheticHead(input_size)
-    if options.path or options.arch != TINY:
+    if options.path or (options.arch != TINY and options.init == "pretrained"):
         path = resolve_file("path", options.path, HEAD_SOURCE)
         load_strict("path", head, load_state_dict("path", path), path)
     return head

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,31 @@ from alignprop_ray.rewards.spec import parse_reward_spec
 from alignprop_ray.rewards.weights import WeightsError
 
 
+class _ByTermName(nn.ModuleDict):
+    """A ModuleDict keyed by term names, which may hold dots (a plugin's import path, `my_pkg.rewards:fn`)
+    where torch's module names may not: stored with each dot escaped, read back by the term's name."""
+
+    _DOT = "%2E"
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return super().__getitem__(name.replace(".", self._DOT))
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        super().__setitem__(name.replace(".", self._DOT), module)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(name.replace(".", self._DOT))
+
+    def __iter__(self):
+        return (key.replace(self._DOT, ".") for key in super().__iter__())
+
+    def keys(self):
+        return list(iter(self))
+
+    def items(self):
+        return list(zip(self.keys(), self.values(), strict=True))
+
+
 class RewardMixture(nn.Module):
     """Sum over terms of ``weight * r`` (maximize) or ``-weight * |target - r|`` (target); always frozen.
 
@@ -26,7 +51,7 @@ class RewardMixture(nn.Module):
     def __init__(self, terms: Mapping[str, RewardTerm], rewards: dict[str, Reward]):
         super().__init__()
         self.terms = dict(terms)
-        self.rewards = nn.ModuleDict(rewards)
+        self.rewards = _ByTermName(rewards)
         self.requires_grad_(False)
         self.train(False)
 
@@ -78,11 +103,19 @@ def objective(term: RewardTerm, value: Tensor) -> Tensor:
 
 
 def build_reward(
-    spec: Any, *, device: torch.device | str, dtype: torch.dtype, for_training: bool = True
+    spec: Any,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    for_training: bool = True,
+    served: Callable[[str, RewardTerm], Reward] | None = None,
 ) -> RewardMixture:
     """Validate ``spec`` and construct every term once, frozen, on ``device``/``dtype``.
 
-    Raises UserError with one line (all problems joined by '; ') for a bad spec or unusable weights.
+    A term with ``serve`` settings is built by `served` (the Ray layer passes its Ray Serve client,
+    alignprop_ray/serving/), which returns a reward without weights here; without `served` it is built
+    in this process like any other. Raises UserError with one line (all problems joined by '; ') for a
+    bad spec or unusable weights.
     """
     terms, problems = parse_reward_spec(spec, for_training=for_training)
     if problems:
@@ -90,11 +123,15 @@ def build_reward(
     device = torch.device(device)
     rewards: dict[str, Reward] = {}
     for name, term in terms.items():
-        rewards[name] = _build_term(name, term, device, dtype)
+        if term.serve is not None and served is not None:
+            rewards[name] = served(name, term)
+        else:
+            rewards[name] = build_term(name, term, device, dtype)
     return RewardMixture(terms, rewards).to(device)
 
 
-def _build_term(name: str, term: RewardTerm, device: torch.device, dtype: torch.dtype) -> Reward:
+def build_term(name: str, term: RewardTerm, device: torch.device, dtype: torch.dtype) -> Reward:
+    """The reward model of one validated term, frozen, on `device` (what a served reward's replica runs)."""
     entry = get_entry(name)
     if entry.plugin:
         from alignprop_ray.rewards.plugins import PluginError, load_plugin

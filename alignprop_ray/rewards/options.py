@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from alignprop_ray.compat import open_clip_arch_exists
 from alignprop_ray.fields import FiniteFloat, Int
@@ -65,6 +65,67 @@ def parse_colour(spec: str) -> tuple[int, int, int]:
     return rgb
 
 
+class RuntimeEnv(BaseModel):
+    """The Ray runtime_env of a served reward's replicas: its own packages and environment, which never
+    meet the trainer's. Passed to Ray as written (Ray's runtime_env docs give each key's forms)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="environment variables of the replicas"
+    )
+    pip: list[str] | dict[str, Any] | None = Field(
+        None, description="pip requirements installed into the replicas' own virtualenv (needs the registry)"
+    )
+    uv: list[str] | dict[str, Any] | None = Field(None, description="as pip, installed with uv")
+    conda: str | dict[str, Any] | None = Field(None, description="a conda env name or environment.yml dict")
+    working_dir: str | None = Field(None, description="a local folder or remote URI shipped to the replicas")
+    py_modules: list[str] | None = Field(None, description="local folders or URIs put on the replicas' path")
+
+    def to_ray(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude_defaults=True)
+
+
+class ServeOptions(BaseModel):
+    """How a served reward runs as a Ray Serve deployment (docs/rewards.md, "Served rewards"). Every trial of a
+    sweep whose term has the same reward options and these same settings uses one deployment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: Int = Field(1, ge=0, description="replicas kept up (0: scale to zero when idle)")
+    max_replicas: Int = Field(1, ge=1, description="replicas at most; capacity counts this many")
+    target_ongoing_requests: FiniteFloat = Field(
+        2.0, gt=0, description="requests in flight per replica the autoscaler aims for"
+    )
+    max_ongoing_requests: Int = Field(16, ge=1, description="requests one replica takes at once")
+    num_cpus: FiniteFloat = Field(1.0, ge=0, description="CPUs per replica (torch threads: at least 1)")
+    num_gpus: FiniteFloat = Field(0.0, ge=0, description="GPUs per replica; fractional shares a GPU")
+    max_batch_size: Int = Field(
+        8, ge=1, description="requests (from any worker of any trial) scored in one forward pass"
+    )
+    batch_wait_timeout_s: FiniteFloat = Field(
+        0.01, ge=0, description="seconds a replica waits for a batch to fill before it scores"
+    )
+    request_timeout_s: FiniteFloat = Field(
+        120.0, gt=0, description="seconds a training step waits for one request before it retries (once)"
+    )
+    start_timeout_s: FiniteFloat = Field(
+        600.0,
+        gt=0,
+        description="seconds to wait for the replicas to start (runtime_env built, weights loaded)",
+    )
+    runtime_env: RuntimeEnv = Field(default_factory=RuntimeEnv, description="the replicas' own runtime_env")
+
+    def check(self) -> list[str]:
+        if self.min_replicas > self.max_replicas:
+            return [f"min_replicas: {self.min_replicas} is above max_replicas ({self.max_replicas})"]
+        return []
+
+    def replica_resources(self) -> dict[str, float]:
+        """What one replica holds in the cluster (the sweep's capacity subtracts max_replicas of these)."""
+        return {k: v for k, v in {"CPU": self.num_cpus, "GPU": self.num_gpus}.items() if v}
+
+
 class RewardTerm(BaseModel):
     """One term of the mixture: ``weight * r`` (maximize) or ``-weight * |target - r|`` (target)."""
 
@@ -75,6 +136,19 @@ class RewardTerm(BaseModel):
         None, description="maximize r, or minimize |target - r|; default: target when a target is given"
     )
     target: FiniteFloat | None = Field(None, description="the value to approach (objective: target)")
+    serve: ServeOptions | None = Field(
+        None,
+        description="run this reward as a Ray Serve deployment shared by every worker and trial (true for "
+        "the defaults, or its settings); null: inside each worker",
+    )
+
+    @field_validator("serve", mode="before")
+    @classmethod
+    def _serve_shorthand(cls, value: Any) -> Any:
+        """`serve: true` is the default settings, `serve: false` none."""
+        if value is True:
+            return {}
+        return None if value is False else value
 
     @property
     def mode(self) -> str:
@@ -83,11 +157,17 @@ class RewardTerm(BaseModel):
 
     def check(self) -> list[str]:
         """Problems found without loading weights, each ``"<option>: <message>"``; subclasses add theirs."""
+        problems = [f"serve.{problem}" for problem in self.serve.check()] if self.serve else []
         if self.mode == "maximize" and self.target is not None:
-            return ["target: only used with objective: target"]
+            return [*problems, "target: only used with objective: target"]
         if self.mode == "target" and self.target is None:
-            return ["target: required with objective: target"]
-        return []
+            return [*problems, "target: required with objective: target"]
+        return problems
+
+    def model_options(self) -> dict[str, Any]:
+        """What the reward model is built from: every option but the mixture's (weight, objective, target)
+        and where it runs (serve). Two terms with the same name and model options score alike."""
+        return self.model_dump(mode="json", exclude={"weight", "objective", "target", "serve"})
 
 
 class HueTerm(RewardTerm):
@@ -138,6 +218,11 @@ class AestheticTerm(RewardTerm):
     # OpenAI's ViT-L/14 uses QuickGELU
     arch: str = Field("ViT-L-14-quickgelu", description="the CLIP tower, or `tiny` for offline tests")
     seed: Int = Field(0, description="random init of whatever is not loaded (tiny towers, head without path)")
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="random: seeded random weights for `arch` and the head, nothing loaded (benchmarks of "
+        "the system at a real model's size; the score means nothing)",
+    )
 
     def check(self) -> list[str]:
         return super().check() + self._weights_problems()
@@ -147,6 +232,9 @@ class AestheticTerm(RewardTerm):
             return check_ref("path", self.path, HEAD_SOURCE) if self.path else []
         if not open_clip_arch_exists(self.arch):
             return [f"arch: unknown open_clip architecture {self.arch!r} (or 'tiny')"]
+        if self.init == "random":
+            given = [name for name in ("path", "clip_path") if getattr(self, name)]
+            return [f"{name}: not loaded with init: random" for name in given]
         return check_ref("path", self.path, HEAD_SOURCE) + check_ref(
             "clip_path", self.clip_path, CLIP_L14_SOURCE
         )

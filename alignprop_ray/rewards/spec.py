@@ -73,7 +73,7 @@ def _term_mappings(spec: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
         name, field = split_key(str(key))
         fields = terms.setdefault(name, {})
         if field:
-            fields[field] = value
+            _set_dotted(fields, field, value)
         elif value is None:
             continue  # `aesthetic:` alone means weight 1 with defaults
         elif isinstance(value, Mapping):
@@ -83,6 +83,18 @@ def _term_mappings(spec: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
         else:
             problems.append(f"reward.{name}: expected a weight or a mapping of options, got {value!r}")
     return terms, problems
+
+
+def _set_dotted(fields: dict[str, Any], dotted: str, value: Any) -> None:
+    """`serve.max_replicas` -> fields["serve"]["max_replicas"] (a nested setting of a term)."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        inner = fields.get(part)
+        if inner is True:  # `serve: true` with one setting changed
+            inner = {}
+        fields[part] = inner = dict(inner) if isinstance(inner, Mapping) else {}
+        fields = inner
+    fields[last] = value
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -108,7 +120,9 @@ def _parse_term(
         return None, format_validation_error(err, (), entry.options, label=("reward", name))
     problems = [f"reward.{name}.{problem}" for problem in term.check()]
     differentiable = entry.differentiable
-    if entry.plugin and not problems:  # a plugin is checked by calling it: this imports torch
+    # A plugin is checked by calling it, which imports torch and the plugin; a served one is checked where it
+    # runs (its replicas build and probe it), since its packages may be only in its runtime_env.
+    if entry.plugin and not problems and term.serve is None:
         from alignprop_ray.rewards.plugins import probe_plugin
 
         problem, differentiable = probe_plugin(entry.factory, term)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,15 @@ class Ceiling:
     max_nodes: float = math.inf
 
 
-def concurrency(sweep, say: Callable[[str], None]) -> tuple[int, str]:
+def concurrency(sweep, say: Callable[[str], None], held: Sequence[dict[str, float]] = ()) -> tuple[int, str]:
     """How many trials run at once, and why (the sweep header prints both).
 
     `tune.max_concurrent_trials` if set; else every trial, as far as the largest cluster Ray may build holds
-    them (`cluster_ceiling`). Not the resources present at the start: a cluster that scales from zero has
-    no GPU node then, and Tune shows the autoscaler only the trials it lets run, so sizing by what is up
-    would keep the sweep on one node for good. UserError if an autoscaler can never fit one trial.
+    them (`cluster_ceiling`) once the sweep's served rewards have their replicas (`held`: each replica's
+    resources, max_replicas of each; `reserve`). Not the resources present at the start: a cluster that
+    scales from zero has no GPU node then, and Tune shows the autoscaler only the trials it lets run, so
+    sizing by what is up would keep the sweep on one node for good. UserError if an autoscaler can never
+    fit one trial.
     """
     settings = sweep.config.tune
     if settings.max_concurrent_trials:
@@ -51,6 +53,8 @@ def concurrency(sweep, say: Callable[[str], None]) -> tuple[int, str]:
             trials,
             "all trials: this node cannot see how far the cluster grows (cap: tune.max_concurrent_trials)",
         )
+    if held:
+        ceiling = reserve(ceiling, held)
     workers, per_worker = trial_workers(sweep)
     fit = trials_that_fit(ceiling, per_worker, workers)
     if fit >= 1:
@@ -73,6 +77,45 @@ def trials_that_fit(ceiling: Ceiling, per_worker: dict[str, float], workers: int
     for fits, added, _ in _added_nodes(ceiling, per_worker):
         slots += fits * added
     return math.inf if math.isinf(slots) else slots // workers
+
+
+def reserve(ceiling: Ceiling, held: Sequence[dict[str, float]]) -> Ceiling:
+    """The ceiling less what the reward replicas `held` take (each a replica's resources).
+
+    Each replica goes where Ray's scheduler would find room first: a node that is always there, else one
+    node of the first kind an autoscaler may add that holds it (that node then counts as always there, with
+    what the replica leaves). A replica no node can hold takes nothing here (its deployment never starts).
+    """
+    always = [dict(node) for node in ceiling.always]
+    growable, max_nodes = list(ceiling.growable), ceiling.max_nodes
+    for need in held:
+        node = next((n for n in always if _holds(n, need)), None)
+        if node is None:
+            kind = next(
+                (i for i, (res, most) in enumerate(growable) if most >= 1 and _holds(res, need)), None
+            )
+            if kind is None or max_nodes < 1:
+                continue
+            resources, most = growable[kind]
+            growable[kind], max_nodes = (resources, most - 1), max_nodes - 1
+            node = dict(resources)
+            always.append(node)
+        for key, amount in need.items():
+            node[key] = node.get(key, 0) - amount
+    total = _sum(held)
+    return Ceiling(always, growable, f"{ceiling.source}, less the reward replicas' {total}", max_nodes)
+
+
+def _holds(node: dict[str, float], need: dict[str, float]) -> bool:
+    return all(node.get(key, 0) >= amount - 1e-9 for key, amount in need.items())
+
+
+def _sum(held: Sequence[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for need in held:
+        for key, amount in need.items():
+            total[key] = total.get(key, 0) + amount
+    return {key: round(float(amount), 6) for key, amount in total.items()}
 
 
 def nodes_to_hold(ceiling: Ceiling, per_worker: dict[str, float], workers: int, trials: int) -> list:

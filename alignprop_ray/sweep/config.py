@@ -46,7 +46,7 @@ from alignprop_ray.selection import (
     default_constraints,
     parse_constraint,
 )
-from alignprop_ray.sweep.space import Domain, apply_point, parse_space
+from alignprop_ray.sweep.space import LISTS, Domain, apply_point, parse_space
 
 SWEEP_KEYS = ("name", "base", "space", "tune", "stop")
 # top-level keys that mark a sweep file rather than an experiment (`compare`: a comparison, sweep/protocol.py)
@@ -248,6 +248,20 @@ class Sweep:
             raise ConfigError(problems)
         return parse_experiment(data, self.base_dir, overrides, env={})
 
+    def served_terms(self) -> list:
+        """The served rewards of every trial (serving/specs.py), one per Ray Serve application: the base's,
+        crossed with every listed value of the searched fields that change a served reward (validation
+        holds those to listed values: `_served_domain_problems`)."""
+        from alignprop_ray.serving.specs import served_terms, unique
+
+        varying = [d for d in self.domains if _reward_term_of(d.field) is not None]
+        first = {d.field: d.first() for d in self.domains}
+        found = []
+        for values in itertools.product(*(d.candidates() for d in varying)):
+            point = {**first, **{d.field: v for d, v in zip(varying, values, strict=True)}}
+            found += served_terms(self.experiment(point))
+        return unique(found)
+
     def trial_count(self) -> int | None:
         """Trials a grid or random sweep will run (grid fields crossed x num_samples); None for Optuna."""
         if self.config.tune.algorithm == "optuna":
@@ -296,6 +310,8 @@ def parse_sweep(
         problems += point_problems
     if config is not None:
         problems += _check_tune(config, domains, reference, base)
+    if reference is not None and not problems:
+        problems += _served_domain_problems(reference, domains)
     if problems or config is None or reference is None or base is None:
         raise ConfigError(problems or ["base: could not be validated"])
     name = config.name or _safe_name(default_name)
@@ -512,6 +528,42 @@ def _check_overoptimization(config: SweepConfig, known: set[str]) -> list[str]:
             f"stop.overoptimization.heldout: no held-out reward {stop.heldout!r} in base eval.rewards "
             f"(has: {', '.join(names) or 'none'})"
         )
+    return problems
+
+
+# Term settings the worker applies: the same served reward serves every value of them.
+_MIXTURE_FIELDS = ("weight", "objective", "target")
+
+
+def _reward_term_of(field_name: str) -> str | None:
+    """The reward term whose model or serve settings a searched field changes (`reward.aesthetic.seed` ->
+    `aesthetic`; `*` for a whole `reward:` or `eval.rewards:` mapping), or None."""
+    from alignprop_ray.rewards.spec import split_key
+
+    for prefix in ("reward", "eval.rewards"):
+        if field_name == prefix:
+            return "*"
+        if field_name.startswith(prefix + "."):
+            name, option = split_key(field_name[len(prefix) + 1 :])
+            return None if option in _MIXTURE_FIELDS else name
+    return None
+
+
+def _served_domain_problems(reference: ExperimentConfig, domains: list[Domain]) -> list[str]:
+    """A searched field that changes a served reward takes listed values (grid, choice): the sweep starts a
+    deployment for each before its first trial, so it must know them all."""
+    from alignprop_ray.serving.specs import served_terms
+
+    served = {term.name for term in served_terms(reference)}
+    problems = []
+    for d in domains:
+        term = _reward_term_of(d.field)
+        touches = term is not None and (term == "*" or term in served or ".serve" in d.field)
+        if touches and d.kind not in LISTS:
+            problems.append(
+                f"space.{d.field}: changes a served reward, so it takes listed values (grid or choice), "
+                f"not {d.kind}: the sweep starts each deployment before its first trial"
+            )
     return problems
 
 

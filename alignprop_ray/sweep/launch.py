@@ -126,6 +126,8 @@ def finished_outcome(sweep) -> SweepOutcome | None:
 def run_sweep(sweep, *, resume: bool = False, say: Callable[[str], None] = print) -> SweepOutcome:
     """Run (or with `resume`, continue) the sweep on Ray and return its trials; raises UserError early."""
     from alignprop_ray import tracking
+    from alignprop_ray.serving.pool import reward_pool
+    from alignprop_ray.serving.specs import SERVED_TAG, served_tag
     from alignprop_ray.sweep import tracking as sweep_tracking
     from alignprop_ray.train.launch import connect_ray
 
@@ -134,16 +136,21 @@ def run_sweep(sweep, *, resume: bool = False, say: Callable[[str], None] = print
     _check_state(sweep, path, uri, experiment, resume)
     connect_ray()
     _say_ray_version(say)
-    concurrency, why = capacity.concurrency(sweep, say)
-    tracking.ensure_experiment(uri, experiment)  # before any server: pins the artifact folder
-    parent_id, _ = sweep_tracking.start_parent(uri, experiment, sweep, _sweep_yaml(sweep))
-    say(_header(sweep, path, uri, parent_id, concurrency, why, resume))
-    try:
-        with _trial_tracking_uri(uri, concurrency, path) as trial_uri:
-            _fit(sweep, path, parent_id, trial_uri, concurrency, resume)
-    except BaseException as err:
-        tracking.end_run(uri, parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
+    served = sweep.served_terms()  # every trial's served rewards: one pool for the whole sweep
+    held = [replica for term in served for replica in term.holds()]
+    concurrency, why = capacity.concurrency(sweep, say, held)
+    with reward_pool(served, say):  # before anything in MLflow: a reward that cannot start leaves nothing
+        tracking.ensure_experiment(uri, experiment)  # before any server: pins the artifact folder
+        parent_id, _ = sweep_tracking.start_parent(uri, experiment, sweep, _sweep_yaml(sweep))
+        if served:
+            tracking.client(uri).set_tag(parent_id, SERVED_TAG, served_tag(served))
+        say(_header(sweep, path, uri, parent_id, concurrency, why, resume))
+        try:
+            with _trial_tracking_uri(uri, concurrency, path) as trial_uri:
+                _fit(sweep, path, parent_id, trial_uri, concurrency, resume)
+        except BaseException as err:
+            tracking.end_run(uri, parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
     return _finish(sweep, path, uri, experiment, parent_id)
 
 
@@ -160,7 +167,7 @@ def ray_version_note(running: str, requirements: list[str]) -> str | None:
     return (
         f"warning: Ray {running} runs here, the cluster image runs Ray {pinned[0]} (clusters/Dockerfile): "
         f"a laptop's `ray up` and `ray job submit` need the cluster's Ray; "
-        f"pip install 'ray[default,train,tune]=={pinned[0]}'"
+        f"pip install 'ray[default,serve,train,tune]=={pinned[0]}'"
     )
 
 

@@ -16,6 +16,7 @@ from alignprop_ray.engine.regularizers import Regularizers
 from alignprop_ray.engine.sampler import SamplerSettings
 from alignprop_ray.engine.step import Learner, OptimSettings, plan_step
 from alignprop_ray.engine.truncation import Draw
+from alignprop_ray.errors import UserError
 
 
 def build_learner(
@@ -25,6 +26,7 @@ def build_learner(
     run's training `prompts`, also its plan of every step on worker `rank` (`Learner.plan`: DDPO samples its
     round's later steps' batches at the round's first)."""
     from alignprop_ray.rewards.mixture import build_reward
+    from alignprop_ray.serving.client import served_reward
 
     if device.type == "cuda":  # TF32 matmuls on Ampere+: ~2x faster, plenty for LoRA fine-tuning
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -34,7 +36,18 @@ def build_learner(
     params = attach_lora(parts.denoiser, lora, seed=cfg.train.seed)
     # a method that needs reward values only (DDPO) trains on non-differentiable terms too (validated)
     gradient = get_method(cfg.method.name).reward_gradient
-    reward = build_reward(cfg.reward, device=device, dtype=torch.float32, for_training=gradient)
+    # a term with `serve` settings is scored by its Ray Serve application (started by the driver)
+    reward = build_reward(
+        cfg.reward, device=device, dtype=torch.float32, for_training=gradient, served=served_reward
+    )
+    if gradient and not reward.differentiable:  # a served plugin proves it only where it runs
+        flat = [
+            name for name, r in reward.rewards.items() if not r.differentiable and reward.terms[name].weight
+        ]
+        raise UserError(
+            f"reward.{flat[0]}: not differentiable (its replicas found no gradient reaching the images), "
+            f"cannot be a {get_method(cfg.method.name).label} training objective"
+        )
     method = build_method(cfg.method)
     regularizers = Regularizers(kl_weight=cfg.train.kl_weight, ema_decay=cfg.train.ema_decay)
     learner = Learner(

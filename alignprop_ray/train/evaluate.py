@@ -166,7 +166,11 @@ def eval_models(cfg, device: torch.device) -> EvalModels:
         rewards, space = cfg.eval.rewards, cfg.eval.diversity
         heldout = None
         if rewards:
-            heldout = build_reward(rewards, device=device, dtype=torch.float32, for_training=False)
+            from alignprop_ray.serving.client import served_reward
+
+            heldout = build_reward(
+                rewards, device=device, dtype=torch.float32, for_training=False, served=served_reward
+            )
         features = None
         if space.space == "clip":
             try:

@@ -116,12 +116,13 @@ def failure_line(err: BaseException) -> str | None:
 
 def own_errors() -> tuple[type[Exception], ...]:
     """Runtime failures whose message says what happened and what was kept: shown as they are."""
+    from alignprop_ray.serving.client import RewardServiceError
     from alignprop_ray.tracking import TrackingError
     from alignprop_ray.train.checkpoint import StorageError
     from alignprop_ray.train.loop import NonFiniteError
     from alignprop_ray.train.placement import NoRoomError, StartFailedError
 
-    return StorageError, TrackingError, NonFiniteError, NoRoomError, StartFailedError
+    return StorageError, TrackingError, NonFiniteError, NoRoomError, StartFailedError, RewardServiceError
 
 
 def _last_line(text: str) -> str:
@@ -179,12 +180,35 @@ def run_training(
     `tags` are set on a newly created MLflow run (a sweep passes `mlflow.parentRunId`); `callbacks` are
     Ray Train callbacks (a Tune trial passes `TuneReportCallback()` so its reports reach Tune).
     """
-    from alignprop_ray import tracking
-    from alignprop_ray.prompts import load_prompts
-    from alignprop_ray.train.inputs import LoopInput
-
     name = name or default_name(cfg)
     check_storage(cfg.storage.path)
+    with served_rewards(cfg) as served:  # before the MLflow run: a reward that cannot start leaves none
+        return _run_training(cfg, name, served, tags, callbacks, fail_at_step, fail_marker)
+
+
+@contextlib.contextmanager
+def served_rewards(cfg):
+    """The run's served rewards (serving/specs.py) running for the block: those already running (a sweep's)
+    are used, those started here are stopped at its end. Yields the served terms."""
+    from alignprop_ray.serving.specs import served_terms
+
+    served = served_terms(cfg)
+    if not served:
+        yield served
+        return
+    from alignprop_ray.serving.pool import reward_pool
+
+    connect_ray()
+    with reward_pool(served):
+        yield served
+
+
+def _run_training(cfg, name, served, tags, callbacks, fail_at_step, fail_marker) -> TrainOutcome:
+    from alignprop_ray import tracking
+    from alignprop_ray.prompts import load_prompts
+    from alignprop_ray.serving.specs import SERVED_TAG, served_tag
+    from alignprop_ray.train.inputs import LoopInput
+
     loop_input = LoopInput(
         experiment=cfg.to_dict(),
         run_id="",  # set once the MLflow run exists
@@ -203,6 +227,8 @@ def run_training(
         check_resume=lambda existing: _check_same_config(cfg, existing, name),
     )
     run_id = loop_input.run_id
+    if served:  # which rewards ran as services, with which settings (a resumed run may change them)
+        tracking.client(cfg.tracking.uri).set_tag(run_id, SERVED_TAG, served_tag(served))
     connect_ray()
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
