@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,6 +63,15 @@ class MlflowServer:
         command = ["bash", str(SERVER_SCRIPT), "stop", str(self.root / "server")]
         subprocess.run(command, env=self.env, capture_output=True, timeout=60, check=True)
 
+    def crash(self) -> None:
+        """End the server at once (SIGKILL to its process group), as a lost machine does. `stop` shuts it
+        down gracefully, which takes up to 10 s: an outage's start would then be known only to 10 s."""
+        pid_file = self.root / "server" / "server.pid"
+        pgid = int(pid_file.read_text())
+        os.killpg(pgid, signal.SIGKILL)
+        wait_for(lambda: not process_group_alive(pgid), 30, f"the server's process group {pgid} to end")
+        pid_file.unlink()
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -97,6 +107,14 @@ def grid(step: int):
     from PIL import Image
 
     return Image.fromarray(np.full((8, 8, 3), step, np.uint8))
+
+
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def wait_for(predicate, timeout: float, what: str):
