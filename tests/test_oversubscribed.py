@@ -130,9 +130,11 @@ def test_trials_beyond_the_nodes_wait_and_the_autoscaler_still_adds_the_nodes(tm
         "space.train.lr": "{grid: [1.0e-2]}",
         "tune.max_concurrent_trials": 4,
         "failure.wait_for_workers_s": 30,
-        "train.steps": 2,
-        "train.eval_every": 2,
-        "train.checkpoint_every": 2,
+        # 10 steps: about 5 s of training at 32 px, so two trials placed together overlap in MLflow's
+        # timestamps (with 2 steps, half a second each, the windows of a pair started 1 s apart did not)
+        "train.steps": 10,
+        "train.eval_every": 10,
+        "train.checkpoint_every": 10,
     }
     with start_cluster_from_zero({"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": TRY_S}) as env:
         sweep = subprocess.run(
