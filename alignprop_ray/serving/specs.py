@@ -37,8 +37,7 @@ class ServedTerm:
     @property
     def app(self) -> str:
         """`alignprop-reward-<name>-<digest>`: the Serve application (and deployment) name."""
-        identity = {"reward": self.name, "model": self.term.model_options(), "serve": self.serve.model_dump()}
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+        digest = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:10]
         return f"{APP_PREFIX}{re.sub(r'[^A-Za-z0-9_-]+', '_', self.name)}-{digest}"
 
     def holds(self) -> list[dict[str, float]]:
@@ -46,7 +45,7 @@ class ServedTerm:
         return [self.serve.replica_resources()] * self.serve.max_replicas
 
     def describe(self) -> dict[str, Any]:
-        """What the MLflow run records of it (tag SERVED_TAG)."""
+        """What identifies it: the application's digest, and what the MLflow run records (tag SERVED_TAG)."""
         return {"reward": self.name, "model": self.term.model_options(), "serve": self.serve.model_dump()}
 
 
