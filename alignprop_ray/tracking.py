@@ -150,20 +150,53 @@ def start_run(
 
     An existing run is marked RUNNING only once `check_resume(run_id)` has accepted it: a command refused
     there (a rerun with other settings) leaves the run as it found it, FINISHED or KILLED.
+
+    Each call to the store is retried through a short outage or a dropped connection (`retried`); a run
+    created by a call whose answer was lost is found again by its name, not created twice.
     """
-    existing = find_run(uri, experiment, name)
+    existing = retried(find_run, uri, experiment, name)
     if existing is not None:
         if check_resume is not None:
             check_resume(existing)
-        client(uri).update_run(existing, status="RUNNING")
+        retried(client(uri).update_run, existing, status="RUNNING")
         return existing, True
     mlflow_client = client(uri)
-    run = mlflow_client.create_run(
-        ensure_experiment(uri, experiment), run_name=name, tags={NAME_TAG: name, **(tags or {})}
-    )
-    log_params(uri, run.info.run_id, params)
-    mlflow_client.log_text(run.info.run_id, config_yaml, "config.yaml")
-    return run.info.run_id, False
+    experiment_id = retried(ensure_experiment, uri, experiment)
+
+    def create() -> str:
+        found = find_run(uri, experiment, name)  # an earlier try's answer may have been lost
+        if found is not None:
+            return found
+        return mlflow_client.create_run(
+            experiment_id, run_name=name, tags={NAME_TAG: name, **(tags or {})}
+        ).info.run_id
+
+    run_id = retried(create)
+    retried(log_params, uri, run_id, params)  # the same value again is no change to MLflow
+    retried(mlflow_client.log_text, run_id, config_yaml, "config.yaml")
+    return run_id, False
+
+
+# A call that `retried` makes: tries at most, and the first wait (doubled after each failure): 31 s in all.
+START_TRIES, START_WAIT_S = 6, 1.0
+
+
+def retried(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, tried again after a failure that waiting may cure (`_refused` says which
+    do not), up to START_TRIES times. Only for idempotent calls: the driver's start and end of a run.
+
+    Under load (issue 22's scale run, a load average of 24) a server's answer can be cut off mid-read, and
+    MLflow's client retries no POST whose answer was lost; without this the trial failed before training.
+    """
+    wait = START_WAIT_S
+    for attempt in range(1, START_TRIES + 1):
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            if _refused(err) or attempt == START_TRIES:
+                raise
+            time.sleep(wait)
+            wait *= 2
 
 
 def changed_param(uri: str, run_id: str, params: Mapping[str, str]) -> tuple[str, str, str] | None:
@@ -185,7 +218,7 @@ def log_params(uri: str, run_id: str, params: Mapping[str, str]) -> None:
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    client(uri).set_terminated(run_id, status=status)
+    retried(client(uri).set_terminated, run_id, status=status)
 
 
 def end_run_if_running(uri: str, run_id: str, status: str) -> None:

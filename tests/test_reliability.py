@@ -241,6 +241,31 @@ def test_a_call_whose_answer_is_lost_is_not_logged_twice(server, one_try):
     assert history(server.uri, run_id, "n") == [(s, -float(s)) for s in range(1, 5)]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("marker", [b"/runs/create", b"/runs/log-batch", b"/runs/update"])
+def test_a_run_whose_start_or_end_loses_an_answer_is_created_once_and_complete(
+    server, one_try, marker, monkeypatch, tmp_path
+):
+    """The trial driver's start and end of its run (issue 22's scale run lost one trial to a log-batch
+    whose answer was cut off under load): each call is retried, and a run the lost answer had created is
+    found again by name instead of created twice."""
+    monkeypatch.setattr(tracking, "START_WAIT_S", 0.05)
+    proxy = AnswerDropper(server.port, marker=marker, count=1)
+    name = f"lost-{marker.decode().rsplit('/', 1)[1]}"
+    try:
+        run_id, resumed = tracking.start_run(proxy.uri, EXPERIMENT, name, {"lr": "0.001"}, "name: x\n")
+        tracking.end_run(proxy.uri, run_id)
+    finally:
+        proxy.close()
+    assert proxy.count == 0, "no answer was dropped: the test did not inject its fault"
+    store = tracking.client(server.uri)
+    experiment = store.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = store.search_runs([experiment], filter_string=f"tags.`{tracking.NAME_TAG}` = '{name}'")
+    assert [run.info.run_id for run in runs] == [run_id] and not resumed
+    assert runs[0].data.params == {"lr": "0.001"} and runs[0].info.status == "FINISHED"
+    assert Path(store.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text() == "name: x\n"
+
+
 def test_a_restart_that_replays_steps_logs_nothing_twice(tmp_path):
     """A worker restarted from the checkpoint of step 3 replays steps 4 and 5, already logged."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -97,8 +97,12 @@ def final_result(cfg, name: str) -> dict[str, Any] | None:
 def _run_finished(cfg, name: str) -> bool:
     from alignprop_ray import tracking
 
-    run_id = tracking.find_run(cfg.tracking.uri, cfg.tracking.experiment, name)
-    return run_id is not None and tracking.client(cfg.tracking.uri).get_run(run_id).info.status == "FINISHED"
+    uri = cfg.tracking.uri
+    run_id = tracking.retried(tracking.find_run, uri, cfg.tracking.experiment, name)
+    return (
+        run_id is not None
+        and tracking.retried(tracking.client(uri).get_run, run_id).info.status == "FINISHED"
+    )
 
 
 class EvalReportCallback(TuneReportCallback):
