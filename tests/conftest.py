@@ -62,6 +62,9 @@ def ray_session():
     """One local Ray instance for every test that needs it (starting Ray costs 10-20 s)."""
     import ray
 
+    # Ray's runtime-env agent tries a failing runtime_env 3 times (about 20 s each: a virtualenv and pip);
+    # the one test of a runtime_env that cannot build (test_reward_service.py) needs one failure, not three.
+    os.environ.setdefault("RUNTIME_ENV_RETRY_TIMES", "1")
     if not ray.is_initialized():
         ray.init(num_cpus=2, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
     yield ray

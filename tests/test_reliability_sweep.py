@@ -119,11 +119,11 @@ def killed_again_and_again(request, ray_session, tmp_path_factory):
         timeout=CYCLE_TIMEOUT_S,
     )
     print(f"{count} kills ({'; '.join(kills)}) and the last resume: {time.monotonic() - started:.0f} s")
-    return uri, kills, seen, resumed
+    return uri, kills, seen, resumed, tmp
 
 
 def test_the_sweep_survives_its_kills(request, killed_again_and_again):
-    _, kills, _, resumed = killed_again_and_again
+    _, kills, _, resumed, _ = killed_again_and_again
     assert len(kills) == request.node.callspec.params["killed_again_and_again"]
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     table = resumed.stdout[resumed.stdout.index("\ntrial ") :].splitlines()
@@ -147,8 +147,71 @@ def test_exactly_four_children_each_with_every_step_once(killed_again_and_again)
 
 
 def test_a_finished_trial_stays_finished_and_its_run_untouched(killed_again_and_again):
-    uri, _, seen, _ = killed_again_and_again
+    uri, _, seen, *_ = killed_again_and_again
     assert seen, "no trial had finished before a kill: the test did not reach Tune's state-save window"
     runs = children(uri)
     for trial, run in seen.items():
         assert runs[trial] == run, f"trial {trial}'s run changed after it had finished"
+
+
+# --- what the resumed sweep leaves: one parent, its summary, the table, and the refusal of changed settings
+
+
+def test_one_parent_run_holds_the_four_children_and_the_sweeps_summary(killed_again_and_again):
+    from mlflow import MlflowClient
+
+    uri, *_ = killed_again_and_again
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("alignprop.kind") == "sweep"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert len({c.info.run_name for c in children}) == 4
+    for child in children:
+        assert set(child.data.params) >= {"train.lr", "truncation", "model.lora.rank"}
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags.get("alignprop.best_trial")
+    assert {"trials.csv", "smoke.yaml", "space.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)
+    }
+
+
+def test_the_resumed_sweep_prints_the_table_and_the_best_adapter(killed_again_and_again, tiny_dir):
+    from tests.helpers import adapter_change
+    from tests.test_sweep import _alive, _server_pids
+
+    uri, *_, resumed, _ = killed_again_and_again
+    out = resumed.stdout
+    assert "View run" not in out  # MLflow's links would point at the sweep's server, gone after the sweep
+    table = out[out.index("\ntrial ") :].splitlines()
+    assert table[1].split()[:3] == ["trial", "truncation", "train.lr"]
+    line = next(line for line in out.splitlines() if line.startswith("best adapter: "))
+    adapter = line.removeprefix("best adapter: ").removesuffix(" (what --register registers)")
+    assert adapter_change(tiny_dir, adapter) > 1e-2  # the best trial's adapter, trained: a new image
+    # the servers are gone, the killed drivers' too (each one's watcher saw its driver die)
+    assert not any(_alive(int(pid)) for pid in _server_pids(uri))
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.steps=5", f"base.train.steps was {STEPS} when sweep 'smoke' started (now 5)"),
+        ("sampling.steps=6", "base.sampling.steps was 2 when sweep 'smoke' started (now 6)"),
+    ],
+)
+def test_resume_refuses_a_changed_base_setting(
+    killed_again_and_again, monkeypatch, capsys, override, expected
+):
+    """Tune would resume its pickled trial configs: a changed base setting must not pass silently."""
+    from alignprop_ray import cli
+    from tests.test_bad_input import store_state
+
+    uri, *_, tmp = killed_again_and_again
+    before = store_state(uri)
+    monkeypatch.chdir(tmp)
+    assert cli.main([*sweep_command(tmp, resume=True)[3:], "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(expected + "; resume it with the same settings, or start another with --set name=...")
+    assert len(err.splitlines()) == 1
+    assert store_state(uri) == before  # every run's status, params, metrics and tags, and no new run

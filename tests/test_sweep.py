@@ -1,15 +1,14 @@
 """Sweeps: the sweep file and its validation, the stoppers, the summary, and (marked ray) real sweeps.
 
-The Ray tests share the session's Ray instance: a collapse sweep runs in this process; the smoke sweep
-runs as `alignprop-ray sweep` in a subprocess joined to the same instance (RAY_ADDRESS), is killed
-mid-sweep and continued with `--resume`.
+The Ray tests share the session's Ray instance: a collapse sweep runs in this process. The smoke sweep killed
+mid-sweep and continued with `--resume` (its parent run, table, best adapter and refusal of changed settings)
+is tests/test_reliability_sweep.py's: one killed sweep serves both.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from alignprop_ray.sweep.stoppers import (
     nan_reason,
 )
 from alignprop_ray.sweep.summary import best_row, format_table
-from tests.helpers import adapter_change, tiny_sweep
+from tests.helpers import tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(
@@ -630,128 +629,3 @@ def test_collapse_stopper_stops_the_collapsing_trial_only(ray_session, tmp_path)
 
 def first_value(client, run, key: str) -> float:
     return min(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step).value
-
-
-SMOKE_SET = [
-    "train.steps=4",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-    "sampling.steps=4",
-    "model.resolution=32",
-]
-
-
-def sweep_command(*extra: str) -> list[str]:
-    sets = [arg for item in SMOKE_SET for arg in ("--set", item)]
-    return [
-        sys.executable,
-        "-m",
-        "alignprop_ray.cli",
-        "sweep",
-        str(ROOT / "sweeps" / "smoke.yaml"),
-        *sets,
-        *extra,
-    ]
-
-
-def trial_statuses(path: Path) -> dict[str, str]:
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        return {t.trial_id: t.status for t in ExperimentAnalysis(str(path)).trials}
-    except Exception:  # no state written yet
-        return {}
-
-
-@pytest.fixture(scope="module")
-def killed_and_resumed(ray_session, tmp_path_factory):
-    """The smoke sweep: killed (SIGKILL) once a trial has finished, then continued with --resume."""
-    tmp = tmp_path_factory.mktemp("smoke")
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    path = tmp / "runs" / "smoke"
-    with open(tmp / "first.log", "w") as log:
-        first = subprocess.Popen(sweep_command(), cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline, statuses = time.monotonic() + 400, {}
-    while time.monotonic() < deadline and first.poll() is None:
-        statuses = trial_statuses(path)
-        if "TERMINATED" in statuses.values():
-            break
-        time.sleep(1)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    finished = sorted(t for t, s in statuses.items() if s == "TERMINATED")
-    assert finished and len(finished) < 4, (statuses, (tmp / "first.log").read_text()[-3000:])
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    client, runs = mlflow_runs(uri, "smoke")
-    before = {
-        r.data.tags["alignprop.trial_id"]: (r.info.end_time, steps_of(client, r.info.run_id, "train/loss"))
-        for r in runs
-        if r.data.tags.get("alignprop.trial_id") in finished
-    }
-    resumed = subprocess.run(
-        sweep_command("--resume"), cwd=tmp, env=env, capture_output=True, text=True, timeout=480
-    )
-    return tmp, uri, finished, before, resumed
-
-
-@pytest.mark.ray
-def test_resumed_sweep_completes_without_rerunning_or_duplicates(killed_and_resumed):
-    tmp, uri, finished, before, resumed = killed_and_resumed
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    client, runs = mlflow_runs(uri, "smoke")
-    parents = [r for r in runs if r.data.tags.get("alignprop.kind") == "sweep"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    assert len({c.info.run_name for c in children}) == 4
-    for child in children:
-        assert child.info.status == "FINISHED", child.data.tags
-        for key in ("train/loss", "eval/reward", "eval/diversity"):
-            steps = steps_of(client, child.info.run_id, key)
-            assert steps and len(steps) == len(set(steps)), (key, steps)
-        assert set(child.data.params) >= {"train.lr", "truncation", "model.lora.rank"}
-    for trial_id in finished:  # finished before the kill: not run again
-        child = next(c for c in children if c.data.tags["alignprop.trial_id"] == trial_id)
-        assert (child.info.end_time, steps_of(client, child.info.run_id, "train/loss")) == before[trial_id]
-    parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.data.tags.get("alignprop.best_trial")
-    assert {"trials.csv", "smoke.yaml", "space.json"} <= {
-        a.path for a in client.list_artifacts(parent.info.run_id)
-    }
-
-
-@pytest.mark.ray
-@pytest.mark.parametrize(
-    "override, expected",
-    [
-        ("train.steps=5", "base.train.steps was 4 when sweep 'smoke' started (now 5)"),
-        ("sampling.steps=6", "base.sampling.steps was 4 when sweep 'smoke' started (now 6)"),
-    ],
-)
-def test_resume_refuses_a_changed_base_setting(killed_and_resumed, monkeypatch, capsys, override, expected):
-    """Tune would resume its pickled trial configs: a changed base setting must not pass silently."""
-    from tests.test_bad_input import store_state
-
-    tmp, uri, *_ = killed_and_resumed
-    before = store_state(uri)
-    monkeypatch.chdir(tmp)
-    assert cli.main([*sweep_command("--set", override, "--resume")[3:]]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.endswith(expected + "; resume it with the same settings, or start another with --set name=...")
-    assert len(err.splitlines()) == 1
-    assert store_state(uri) == before  # every run's status, params, metrics and tags, and no new run
-
-
-@pytest.mark.ray
-def test_resumed_sweep_prints_the_table_and_the_best_adapter(killed_and_resumed, tiny_dir):
-    tmp, *_, resumed = killed_and_resumed
-    out = resumed.stdout
-    assert "View run" not in out  # MLflow's links would point at the sweep's server, gone after the sweep
-    table = out[out.index("\ntrial ") :].splitlines()
-    assert table[1].split()[:3] == ["trial", "truncation", "train.lr"]
-    assert sum(line.rstrip().endswith("completed") for line in table) == 4
-    line = next(line for line in out.splitlines() if line.startswith("best adapter: "))
-    adapter = line.removeprefix("best adapter: ").removesuffix(" (what --register registers)")
-    assert adapter_change(tiny_dir, adapter) > 1e-2  # the best trial's adapter, trained: a new image
-    # the servers are gone, the killed driver's too (its watcher saw the driver die)
-    assert not any(_alive(int(pid)) for pid in _server_pids(f"sqlite:///{tmp / 'mlflow.db'}"))
