@@ -932,10 +932,12 @@ def method_sweep(ray_session, tmp_path_factory):
         "truncation": None,
         "reward": {"saturation": 1.0},
         "train": {"steps": SWEEP_STEPS, "eval_every": SWEEP_STEPS, "checkpoint_every": SWEEP_STEPS},
-        "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 1}},
+        # half a CPU a worker: two 2-worker trials at once on 2 cores, so that one trial's start-up (process
+        # starts, imports, the first evaluation) overlaps the other's training
+        "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
         "tracking": {"experiment": "methods"},
     }
-    tune = {"algorithm": "grid", "max_concurrent_trials": 1}  # one 2-worker trial fills 2 CPUs
+    tune = {"algorithm": "grid", "max_concurrent_trials": 2}
     data = tiny_sweep({"method": {"grid": grid}}, base=base, tune=tune)
     sweep = parse_sweep(data, tmp, tiny_run(tmp), env={})
     outcome = run_sweep(sweep, say=lambda line: None)

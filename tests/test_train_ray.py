@@ -17,7 +17,7 @@ from alignprop_ray.metrics import TRAIN_METRICS
 from tests.helpers import adapter_change, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 6
+STEPS = 7  # off the intervals of 3: the last step evaluates and checkpoints all the same
 
 
 def tiny_config(tmp, *extra):
@@ -83,7 +83,7 @@ def test_every_metric_at_its_steps(runs):
     for key in [*TRAIN_METRICS, "train/reward/saturation"]:  # the list sweep validation trusts
         assert [s for s, _ in history(client, clean.run_id, key)] == list(range(1, STEPS + 1)), key
     for key in ["eval/reward", "eval/reward/saturation", "eval/diversity"]:
-        assert [s for s, _ in history(client, clean.run_id, key)] == [0, 3, 6], key
+        assert [s for s, _ in history(client, clean.run_id, key)] == [0, 3, 6, STEPS], key
 
 
 @pytest.mark.ray
@@ -108,7 +108,7 @@ def test_artifacts_grid_table_and_a_diffusers_loadable_adapter(runs, tiny_dir, t
     assert {"adapter", "eval_tables", "config.yaml", "images"} <= paths
     local = Path(client.download_artifacts(clean.run_id, "eval_tables", str(tmp_path)))
     table = pq.read_table(local).to_pandas()
-    assert sorted(table["step"].unique()) == [0, 3, 6]
+    assert sorted(table["step"].unique()) == [0, 3, 6, STEPS]
     assert {"prompt", "seed", "k", "reward", "reward/saturation"} <= set(table.columns)
     adapter = client.download_artifacts(clean.run_id, "adapter", str(tmp_path))
     assert adapter_change(tiny_dir, adapter) > 1e-2  # plain diffusers loads it, and it draws another image
@@ -214,16 +214,14 @@ def test_the_train_controller_polls_faster_than_rays_2s_unless_the_user_says(tmp
 
 
 @pytest.mark.ray
-def test_a_run_shorter_than_its_intervals_evaluates_and_checkpoints_at_its_last_step(ray_session, tmp_path):
-    """train.steps below eval_every and checkpoint_every is valid: the last step always does both."""
-    from alignprop_ray.train.launch import run_training
-
-    cfg = tiny_config(tmp_path, "train.steps=2", "train.eval_every=10", "train.checkpoint_every=5")
-    outcome = run_training(cfg, name="short")
-    client = mlflow_client(cfg)
-    assert [s for s, _ in history(client, outcome.run_id, "eval/reward")] == [0, 2]  # base model + last step
-    assert json.loads((Path(outcome.checkpoint) / "meta.json").read_text())["step"] == 2
-    assert (Path(outcome.checkpoint) / "adapter").is_dir()
+def test_the_last_step_evaluates_and_checkpoints_whatever_the_intervals(runs, tmp_path):
+    """The clean run's 7 steps are off its intervals of 3: its last step evaluated (test_every_metric_at_its_steps)
+    and wrote the final checkpoint. A run shorter than both intervals is valid for the same reason."""
+    _, _, clean, _ = runs
+    assert json.loads((Path(clean.checkpoint) / "meta.json").read_text())["step"] == STEPS
+    assert (Path(clean.checkpoint) / "adapter").is_dir()
+    short = tiny_config(tmp_path, "train.steps=2", "train.eval_every=10", "train.checkpoint_every=5")
+    assert (short.train.steps, short.train.eval_every, short.train.checkpoint_every) == (2, 10, 5)
 
 
 @pytest.mark.ray
