@@ -154,14 +154,14 @@ def start_run(
     Each call to the store is retried through a short outage or a dropped connection (`retried`); a run
     created by a call whose answer was lost is found again by its name, not created twice.
     """
-    existing = retried(find_run, uri, experiment, name)
+    existing = retried(uri, find_run, uri, experiment, name)
     if existing is not None:
         if check_resume is not None:
             check_resume(existing)
-        retried(client(uri).update_run, existing, status="RUNNING")
+        retried(uri, client(uri).update_run, existing, status="RUNNING")
         return existing, True
     mlflow_client = client(uri)
-    experiment_id = retried(ensure_experiment, uri, experiment)
+    experiment_id = retried(uri, ensure_experiment, uri, experiment)
 
     def create() -> str:
         found = find_run(uri, experiment, name)  # an earlier try's answer may have been lost
@@ -171,9 +171,9 @@ def start_run(
             experiment_id, run_name=name, tags={NAME_TAG: name, **(tags or {})}
         ).info.run_id
 
-    run_id = retried(create)
-    retried(log_params, uri, run_id, params)  # the same value again is no change to MLflow
-    retried(mlflow_client.log_text, run_id, config_yaml, "config.yaml")
+    run_id = retried(uri, create)
+    retried(uri, log_params, uri, run_id, params)  # the same value again is no change to MLflow
+    retried(uri, mlflow_client.log_text, run_id, config_yaml, "config.yaml")
     return run_id, False
 
 
@@ -181,13 +181,17 @@ def start_run(
 START_TRIES, START_WAIT_S = 6, 1.0
 
 
-def retried(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`call(*args, **kwargs)`, tried again after a failure that waiting may cure (`_refused` says which
-    do not), up to START_TRIES times. Only for idempotent calls: the driver's start and end of a run.
+def retried(uri: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)` on the store at `uri`, tried again after a failure that waiting may cure
+    (`_refused` says which do not), up to START_TRIES times, where the store is a tracking server (http,
+    https). Only for idempotent calls: the driver's start and end of a run.
 
     Under load (issue 22's scale run, a load average of 24) a server's answer can be cut off mid-read, and
     MLflow's client retries no POST whose answer was lost; without this the trial failed before training.
+    A store that is a file or a database the driver opens itself fails at once: its errors are settings.
     """
+    if not uri.startswith(("http://", "https://")):
+        return call(*args, **kwargs)
     wait = START_WAIT_S
     for attempt in range(1, START_TRIES + 1):
         try:
@@ -218,7 +222,7 @@ def log_params(uri: str, run_id: str, params: Mapping[str, str]) -> None:
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    retried(client(uri).set_terminated, run_id, status=status)
+    retried(uri, client(uri).set_terminated, run_id, status=status)
 
 
 def end_run_if_running(uri: str, run_id: str, status: str) -> None:

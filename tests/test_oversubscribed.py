@@ -215,6 +215,9 @@ def test_a_resumed_sweep_keeps_its_concurrency_limit(ray_session, tmp_path):
     finally:
         first.kill()
         first.wait()
+    # Ray ends the killed driver's trials (their owner died) a few seconds later; until then B's old worker
+    # may log another step, which is the killed sweep's, not the resumed one's
+    wait_for(lambda: not train_workers(), TIMEOUT_S, "the killed sweep's Train workers to end")
     resumed_at = int(time.time() * 1000)
     resumed = subprocess.run(
         sweep_command(sets, "--resume"),

@@ -266,6 +266,43 @@ def test_a_run_whose_start_or_end_loses_an_answer_is_created_once_and_complete(
     assert Path(store.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text() == "name: x\n"
 
 
+def test_only_a_tracking_servers_blips_are_retried(monkeypatch):
+    """A dropped connection to a server is tried again; a refusal (HTTP 4xx) and any error of a store the
+    driver opens itself (a SQLite file: a setting, not a blip) fail at once."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    monkeypatch.setattr(tracking, "START_WAIT_S", 0.01)
+
+    def failing(errors: list[Exception]):
+        calls = []
+
+        def call():
+            calls.append(1)
+            if len(calls) <= len(errors):
+                raise errors[len(calls) - 1]
+            return "ok"
+
+        return call, calls
+
+    dropped = MlflowException("API request to http://x/api failed with exception Connection broken")
+    call, calls = failing([dropped, ConnectionError("reset")])
+    assert tracking.retried("http://127.0.0.1:1", call) == "ok" and len(calls) == 3
+    refused = MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)
+    call, calls = failing([refused])
+    with pytest.raises(MlflowException, match="Changing param"):
+        tracking.retried("http://127.0.0.1:1", call)
+    assert len(calls) == 1
+    call, calls = failing([OSError("unable to open database file")])
+    with pytest.raises(OSError, match="unable to open"):
+        tracking.retried("sqlite:////no/such/dir/mlflow.db", call)
+    assert len(calls) == 1
+    call, calls = failing([dropped] * tracking.START_TRIES)
+    with pytest.raises(MlflowException, match="Connection broken"):
+        tracking.retried("https://mlflow.example", call)
+    assert len(calls) == tracking.START_TRIES
+
+
 def test_a_restart_that_replays_steps_logs_nothing_twice(tmp_path):
     """A worker restarted from the checkpoint of step 3 replays steps 4 and 5, already logged."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -98,10 +98,10 @@ def _run_finished(cfg, name: str) -> bool:
     from alignprop_ray import tracking
 
     uri = cfg.tracking.uri
-    run_id = tracking.retried(tracking.find_run, uri, cfg.tracking.experiment, name)
+    run_id = tracking.retried(uri, tracking.find_run, uri, cfg.tracking.experiment, name)
     return (
         run_id is not None
-        and tracking.retried(tracking.client(uri).get_run, run_id).info.status == "FINISHED"
+        and tracking.retried(uri, tracking.client(uri).get_run, run_id).info.status == "FINISHED"
     )
 
 

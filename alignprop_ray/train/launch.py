@@ -228,7 +228,13 @@ def _run_training(cfg, name, served, tags, callbacks, fail_at_step, fail_marker)
     )
     run_id = loop_input.run_id
     if served:  # which rewards ran as services, with which settings (a resumed run may change them)
-        tracking.retried(tracking.client(cfg.tracking.uri).set_tag, run_id, SERVED_TAG, served_tag(served))
+        tracking.retried(
+            cfg.tracking.uri,
+            tracking.client(cfg.tracking.uri).set_tag,
+            run_id,
+            SERVED_TAG,
+            served_tag(served),
+        )
     connect_ray()
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
