@@ -151,7 +151,7 @@ def start_run(
     An existing run is marked RUNNING only once `check_resume(run_id)` has accepted it: a command refused
     there (a rerun with other settings) leaves the run as it found it, FINISHED or KILLED.
 
-    Each call to the store is retried through a short outage or a dropped connection (`retried`); a run
+    Each call to a tracking server is retried through a short outage or a dropped connection (`retried`); a run
     created by a call whose answer was lost is found again by its name, not created twice.
     """
     existing = retried(uri, find_run, uri, experiment, name)
