@@ -18,9 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Everything but the soak tier (the README's test command and CI).
+# Everything but the soak tier (the README's test command and CI): the Ray tests, and beside them at idle
+# priority the others (tests/run_tiers.py); each tier prints its 15 slowest tests.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not soak" --durations=15 $(PYTEST_ARGS)
+	$(PY) tests/run_tiers.py $(PYTEST_ARGS)
 
 # The inner loop: unit tests without Ray and without the slow end-to-end ones (about 3 minutes on 2 cores).
 test-fast: setup

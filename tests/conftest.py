@@ -10,7 +10,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# tests/run_tiers.py runs the tests without Ray at idle priority beside the Ray tier, on one thread.
+torch.set_num_threads(int(os.environ.get("ALIGNPROP_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")
