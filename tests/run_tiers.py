@@ -5,10 +5,11 @@
                is printed when both have ended
 
 A tiny Ray run spends its wall time starting processes and waiting on them: on the 2-core box the Ray tests
-keep 1.6 cores busy on average (2026-12-07, the busy cores sampled every 5 s), and the other tests' ~680 s of mostly
-single-threaded work fits in the rest. The rest tier runs under SCHED_IDLE (nice 19 where that is refused): it gets a core only when no other process wants
-it, so the Ray tests' timing, which some of them assert on, is as if it were not there. One torch thread, in
-its subprocesses too: two OpenMP threads of a starved process stall at their barriers (tests/conftest.py,
+keep 1.6 cores busy on average (2026-12-07, the busy cores sampled every 5 s), and the other tests' ~680 s
+of mostly single-threaded work fits in the rest. The rest tier runs under SCHED_IDLE (nice 19 where that is
+refused): it gets a core only when no other process wants it, so the Ray tests' timing, which some of them
+assert on, is as if it were not there (1,835 s beside it, 1,828 s alone). One torch thread, in its
+subprocesses too: two OpenMP threads of a starved process stall at their barriers (tests/conftest.py,
 `one_thread`).
 
     python tests/run_tiers.py [PYTEST ARGS...]     # both tiers, each given the same extra arguments
