@@ -27,7 +27,7 @@ test: setup
 # torch thread each (pytest-xdist; about 2 minutes on 2 cores).
 FAST_WORKERS ?= 2
 test-fast: setup
-	ALIGNPROP_TEST_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(FAST_WORKERS) \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(FAST_WORKERS) \
 		--dist loadfile -m "not ray and not own_ray and not slow and not soak" $(PYTEST_ARGS)
 
 # The soak tier: long forms of fault tests whose short forms run in `make test`.

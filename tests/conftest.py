@@ -10,8 +10,9 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# tests/run_tiers.py runs the tests without Ray at idle priority beside the Ray tier, on one thread.
-torch.set_num_threads(int(os.environ.get("ALIGNPROP_TEST_THREADS", "2")))
+# Two threads, unless OMP_NUM_THREADS says otherwise (tests/run_tiers.py and `make test-fast` set it to 1:
+# for the tests' own process and their subprocesses alike).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

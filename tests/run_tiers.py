@@ -52,7 +52,7 @@ def main(args: list[str]) -> int:
             stderr=subprocess.STDOUT,
             # its subprocesses too: a served model's images match the test's own bit for bit only at
             # the same thread count (tests/test_registry.py)
-            env={**os.environ, "ALIGNPROP_TEST_THREADS": "1", "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
             preexec_fn=at_idle_priority,
         )
         print(
