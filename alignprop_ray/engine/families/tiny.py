@@ -7,7 +7,9 @@ networks are random-init from diffusers/transformers configs at toy width.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import importlib.util
 import json
 import math
 import tempfile
@@ -70,16 +72,11 @@ def clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>")
     """
     from transformers import CLIPTokenizer
 
-    merges = _clip_merges()
-    symbols = list(_bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab_json, merges_txt = _clip_files()
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
-        vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
-        merges_file.write_text(
-            "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
-        )
+        vocab_file.write_text(vocab_json, encoding="utf-8")
+        merges_file.write_text(merges_txt, encoding="utf-8")
         return CLIPTokenizer(
             str(vocab_file),
             str(merges_file),
@@ -89,6 +86,18 @@ def clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>")
             pad_token=pad_token,
             unk_token="<|endoftext|>",
         )
+
+
+@functools.cache
+def _clip_files() -> tuple[str, str]:
+    """The texts of CLIP's vocab.json and merges.txt, made once a process: a tiny pipeline builds two or
+    three tokenizers, and a test session hundreds."""
+    merges = _clip_merges()
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab_json = json.dumps({token: i for i, token in enumerate(vocab)})
+    return vocab_json, "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
 
 
 def t5_tokenizer(words: int = 2000):
@@ -104,13 +113,14 @@ def t5_tokenizer(words: int = 2000):
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def _clip_merges() -> list[tuple[str, ...]]:
-    import open_clip
-
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+@functools.cache
+def _clip_merges() -> tuple[tuple[str, ...], ...]:
+    # The file, not the package: importing open_clip (and timm with it) takes a second a process.
+    (package,) = importlib.util.find_spec("open_clip").submodule_search_locations
+    path = Path(package) / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(path).read().decode("utf-8").split("\n")
     # Same slice as CLIP's SimpleTokenizer: skip the header, keep 49152 - 256 - 2 merges.
-    return [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    return tuple(tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1])
 
 
 def _bytes_to_unicode() -> dict[int, str]:
