@@ -45,9 +45,9 @@ def experiment_of(reward: dict):
 
 
 def reward_apps() -> dict:
-    from ray import serve
+    from alignprop_ray.serving.pool import serve_status  # under the lock the sweep's own calls hold
 
-    return {name: app for name, app in serve.status().applications.items() if name.startswith(APP_PREFIX)}
+    return {name: app for name, app in serve_status().applications.items() if name.startswith(APP_PREFIX)}
 
 
 @pytest.fixture(scope="module")

@@ -316,3 +316,31 @@ def test_a_train_run_starts_its_served_rewards_before_its_mlflow_run_and_stops_t
     with pytest.raises(UserError, match="did not start"):
         launch.run_training(cfg, "n")
     assert events == ["ray"]  # no run
+
+
+def test_calls_into_serve_from_two_threads_never_overlap(monkeypatch):
+    """Serve's status and deploy calls are not thread-safe within a process (serving/pool.py, SERVE_LOCK):
+    ours take turns."""
+    import threading
+    import time
+
+    from ray import serve
+
+    from alignprop_ray.serving import pool
+
+    inside, most = [0], [0]
+
+    def status():
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.01)
+        inside[0] -= 1
+        return "status"
+
+    monkeypatch.setattr(serve, "status", status)
+    threads = [threading.Thread(target=lambda: [pool.serve_status() for _ in range(5)]) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1

@@ -13,6 +13,7 @@ any trial or MLflow run starts.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -20,6 +21,22 @@ from alignprop_ray.errors import UserError
 from alignprop_ray.serving.specs import ServedTerm, unique
 
 POLL_S = 0.5
+
+# Ray Serve 2.60 is not thread-safe within a process: `serve.status()` and a deployment's config each build
+# a RequestRouterConfig, which registers its module with cloudpickle and unregisters it again
+# (ray/serve/config.py, `_serialize_request_router_cls`); a second thread doing the same in between makes
+# one of the two unregisters raise "... is not registered for pickle by value" (seen in
+# tests/test_reward_service.py, whose watcher thread polls the status while a sweep starts its rewards).
+# Our calls into Serve hold this lock.
+SERVE_LOCK = threading.Lock()
+
+
+def serve_status():
+    """`serve.status()`, under SERVE_LOCK."""
+    from ray import serve
+
+    with SERVE_LOCK:
+        return serve.status()
 
 
 @contextlib.contextmanager
@@ -47,16 +64,18 @@ def start_rewards(terms: Sequence[ServedTerm], say: Callable[[str], None] = prin
         return []
     # Handles only, so no HTTP proxy actor on any node. A running Serve (another command's) is joined as it
     # is; the controller stays up after our applications stop (it ends with a private Ray instance).
-    serve.start(proxy_location="Disabled")
-    running = set(serve.status().applications)
+    with SERVE_LOCK:
+        serve.start(proxy_location="Disabled")
+    running = set(serve_status().applications)
     started = []
     for term in terms:
         if term.app in running:
             continue
-        serve.run_many(
-            [serve.RunTarget(reward_application(term), name=term.app, route_prefix=None)],
-            wait_for_applications_running=False,
-        )
+        with SERVE_LOCK:
+            serve.run_many(
+                [serve.RunTarget(reward_application(term), name=term.app, route_prefix=None)],
+                wait_for_applications_running=False,
+            )
         started.append(term.app)
         say(f"reward {term.name}: starting Ray Serve application {term.app} ({summary(term)})")
     try:
@@ -80,11 +99,9 @@ def summary(term: ServedTerm) -> str:
 
 
 def _wait_until_running(term: ServedTerm) -> None:
-    from ray import serve
-
     deadline = time.monotonic() + term.serve.start_timeout_s
     while True:
-        app = serve.status().applications.get(term.app)
+        app = serve_status().applications.get(term.app)
         status = str(app.status) if app else "NOT_STARTED"
         if status.endswith("RUNNING"):
             return
@@ -122,5 +139,5 @@ def stop_rewards(apps: Sequence[str]) -> None:
     from ray import serve
 
     for app in apps:
-        with contextlib.suppress(Exception):  # already gone (Serve or Ray shut down)
+        with SERVE_LOCK, contextlib.suppress(Exception):  # already gone (Serve or Ray shut down)
             serve.delete(app)
