@@ -81,6 +81,9 @@ def test_smoke_sweep_submitted_as_a_job_on_two_nodes(cluster):
             f"base.tracking.experiment={experiment}",
             "--set",
             "space.train.lr={grid: [0.01]}",
+            # the job and its placement are under test, not training: half the shipped size and length
+            *("--set", "base.model.resolution=32", "--set", "base.sampling.steps=4"),
+            *("--set", "base.train.steps=4"),
         ],
         env=cluster,
         capture_output=True,
