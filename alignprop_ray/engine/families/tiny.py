@@ -72,7 +72,7 @@ def clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>")
     """
     from transformers import CLIPTokenizer
 
-    vocab_json, merges_txt = _clip_files()
+    vocab_json, merges_txt = _clip_texts()
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
         vocab_file.write_text(vocab_json, encoding="utf-8")
@@ -89,7 +89,7 @@ def clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>")
 
 
 @functools.cache
-def _clip_files() -> tuple[str, str]:
+def _clip_texts() -> tuple[str, str]:
     """The texts of CLIP's vocab.json and merges.txt, made once a process: a tiny pipeline builds two or
     three tokenizers, and a test session hundreds."""
     merges = _clip_merges()
