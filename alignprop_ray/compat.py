@@ -156,17 +156,21 @@ def ray_train_startup_timed_out(err: BaseException) -> bool:
 
 @functools.cache
 def ray_train_trainer_without_dataset_actor() -> type:
-    """TorchTrainer whose runs, given no Ray Datasets, start no DatasetManager actor.
+    """Ray Train's DataParallelTrainer whose runs, given no Ray Datasets, start no DatasetManager actor.
 
-    Ray 2.60 Train V2: `DataParallelTrainer._create_default_callbacks` always adds a `DatasetsCallback`
+    Not its TorchTrainer subclass: `ray.train.torch` imports torch in every process that builds or unpickles
+    the trainer (a trial's driver, its Train controller); the process group is train/backend.py's.
+
+    Ray 2.60 Train V2: `ray.train.v2.api.data_parallel_trainer.DataParallelTrainer` (TorchTrainer's base;
+    DeveloperAPI). Its `_create_default_callbacks` always adds a `DatasetsCallback`
     (ray.train.v2._internal.callbacks.datasets), whose `before_init_train_context` starts a
     DatasetManager actor (a Ray worker process, ~100 MiB, on the driver's node) for every worker group,
     datasets or not. Each worker's TrainContext requires a `dataset_shard_provider`, so the callback is
     replaced by one that hands the workers a provider without datasets, not dropped.
     """
-    from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     class NoDatasets:
         def get_dataset_shard(self, dataset_info):
@@ -176,7 +180,7 @@ def ray_train_trainer_without_dataset_actor() -> type:
         def before_init_train_context(self, workers) -> dict:
             return {"dataset_shard_provider": [NoDatasets()] * len(workers)}
 
-    class Trainer(TorchTrainer):
+    class Trainer(DataParallelTrainer):
         def _create_default_callbacks(self) -> list:
             callbacks = super()._create_default_callbacks()
             if self.datasets:
@@ -184,6 +188,61 @@ def ray_train_trainer_without_dataset_actor() -> type:
             return [NoDatasetsCallback() if isinstance(c, DatasetsCallback) else c for c in callbacks]
 
     return Trainer
+
+
+def ray_train_torch_framework():
+    """The framework a torch backend reports to Ray Train's state export.
+
+    Ray 2.60 Train V2: `ray.train.v2._internal.util.TrainingFramework.TORCH` (what TorchConfig.framework is).
+    """
+    from ray.train.v2._internal.util import TrainingFramework
+
+    return TrainingFramework.TORCH
+
+
+# What Ray 2.60's torch backend (`ray.train.torch.config._TorchBackend`) runs on each worker, called there by
+# train/backend.py: importing `ray.train.torch.config` imports torch, so only the workers do.
+
+
+def ray_train_address_and_port() -> tuple[str, int]:
+    """This node's IP address and a free port on it. Ray 2.60: `ray.train._internal.utils`."""
+    from ray.train._internal.utils import get_address_and_port
+
+    return get_address_and_port()
+
+
+def ray_train_set_torch_distributed_env() -> None:
+    """LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK, RANK, WORLD_SIZE and ACCELERATE_TORCH_DEVICE of this worker, from
+    its Train context. Ray 2.60: `ray.train.torch.config._set_torch_distributed_env_vars`."""
+    from ray.train.torch.config import _set_torch_distributed_env_vars
+
+    _set_torch_distributed_env_vars()
+
+
+def ray_train_init_torch_process_group(
+    backend: str, rank: int, world_size: int, init_method: str, timeout_s: int
+):
+    """`torch.distributed.init_process_group`, with NCCL's async error handling on unless the user set it.
+    Ray 2.60: `ray.train.torch.config._setup_torch_process_group`."""
+    from ray.train.torch.config import _setup_torch_process_group
+
+    _setup_torch_process_group(backend, rank, world_size, init_method, timeout_s)
+
+
+def ray_train_shutdown_torch(destroy_process_group: bool) -> None:
+    """The process group destroyed (if asked) and the CUDA caches of the worker's devices emptied.
+    Ray 2.60: `ray.train.torch.config._shutdown_torch`."""
+    from ray.train.torch.config import _shutdown_torch
+
+    _shutdown_torch(destroy_process_group=destroy_process_group)
+
+
+def ray_train_torch_device_context():
+    """A context manager that makes the worker's CUDA device current, if it has one.
+    Ray 2.60: `ray.train.torch.config.TorchConfigContextManager` (TorchConfig.train_func_context)."""
+    from ray.train.torch.config import TorchConfigContextManager
+
+    return TorchConfigContextManager()
 
 
 def ray_train_controller_callback_bases() -> tuple[type, type]:

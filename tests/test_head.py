@@ -1,5 +1,5 @@
 """What each running trial keeps on the head node: its driver and its Ray Train controller load no model
-code (diffusers, transformers, peft, open_clip, the engine's torch modules); only the workers do.
+code (torch, diffusers, transformers, peft, open_clip, the engine's torch modules); only the workers do.
 
 Checked in fresh interpreters without Ray running: the driver's path up to the trainer it hands Ray, and
 what the controller unpickles (the run's callbacks, its backend, the workers' entry point). The memory
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_PACKAGES = ("diffusers", "transformers", "peft", "open_clip")
+MODEL_PACKAGES = ("torch", "diffusers", "transformers", "peft", "open_clip")
 
 # The engine modules that validating a config imports (name tables, torch-free): the driver must load
 # the config, so these are allowed; any other engine module is model code.
@@ -76,9 +76,10 @@ def model_code(modules: list[str], allowed: set[str]) -> list[str]:
 def test_a_trials_driver_and_its_controller_load_no_model_code(tmp_path):
     allowed = set(json.loads(python(CONFIG_ENGINE).stdout))
     driver = json.loads(python(DRIVER, str(ROOT / "sweeps" / "smoke.yaml"), str(tmp_path)).stdout)
-    assert "alignprop_ray.train.launch" in driver and "ray.train.torch" in driver
+    assert "alignprop_ray.train.launch" in driver and "alignprop_ray.train.backend" in driver
     assert not model_code(driver, allowed), model_code(driver, allowed)
     sent = python(PICKLE_CONTROLLER_INPUTS, str(ROOT / "sweeps" / "tiny.yaml"), str(tmp_path)).stdout
     controller = json.loads(python(UNPICKLE, stdin=sent).stdout)
     assert "alignprop_ray.train.placement" in controller and "alignprop_ray.sweep.trial" in controller
+    assert "alignprop_ray.train.backend" in controller
     assert not model_code(controller, allowed), model_code(controller, allowed)

@@ -125,7 +125,7 @@ class TuneSettings(_Section):
         description="trials at once; default: every trial, as many as the largest cluster the autoscaler "
         "may build holds (docs/clusters.md)",
     )
-    # The trial only drives a TorchTrainer (its workers hold the CPUs/GPUs): by default it asks for no CPU
+    # The trial only drives a Ray Train run (its workers hold the CPUs/GPUs): by default it asks for no CPU
     # (plus a token of memory, since Tune needs a non-empty request), so 2 CPUs serve 2 one-CPU workers.
     resources: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
         None, description="Ray resources of each trial's driver process (default {CPU: 0}); workers: scaling:"

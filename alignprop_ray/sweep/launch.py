@@ -1,7 +1,7 @@
 """`alignprop-ray sweep FILE [--set ...] [--resume]` and `alignprop-ray demo`: run a sweep on Ray Tune.
 
     sweep file -> load_sweep (every problem, before any work) -> parent MLflow run -> Tuner.fit
-      (or Tuner.restore with --resume) -> one trial = one TorchTrainer run = one child MLflow run
+      (or Tuner.restore with --resume) -> one trial = one Ray Train run = one child MLflow run
       -> table of trials, best adapter, Pareto front; summary logged to the parent run
 
 Tune's results live in `<storage>/<sweep name>/` (storage: tune.storage_path, default the base

@@ -1,7 +1,7 @@
 """One Tune trial = one Ray Train run (Ray 2.60's Train-inside-Tune pattern).
 
 `run_trial` is the Tune function trainable. It turns the sampled point into an experiment, then calls
-`run_training`, whose TorchTrainer reports reach Tune through `EvalReportCallback`. The Train run and
+`run_training`, whose Ray Train reports reach Tune through `EvalReportCallback`. The Train run and
 its MLflow child run are named after the trial id, so a restarted or resumed trial continues both (Train
 restores its last checkpoint from storage; MLflow finds the run by name) instead of starting over.
 

@@ -1,4 +1,4 @@
-"""`alignprop-ray train`: validate, open (or find) the MLflow run, run a TorchTrainer on Ray.
+"""`alignprop-ray train`: validate, open (or find) the MLflow run, run a Ray Train trainer on Ray.
 
 The driver owns the MLflow run's life cycle (create or resume by name, then FINISHED/FAILED); rank 0
 of the workers logs metrics and artifacts into it.
@@ -251,20 +251,22 @@ def _run_training(cfg, name, served, tags, callbacks, fail_at_step, fail_marker)
 
 
 def build_trainer(cfg, name: str, loop_config: dict, callbacks: list | None = None):
-    """The TorchTrainer for experiment `cfg`: its workers, process group, storage and failure policy."""
+    """The Ray Train trainer for experiment `cfg`: its workers, process group, storage and failure policy.
+
+    Torch-free on this side (train/backend.py): the driver and the run's controller never import torch."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
 
     from alignprop_ray.compat import ray_train_trainer_without_dataset_actor
+    from alignprop_ray.train.backend import ProcessGroupConfig
     from alignprop_ray.train.inputs import process_group_backend
 
     scaling = cfg.scaling
-    # a TorchTrainer that starts no idle DatasetManager actor per run (we give it no Ray Datasets)
+    # a trainer that starts no idle DatasetManager actor per run (we give it no Ray Datasets)
     return ray_train_trainer_without_dataset_actor()(
         worker_main,
         train_loop_config=loop_config,
         # Not Ray's default (NCCL alone on GPUs): our step statistics and evaluation gathers are CPU data.
-        torch_config=TorchConfig(backend=process_group_backend(scaling.use_gpu)),
+        backend_config=ProcessGroupConfig(backend=process_group_backend(scaling.use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
