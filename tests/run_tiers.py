@@ -1,8 +1,8 @@
 """`make test`: the suite as two pytest processes at once, so that the Ray tests' idle time runs the others.
 
     ray tier   markers ray or own_ray: in the foreground, its output on the terminal as it comes
-    rest       every other test but the soak tier: beside it at idle priority, one torch thread; its report
-               is printed when both have ended
+    rest       every other test but the soak tier: beside it at idle priority, one torch thread and one
+               Inductor compile thread; its report is printed when both have ended
 
 A tiny Ray run spends its wall time starting processes and waiting on them: on the 2-core box the Ray tests
 keep 1.6 cores busy on average (2026-12-07, the busy cores sampled every 5 s), and the other tests' ~680 s
@@ -51,8 +51,10 @@ def main(args: list[str]) -> int:
             stdout=log,
             stderr=subprocess.STDOUT,
             # its subprocesses too: a served model's images match the test's own bit for bit only at
-            # the same thread count (tests/test_registry.py)
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            # the same thread count (tests/test_registry.py). Inductor compiles in the test's process, not
+            # in a pool of compile workers that each import torch: the same kernels for less CPU (a cold
+            # compile in test_speed_levers.py: 164 CPU-seconds against 198, 2026-12-07).
+            env={**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"},
             preexec_fn=at_idle_priority,
         )
         print(
