@@ -139,6 +139,31 @@ def test_ray_train_trainer_without_dataset_actor_hands_workers_no_datasets(tmp_p
         raise AssertionError("a provider without datasets handed out a shard")
 
 
+def test_ray_trains_torch_backend_functions_run_here_as_on_a_worker():
+    """What train/backend.py runs on each worker, taken from `ray.train.torch.config`: a one-process gloo group
+    set up and destroyed, the device context entered (no CUDA here: it does nothing), the rank variables'
+    setter and the framework tag found, and this node's address with a free port."""
+    import torch.distributed as dist
+    from ray.train.torch import TorchConfig
+
+    from tests.helpers import free_port
+
+    assert compat.ray_train_torch_framework() == TorchConfig().framework
+    address, port = compat.ray_train_address_and_port()
+    assert address and 0 < port < 65536
+    compat.ray_train_init_torch_process_group("gloo", 0, 1, f"tcp://127.0.0.1:{free_port()}", 30)
+    try:
+        assert dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() == 1
+    finally:
+        compat.ray_train_shutdown_torch(destroy_process_group=True)
+    assert not dist.is_initialized()
+    with compat.ray_train_torch_device_context():
+        pass
+    import ray.train.torch.config as ray_torch_config
+
+    assert callable(ray_torch_config._set_torch_distributed_env_vars)  # needs a Train context to run
+
+
 def test_ray_train_controller_states_and_start_failures_are_read():
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
