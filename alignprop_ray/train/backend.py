@@ -78,7 +78,9 @@ class ProcessGroupBackend(Backend):
             TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
         )
 
-        futures = worker_group.execute_async(_leave, destroy_process_group=len(worker_group) > 1)
+        futures = worker_group.execute_async(
+            compat.ray_train_shutdown_torch, destroy_process_group=len(worker_group) > 1
+        )
         # Ray's own setting (and default) for the torch backend
         timeout_s = float(
             os.environ.get(
@@ -113,7 +115,3 @@ def _join(address: str, port: int) -> None:
 
 def _init_process_group(backend: str, world_rank: int, world_size: int, timeout_s: int) -> None:
     compat.ray_train_init_torch_process_group(backend, world_rank, world_size, "env://", timeout_s)
-
-
-def _leave(destroy_process_group: bool) -> None:
-    compat.ray_train_shutdown_torch(destroy_process_group)
