@@ -61,16 +61,45 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for every test that needs it (starting Ray costs 10-20 s)."""
+    """One local Ray instance for every test that needs it (starting Ray costs 10-20 s).
+
+    Private, as `alignprop-ray train` starts its own (compat.ray_init_private): Ray's own processes in it
+    (Train's PlacementGroupCleaner) look their cluster up by address "auto", and with a second instance on
+    the machine, such as one the other tier of `make test` started, the cleaner died and a dead
+    controller's placement group held its CPUs for ever: a later trial waited for room without end."""
     import ray
+
+    from alignprop_ray.compat import ray_init_private
 
     # Ray's runtime-env agent tries a failing runtime_env 3 times (about 20 s each: a virtualenv and pip);
     # the one test of a runtime_env that cannot build (test_reward_service.py) needs one failure, not three.
     os.environ.setdefault("RUNTIME_ENV_RETRY_TIMES", "1")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+        ray_init_private(
+            num_cpus=2, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False
+        )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_outside_the_ray_tier(request):
+    """A test not marked ray or own_ray starts no Ray instance: it would run in `make test`'s other tier,
+    beside the Ray tier's instance, for the rest of that tier (Ray's API starts one by itself, e.g. on
+    `ray.get_runtime_context().get_accelerator_ids()`)."""
+    import sys
+
+    def running() -> bool:
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    before = running()
+    yield
+    marked = request.node.get_closest_marker("ray") or request.node.get_closest_marker("own_ray")
+    if not marked and not before and running():
+        sys.modules["ray"].shutdown()
+        pytest.fail(
+            "this test started a Ray instance: mark it ray (and use ray_session), or keep Ray out of it"
+        )
 
 
 # MLflow's `set_tracking_uri` exports MLFLOW_TRACKING_URI, which `train`/`sweep` honour (README: tracking URI

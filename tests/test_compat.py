@@ -139,29 +139,42 @@ def test_ray_train_trainer_without_dataset_actor_hands_workers_no_datasets(tmp_p
         raise AssertionError("a provider without datasets handed out a shard")
 
 
-def test_ray_trains_torch_backend_functions_run_here_as_on_a_worker():
-    """What train/backend.py runs on each worker, taken from `ray.train.torch.config`: a one-process gloo group
-    set up and destroyed, the device context entered (no CUDA here: it does nothing), the rank variables'
-    setter and the framework tag found, and this node's address with a free port."""
-    import torch.distributed as dist
+def test_ray_trains_torch_backend_framework_and_rank_variables_are_found():
     from ray.train.torch import TorchConfig
 
-    from tests.helpers import free_port
-
     assert compat.ray_train_torch_framework() == TorchConfig().framework
-    address, port = compat.ray_train_address_and_port()
-    assert address and 0 < port < 65536
-    compat.ray_train_init_torch_process_group("gloo", 0, 1, f"tcp://127.0.0.1:{free_port()}", 30)
-    try:
-        assert dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() == 1
-    finally:
-        compat.ray_train_shutdown_torch(destroy_process_group=True)
-    assert not dist.is_initialized()
-    with compat.ray_train_torch_device_context():
-        pass
     import ray.train.torch.config as ray_torch_config
 
     assert callable(ray_torch_config._set_torch_distributed_env_vars)  # needs a Train context to run
+
+
+def _backend_functions_on_a_worker(port: int) -> dict:
+    import torch.distributed as dist
+
+    seen = {"address_and_port": compat.ray_train_address_and_port()}
+    compat.ray_train_init_torch_process_group("gloo", 0, 1, f"tcp://127.0.0.1:{port}", 30)
+    try:
+        seen["group"] = (dist.is_initialized(), dist.get_backend(), dist.get_world_size())
+    finally:
+        compat.ray_train_shutdown_torch(destroy_process_group=True)
+    seen["after_shutdown"] = dist.is_initialized()
+    with compat.ray_train_torch_device_context():  # no CUDA here: it does nothing
+        pass
+    return seen
+
+
+@pytest.mark.ray
+def test_ray_trains_torch_backend_functions_run_on_a_worker(ray_session):
+    """What train/backend.py runs on each worker, taken from `ray.train.torch.config`, in a Ray task (they ask
+    the Ray worker for its devices): this node's address and a free port, a one-process gloo group set up and
+    destroyed, the device context entered."""
+    from tests.helpers import free_port
+
+    run = ray_session.remote(num_cpus=1)(_backend_functions_on_a_worker)
+    seen = ray_session.get(run.remote(free_port()), timeout=300)
+    address, port = seen["address_and_port"]
+    assert address and 0 < port < 65536
+    assert seen["group"] == (True, "gloo", 1) and seen["after_shutdown"] is False
 
 
 def test_ray_train_controller_states_and_start_failures_are_read():
