@@ -1,6 +1,7 @@
 """Shared fixtures. Everything runs offline on the tiny model; one Ray instance serves the whole session."""
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -65,8 +66,9 @@ def ray_session():
 
     Private, as `alignprop-ray train` starts its own (compat.ray_init_private): Ray's own processes in it
     (Train's PlacementGroupCleaner) look their cluster up by address "auto", and with a second instance on
-    the machine, such as one the other tier of `make test` started, the cleaner died and a dead
-    controller's placement group held its CPUs for ever: a later trial waited for room without end."""
+    the machine, such as one the other tier of `make test` started, every cleaner died. A dead controller's
+    placement group would then keep its CPUs, and a later trial wait for room without end (how CI hung in
+    test_compare.py on 2026-12-07, by all signs; that last step was not reproduced)."""
     import ray
 
     from alignprop_ray.compat import ray_init_private
@@ -87,7 +89,6 @@ def _no_ray_outside_the_ray_tier(request):
     """A test not marked ray or own_ray starts no Ray instance: it would run in `make test`'s other tier,
     beside the Ray tier's instance, for the rest of that tier (Ray's API starts one by itself, e.g. on
     `ray.get_runtime_context().get_accelerator_ids()`)."""
-    import sys
 
     def running() -> bool:
         return "ray" in sys.modules and sys.modules["ray"].is_initialized()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
+import importlib.util
 import multiprocessing
 import os
 import signal
@@ -323,3 +325,15 @@ def load_shipped_sweep(path: Path):
             _TINY_SD3.append(save_tiny_model(Path(tempfile.mkdtemp()) / "sd3", family="sd3"))
         overrides = [f"base.model.pretrained={_TINY_SD3[0]}"]
     return load_comparison(path, overrides, env={}).selection_sweep(0)
+
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+
+
+@functools.cache
+def gpu_check_script():
+    """bench/gpu_check.py (`make gpu-check`) as a module: its shipped levers and run shapes."""
+    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@ code path as on a GPU, and writes the report a GPU run writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import GPU_CHECK as SCRIPT
+from tests.helpers import gpu_check_script
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +60,7 @@ def test_the_training_run_did_the_work_it_reports(smoke):
 
 
 def shipped_levers() -> dict:
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.shipped_levers()
+    return gpu_check_script().shipped_levers()
 
 
 def test_the_shipped_gpu_experiments_turn_both_speed_levers_on(hub_reachable):

@@ -19,7 +19,7 @@ from alignprop_ray.engine.lora import attach_lora
 from alignprop_ray.engine.models import compile_denoiser, load_parts
 from alignprop_ray.engine.sampler import Probe, checkpoint_plan, generate, kept_calls
 from alignprop_ray.errors import ConfigError
-from tests.helpers import lora_settings, sampler_settings
+from tests.helpers import gpu_check_script, lora_settings, sampler_settings
 
 PROMPTS, SEEDS, RESOLUTION, STEPS = ["a cat", "a dog"], [3, 4], 32, 5
 MIB = 2**20
@@ -187,28 +187,26 @@ def test_compile_wraps_the_denoisers_forward_once(monkeypatch):
     assert compile_denoiser(parts.denoiser) is parts.denoiser and len(compiled) == 1
 
 
-# The shapes `bench/gpu_check.py --smoke` trains the compiled tiny denoiser at (its TRAIN_SMOKE: one image of
-# 64 px, 4 steps, guidance 7.5): test_gpu_check.py runs it earlier in the same tier, and Inductor's on-disk
-# cache of those graphs then serves this test (19 CPU-seconds here instead of 166 from a cold cache,
-# 2026-12-07). Any shapes test the same thing; these cost least.
-COMPILED_PROMPTS, COMPILED_SEEDS, COMPILED_RESOLUTION, COMPILED_STEPS = ["a cat"], [3], 64, 4
-
-
 @pytest.mark.slow
 def test_the_compiled_denoiser_gives_eager_images_and_gradients():
     """Inductor on CPU (a C++ compiler is needed): same images and LoRA gradient as eager, within fp32
-    tolerance, with the checkpointed recompute going through the compiled forward too."""
+    tolerance, with the checkpointed recompute going through the compiled forward too.
+
+    At the shapes `bench/gpu_check.py --smoke` trains the compiled tiny denoiser at (its TRAIN_SMOKE, with
+    classifier-free guidance on as there): test_gpu_check.py runs it earlier in the same tier, and Inductor's
+    on-disk cache of those graphs then serves this test (21 CPU-seconds instead of 166 from a cold cache,
+    2026-12-07). Any shapes test the same thing; these cost least."""
+    smoke = gpu_check_script().TRAIN_SMOKE
+    prompts, seeds = ["a cat"] * smoke["batch"], list(range(3, 3 + smoke["batch"]))
     torch._dynamo.reset()
     parts, params = tiny(torch.float32)
-    settings = sampler_settings(steps=COMPILED_STEPS, guidance_scale=7.5)
+    settings = sampler_settings(steps=smoke["steps"], guidance_scale=7.5)  # bench/common.py's default
     k = 2
 
     def run(settings):
         for p in params:
             p.grad = None
-        images = generate(
-            parts, COMPILED_PROMPTS, COMPILED_SEEDS, settings, k=k, resolution=COMPILED_RESOLUTION
-        )
+        images = generate(parts, prompts, seeds, settings, k=k, resolution=smoke["resolution"])
         images.mean().backward()
         return images.detach(), torch.cat([p.grad.flatten() for p in params])
 
