@@ -7,7 +7,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup test test-fast test-soak demo toy-model bench bench-scale head-memory gpu-check lint format clean
+.PHONY: setup test test-profile test-fast test-soak demo toy-model bench bench-scale head-memory gpu-check lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,13 @@ setup: $(VENV)/.installed
 # priority the others (tests/run_tiers.py); each tier prints its 15 slowest tests.
 test: setup
 	$(PY) tests/run_tiers.py $(PYTEST_ARGS)
+
+# `make test` with tests/cpu_profile.py in both tiers, then its summary: CPU-seconds by test file and test, the
+# Ray tests' counted across every process of the machine (records in cpu-profile/; exit status: the tests').
+test-profile: setup
+	rm -rf cpu-profile
+	$(PY) tests/run_tiers.py -p tests.cpu_profile $(PYTEST_ARGS); status=$$?; \
+		$(PY) tests/cpu_profile.py cpu-profile; exit $$status
 
 # The inner loop: unit tests without Ray and without the slow end-to-end ones, two test files at once, one
 # torch thread each (pytest-xdist; about 2 minutes on 2 cores).
