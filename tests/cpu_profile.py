@@ -52,13 +52,16 @@ def own_cpu_s() -> float:
 
 
 class Recorder:
-    """One JSON line per test ({test, t0, t1, busy, own}) and per second ({t, own}) in DIR/<tier>.jsonl."""
+    """One JSON line per test ({test, t0, t1, busy, own}) in DIR/<tier>.jsonl, and with `sample` one a second
+    ({t, own}): the rest tier's, which the Ray tier's figures subtract (walking the Ray tier's own process
+    tree every second, the Ray instance's processes among them, would cost CPU of its own)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, sample: bool):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._out = path.open("w")
         self._lock = threading.Lock()
-        threading.Thread(target=self._sample, daemon=True).start()
+        if sample:
+            threading.Thread(target=self._sample, daemon=True).start()
 
     def write(self, record: dict) -> None:
         with self._lock:
@@ -82,7 +85,8 @@ def pytest_configure(config):
     marker = config.getoption("-m") or ""
     tier = "ray" if marker.startswith("(ray") else "rest"  # tests/run_tiers.py's two selections
     directory = Path(os.environ.get(DIR_ENV, DEFAULT_DIR))
-    config.pluginmanager.register(Recorder(directory / f"{tier}.jsonl"), "cpu_profile_recorder")
+    recorder = Recorder(directory / f"{tier}.jsonl", sample=tier == "rest")
+    config.pluginmanager.register(recorder, "cpu_profile_recorder")
 
 
 # --- the summary ------------------------------------------------------------------------------------------
