@@ -6,8 +6,8 @@
 A Ray test's work runs in processes pytest did not start and never reaps (the Ray instance's, Train workers),
 so its CPU time is the machine's (busy time in /proc/stat, every process) over the test, less what the other
 tier's pytest process and its subprocesses used meanwhile (sampled every second): the figure assumes nothing
-else runs on the machine. A test of the other tier is the CPU time of its process and its subprocesses. Setup and teardown count with the test that ran them (a module fixture with
-the module's first test).
+else runs on the machine. A test of the other tier is the CPU time of its process and its subprocesses. Setup
+and teardown count with the test that ran them (a module fixture with the module's first test).
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ class Recorder:
 
 
 def pytest_configure(config):
-    marker = config.getoption("-m") or ""
-    tier = "ray" if marker.startswith("(ray") else "rest"  # tests/run_tiers.py's two selections
+    from tests.run_tiers import RAY
+
+    tier = "ray" if config.getoption("-m") == RAY else "rest"  # tests/run_tiers.py's two selections
     directory = Path(os.environ.get(DIR_ENV, DEFAULT_DIR))
     recorder = Recorder(directory / f"{tier}.jsonl", sample=tier == "rest")
     config.pluginmanager.register(recorder, "cpu_profile_recorder")
@@ -125,8 +126,9 @@ def summary(directory: Path, top: int = 20) -> str:
         lines.append(f"{tier} tier: {len(found)} tests, {sum(r[0] for r in found):,.0f} CPU-s")
         files: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for cpu, wall, test in found:
-            files[test.split("::")[0]][0] += cpu
-            files[test.split("::")[0]][1] += wall
+            file = files[test.split("::")[0]]
+            file[0] += cpu
+            file[1] += wall
         lines.append("  CPU-s   wall-s  file")
         for name, (cpu, wall) in sorted(files.items(), key=lambda item: -item[1][0])[:top]:
             lines.append(f"  {cpu:6.0f}  {wall:7.0f}  {name}")
