@@ -84,6 +84,15 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def method_sweep(ray_session, tmp_path_factory):
+    """The sweep over the method rows that test_methods.py and test_mlflow_ui.py share (tests/method_sweep.py)."""
+    from tests.method_sweep import run_method_sweep
+    from tests.test_methods import SWEPT
+
+    return run_method_sweep(ray_session, tmp_path_factory.mktemp("methods"), SWEPT)
+
+
 @pytest.fixture(autouse=True)
 def _no_ray_outside_the_ray_tier(request):
     """A test not marked ray or own_ray starts no Ray instance: it would run in `make test`'s other tier,

@@ -234,7 +234,7 @@ def restart_worker_node(cluster) -> None:
     subprocess.run(["bash", str(SCRIPT), "restart-worker"], env=cluster, check=True, timeout=240)
 
 
-@pytest.mark.soak  # short forms in make test: the next test (a node lost for good) and test_train_ray's killed worker
+@pytest.mark.soak  # short forms in make test: the next test (a node lost for good) and test_reliability_outage's killed worker
 def test_a_lost_worker_node_costs_only_the_steps_since_the_last_checkpoint(cluster):
     name = f"lost-node-{uuid.uuid4().hex[:6]}"
     submit_train(cluster, name)

@@ -45,9 +45,8 @@ from tests.helpers import (
     perturb,
     sampler_settings,
     tiny_learner,
-    tiny_run,
-    tiny_sweep,
 )
+from tests.method_sweep import STEPS as SWEEP_STEPS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -909,42 +908,13 @@ def test_cost_plots_have_a_line_per_run_colored_by_method():
 
 # --- two Ray workers per method: one sweep whose grid is every method row ------------------------------------
 # AlignProp's 2-worker run is tests/test_train_ray.py's; each other row joins the grid (with its last VARIANT:
-# DRaFT-LV, whose code path AlignProp's run does not take; DDPO's second update of a round).
+# DRaFT-LV, whose code path AlignProp's run does not take; DDPO's second update of a round). The sweep runs
+# through the CLI, and tests/test_mlflow_ui.py checks its console and links (tests/method_sweep.py).
 
 # A row that cannot train the tiny sd model (Flow-GRPO) has its own 2-worker run: tests/test_flow_grpo.py.
 SWEPT = [
     (row, VARIANTS.get(row.name, [{}])[-1]) for row in ROWS if row.name != "alignprop" and not row_sets(row)
 ]
-SWEEP_STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def method_sweep(ray_session, tmp_path_factory):
-    from mlflow import MlflowClient
-
-    from alignprop_ray.sweep.config import parse_sweep
-    from alignprop_ray.sweep.launch import run_sweep
-
-    tmp = tmp_path_factory.mktemp("methods")
-    grid = [{"name": row.name, **settings} for row, settings in SWEPT]
-    base = {
-        "model": {"resolution": 32},
-        "truncation": None,
-        "reward": {"saturation": 1.0},
-        "train": {"steps": SWEEP_STEPS, "eval_every": SWEEP_STEPS, "checkpoint_every": SWEEP_STEPS},
-        # half a CPU a worker: two 2-worker trials at once on 2 cores, so that one trial's start-up (process
-        # starts, imports, the first evaluation) overlaps the other's training
-        "scaling": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
-        "tracking": {"experiment": "methods"},
-    }
-    tune = {"algorithm": "grid", "max_concurrent_trials": 2}
-    data = tiny_sweep({"method": {"grid": grid}}, base=base, tune=tune)
-    sweep = parse_sweep(data, tmp, tiny_run(tmp), env={})
-    outcome = run_sweep(sweep, say=lambda line: None)
-    client = MlflowClient(sweep.reference.tracking.uri)
-    found = client.search_runs([client.get_experiment_by_name("methods").experiment_id])
-    trials = {r.data.params["method.name"]: r for r in found if "mlflow.parentRunId" in r.data.tags}
-    return outcome, client, trials, tmp
 
 
 @pytest.mark.ray
@@ -954,8 +924,10 @@ def test_every_method_trains_on_two_ray_workers_in_sync(method_sweep):
     metrics are logged at every step."""
     from safetensors.torch import load_file
 
-    outcome, client, trials, tmp = method_sweep
-    assert [row["status"] for row in outcome.rows] == ["completed"] * len(SWEPT)
+    client, trials, tmp = method_sweep.client, method_sweep.trials, method_sweep.tmp
+    out = method_sweep.first.stdout
+    table = out[out.index("\ntrial ") :].splitlines()
+    assert sum(line.rstrip().endswith("completed") for line in table) == len(SWEPT), table
     assert set(trials) == {row.name for row, _ in SWEPT}
     for row, _ in SWEPT:
         run = trials[row.name]

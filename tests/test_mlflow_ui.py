@@ -1,8 +1,9 @@
 """A finished sweep as the user meets it: its console, the links it prints, and those links opened in a real
 browser (headless Chromium) on a real `mlflow server` at the address given with --ui-url.
 
-One small sweep runs through the CLI in a subprocess joined to the session's Ray instance, with --register;
-then `--resume --verbose` on the finished sweep, which trains nothing but prints Tune's console in full.
+The sweep is the one over the method rows that tests/test_methods.py trains (tests/method_sweep.py): through
+the CLI in a subprocess joined to the session's Ray instance, with --register; then `--resume --verbose` on
+the finished sweep, which trains nothing but prints Tune's console in full.
 Chromium is Debian's `chromium` (.ci/run installs it where missing); elsewhere the browser tests skip.
 """
 
@@ -19,7 +20,6 @@ import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -28,10 +28,11 @@ from alignprop_ray import cli
 from alignprop_ray.console import HIDDEN_LINES, LineFilter
 from alignprop_ray.sweep.tracking import BEST_RUN_TAG, compare_url, ui_base
 from alignprop_ray.tracking import ui_command
-from tests.helpers import free_port, serving, tiny_sweep
+from tests.helpers import serving, tiny_sweep
+from tests.method_sweep import MODEL
+from tests.method_sweep import STEPS as SWEEP_STEPS
 
-MODEL = "ui-best"
-# Two trials, each drawing train.lr and truncation (seeded).
+# A sweep file for the command-line checks that end before any work.
 SWEEP = tiny_sweep(
     {"train.lr": {"loguniform": [1e-3, 1e-1]}, "truncation": {"choice": ["fixed:1", "full"]}},
     name="ui",
@@ -44,7 +45,7 @@ SWEEP = tiny_sweep(
     },
     tune={"algorithm": "random", "num_samples": 2, "seed": 0},
 )
-SWEPT = list(SWEEP["space"])
+SWEPT = ["method.name"]  # the method sweep's swept parameter, as MLflow holds it
 
 
 # --- without Ray -----------------------------------------------------------------------------------------
@@ -128,44 +129,8 @@ def test_line_filter_drops_hidden_lines_even_when_written_in_pieces():
 
 
 @pytest.fixture(scope="module")
-def sweep_run(ray_session, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ui")
-    (tmp / "sweep.yaml").write_text(yaml.safe_dump(SWEEP))
-    port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "alignprop_ray.cli", "sweep", "sweep.yaml"]
-    first = subprocess.run(
-        [*command, "--ui-url", f"http://127.0.0.1:{port}", "--register", MODEL],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    again = subprocess.run(
-        [*command, "--resume", "--verbose"], cwd=tmp, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("ui")
-    runs = client.search_runs([experiment.experiment_id])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    return SimpleNamespace(
-        tmp=tmp,
-        uri=uri,
-        port=port,
-        first=first,
-        again=again,
-        client=client,
-        experiment=experiment,
-        parent=client.get_run(parent.info.run_id),  # after the resume
-        children=children,
-    )
+def sweep_run(method_sweep):
+    return method_sweep
 
 
 def printed(out: str, label: str) -> str:
@@ -211,7 +176,7 @@ def test_printed_links_open_the_runs_table_and_the_compare_page_of_every_trial(s
 @pytest.mark.ray
 def test_parent_run_reads_as_its_best_trial(sweep_run):
     parent, children = sweep_run.parent, sweep_run.children
-    assert len(children) == 2
+    assert len(children) == len(sweep_run.trials) >= 2
     best = max(children, key=lambda run: run.data.metrics["eval/reward"])
     assert parent.data.tags[BEST_RUN_TAG] == best.info.run_id
     for field in SWEPT:
@@ -219,7 +184,7 @@ def test_parent_run_reads_as_its_best_trial(sweep_run):
     assert parent.data.metrics == best.data.metrics  # every final metric, under the trials' own names
     # finished twice (the sweep, then its resume): logged once
     history = sweep_run.client.get_metric_history(parent.info.run_id, "eval/reward")
-    assert [m.step for m in history] == [2]
+    assert [m.step for m in history] == [SWEEP_STEPS]
 
 
 @pytest.mark.ray
@@ -318,8 +283,9 @@ def test_compare_page_shows_every_trial_and_its_swept_params(sweep_run, ui_serve
 @pytest.mark.ray
 def test_runs_table_link_opens_the_runs_best_first(sweep_run, ui_server, tmp_path):
     texts = page_texts(printed(sweep_run.first.stdout, "runs table"), tmp_path, "matching runs")
-    assert texts[texts.index("matching runs") - 1] == "3"  # the parent and its two trials
+    assert texts[texts.index("matching runs") - 1] == str(1 + len(sweep_run.children))  # parent, trials
     assert "Overview" not in texts  # not the GenAI view MLflow 3 opens by default
-    worst, best = sorted(sweep_run.children, key=lambda run: run.data.metrics["eval/reward"])
+    by_reward = sorted(sweep_run.children, key=lambda run: run.data.metrics["eval/reward"])
+    worst, best = by_reward[0], by_reward[-1]
     names = [text for text in texts if text in {worst.info.run_name, best.info.run_name}]
     assert names.index(best.info.run_name) < names.index(worst.info.run_name), names

@@ -1,9 +1,10 @@
 """Sweeps with more trials than the cluster can place at once: the trials without room wait, none fails.
 
-- The command of issue 22 as a test: its 4 trials at once asked for (`make test-soak`; `make test` runs 2
-  of them), room for one (each trial's worker asks for 2 CPUs of a 2-CPU instance), and
-  `failure.wait_for_workers_s=30`, which bounded a trial's first start before (3 of the 4 trials errored).
-  Ray Train's own start timeout is cut to 15 s a try, so a trial waits through several tries.
+- The command of issue 22 as a test (`make test-soak`): its 4 trials at once asked for, room for one (each
+  trial's worker asks for 2 CPUs of a 2-CPU instance), and `failure.wait_for_workers_s=30`, which bounded a
+  trial's first start before (3 of the 4 trials errored). Ray Train's own start timeout is cut to 15 s a
+  try, so a trial waits through several tries. Its short form in `make test` is tests/test_autoscaling.py's
+  sweep: the same settings, 4 trials at once asked for on a cluster that grows to room for 2.
 - Ray's fake autoscaler, from zero to 2 nodes: 6 trials, 4 at once (`make test-soak`; the short form is
   tests/test_autoscaling.py's sweep, 4 trials at once on 2 nodes); the trials without a node wait while
   their pending placement groups make the autoscaler add the nodes.
@@ -83,16 +84,15 @@ def training_windows(uri: str, since_ms: int = 0) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.ray
 @pytest.mark.own_ray
-@pytest.mark.parametrize("trials", [2, pytest.param(4, marks=pytest.mark.soak)])
-def test_more_trials_at_once_than_fit_wait_and_all_complete(tmp_path, trials):
-    room = max(1, (os.cpu_count() or 2) // 2)  # trials whose worker fits this machine's Ray at once
+@pytest.mark.soak
+def test_more_trials_at_once_than_fit_wait_and_all_complete(tmp_path):
+    trials, room = 4, max(1, (os.cpu_count() or 2) // 2)  # room: trials whose worker fits this machine's Ray
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = {
         "name": "oversub",
         "tracking.uri": uri,
         "storage.path": tmp_path / "runs",
-        # x 2 truncations: smoke.yaml's 4 trials, or 2 of them
-        "space.train.lr": "{grid: [1.0e-3, 1.0e-2]}" if trials == 4 else "{grid: [1.0e-2]}",
+        "space.train.lr": "{grid: [1.0e-3, 1.0e-2]}",  # x 2 truncations: smoke.yaml's 4 trials
         "tune.max_concurrent_trials": trials,
         "base.scaling.resources_per_worker.CPU": 2,
         "base.failure.wait_for_workers_s": 30,

@@ -1,14 +1,14 @@
 """A sweep driver killed again and again (SIGKILL) at seeded random points, and resumed each time.
 
-The smoke sweep's 4 trials (2 at a time) run as `alignprop-ray sweep` in a subprocess joined to the
-session's Ray instance. Every other kill lands just after a trial's run finished: inside the few seconds
-before Tune saves that the trial is done, where a resumed sweep used to start the finished trial again
-(with zero steps: its MLflow run reopened, then marked stopped early). At the end there must be exactly 4
-child runs, each with every step logged once, and a run that had finished before a kill must be exactly as
-it was then.
+The smoke sweep runs as `alignprop-ray sweep` in a subprocess joined to the session's Ray instance. Every
+other kill lands just after a trial's run finished: inside the few seconds before Tune saves that the trial
+is done, where a resumed sweep used to start the finished trial again (with zero steps: its MLflow run
+reopened, then marked stopped early). At the end there must be one child run per trial, each with every
+step logged once, and a run that had finished before a kill must be exactly as it was then.
 
-Two forms: 5 kills (`make test-soak`, the RELIABILITY.md row) and one kill (`make test`), which lands in
-that state-save window.
+Two forms: 5 kills of the smoke sweep's 4 trials, 2 at a time (`make test-soak`, the RELIABILITY.md row),
+and one kill (`make test`), in that state-save window, of 2 of them, one at a time (the second has not
+finished when the first's window comes: the sweep is still there to kill).
 """
 
 from __future__ import annotations
@@ -38,10 +38,15 @@ SMALL = [
     "train.batch_size=1",
 ]
 CYCLE_TIMEOUT_S = 300  # bound on each wait below (a resumed sweep starts training in ~20 s here)
+# kills -> the form's trials, its settings beyond SMALL, and the swept fields its table shows
+FORMS = {
+    1: (2, ["space.train.lr={grid: [3.0e-2]}", "tune.max_concurrent_trials=1"], ["truncation"]),
+    5: (4, [], ["truncation", "train.lr"]),
+}
 
 
-def sweep_command(tmp: Path, resume: bool) -> list[str]:
-    sets = [arg for item in SMALL for arg in ("--set", item)]
+def sweep_command(tmp: Path, resume: bool, kills: int) -> list[str]:
+    sets = [arg for item in [*SMALL, *FORMS[kills][1]] for arg in ("--set", item)]
     smoke = ROOT / "sweeps" / "smoke.yaml"
     return [
         sys.executable,
@@ -90,7 +95,7 @@ def killed_again_and_again(request, ray_session, tmp_path_factory):
     for cycle in range(count):
         with open(tmp / f"driver-{cycle}.log", "w") as log:
             driver = subprocess.Popen(
-                sweep_command(tmp, resume=cycle > 0), cwd=tmp, env=env, stdout=log, stderr=log
+                sweep_command(tmp, resume=cycle > 0, kills=count), cwd=tmp, env=env, stdout=log, stderr=log
             )
         try:
             # Before Tune's first state save a killed sweep cannot be resumed (RELIABILITY.md): kill after it.
@@ -111,7 +116,7 @@ def killed_again_and_again(request, ray_session, tmp_path_factory):
         for trial, run in finished(uri).items():
             seen.setdefault(trial, run)
     resumed = subprocess.run(
-        sweep_command(tmp, resume=True),
+        sweep_command(tmp, resume=True, kills=count),
         cwd=tmp,
         env=env,
         capture_output=True,
@@ -122,20 +127,27 @@ def killed_again_and_again(request, ray_session, tmp_path_factory):
     return uri, kills, seen, resumed, tmp
 
 
+def kills_and_trials(request) -> tuple[int, int]:
+    """The form of the test: how many kills, how many trials."""
+    kills = request.node.callspec.params["killed_again_and_again"]
+    return kills, FORMS[kills][0]
+
+
 def test_the_sweep_survives_its_kills(request, killed_again_and_again):
     _, kills, _, resumed, _ = killed_again_and_again
-    assert len(kills) == request.node.callspec.params["killed_again_and_again"]
+    count, trials = kills_and_trials(request)
+    assert len(kills) == count
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     table = resumed.stdout[resumed.stdout.index("\ntrial ") :].splitlines()
-    assert sum(line.rstrip().endswith("completed") for line in table) == 4, table
+    assert sum(line.rstrip().endswith("completed") for line in table) == trials, table
 
 
-def test_exactly_four_children_each_with_every_step_once(killed_again_and_again):
+def test_one_child_per_trial_each_with_every_step_once(request, killed_again_and_again):
     from mlflow import MlflowClient
 
     uri, *_ = killed_again_and_again
     client, runs = MlflowClient(uri), children(uri)
-    assert len(runs) == 4
+    assert len(runs) == kills_and_trials(request)[1]
     for trial, (status, _, run_id) in runs.items():
         assert status == "FINISHED", trial
         for key in ("train/loss", "train/reward", "perf/rss_mb"):
@@ -157,17 +169,18 @@ def test_a_finished_trial_stays_finished_and_its_run_untouched(killed_again_and_
 # --- what the resumed sweep leaves: one parent, its summary, the table, and the refusal of changed settings
 
 
-def test_one_parent_run_holds_the_four_children_and_the_sweeps_summary(killed_again_and_again):
+def test_one_parent_run_holds_the_children_and_the_sweeps_summary(request, killed_again_and_again):
     from mlflow import MlflowClient
 
     uri, *_ = killed_again_and_again
+    trials = kills_and_trials(request)[1]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("alignprop.kind") == "sweep"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
+    assert len(parents) == 1 and len(children) == trials and len(runs) == trials + 1
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    assert len({c.info.run_name for c in children}) == 4
+    assert len({c.info.run_name for c in children}) == trials
     for child in children:
         assert set(child.data.params) >= {"train.lr", "truncation", "model.lora.rank"}
     parent = parents[0]
@@ -177,7 +190,7 @@ def test_one_parent_run_holds_the_four_children_and_the_sweeps_summary(killed_ag
     }
 
 
-def test_the_resumed_sweep_prints_the_table_and_the_best_adapter(killed_again_and_again, tiny_dir):
+def test_the_resumed_sweep_prints_the_table_and_the_best_adapter(request, killed_again_and_again, tiny_dir):
     from tests.helpers import adapter_change
     from tests.test_sweep import _alive, _server_pids
 
@@ -185,7 +198,8 @@ def test_the_resumed_sweep_prints_the_table_and_the_best_adapter(killed_again_an
     out = resumed.stdout
     assert "View run" not in out  # MLflow's links would point at the sweep's server, gone after the sweep
     table = out[out.index("\ntrial ") :].splitlines()
-    assert table[1].split()[:3] == ["trial", "truncation", "train.lr"]
+    swept = FORMS[kills_and_trials(request)[0]][2]  # a field with one value is no column
+    assert table[1].split()[: 1 + len(swept)] == ["trial", *swept]
     line = next(line for line in out.splitlines() if line.startswith("best adapter: "))
     adapter = line.removeprefix("best adapter: ").removesuffix(" (what --register registers)")
     assert adapter_change(tiny_dir, adapter) > 1e-2  # the best trial's adapter, trained: a new image
@@ -201,7 +215,7 @@ def test_the_resumed_sweep_prints_the_table_and_the_best_adapter(killed_again_an
     ],
 )
 def test_resume_refuses_a_changed_base_setting(
-    killed_again_and_again, monkeypatch, capsys, override, expected
+    request, killed_again_and_again, monkeypatch, capsys, override, expected
 ):
     """Tune would resume its pickled trial configs: a changed base setting must not pass silently."""
     from alignprop_ray import cli
@@ -210,7 +224,8 @@ def test_resume_refuses_a_changed_base_setting(
     uri, *_, tmp = killed_again_and_again
     before = store_state(uri)
     monkeypatch.chdir(tmp)
-    assert cli.main([*sweep_command(tmp, resume=True)[3:], "--set", override]) == 2
+    command = sweep_command(tmp, resume=True, kills=kills_and_trials(request)[0])
+    assert cli.main([*command[3:], "--set", override]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(expected + "; resume it with the same settings, or start another with --set name=...")
     assert len(err.splitlines()) == 1
