@@ -8,30 +8,25 @@
 - Ray's fake autoscaler, from zero to 2 nodes: 6 trials, 4 at once (`make test-soak`; the short form is
   tests/test_autoscaling.py's sweep, 4 trials at once on 2 nodes); the trials without a node wait while
   their pending placement groups make the autoscaler add the nodes.
-- `--resume` after a trial errored and the sweep driver was killed: Ray Tune starts every restored trial
-  at once (ray-project/ray#40652); the sweep's slots keep it to `tune.max_concurrent_trials` (1, on room
-  for 2).
+- `--resume` after a trial errored and the sweep driver was killed (Ray Tune starts every restored trial at
+  once, ray-project/ray#40652): tests/test_reliability_sweep.py, whose short form kills a trial's worker and
+  then the driver of a sweep run one trial at a time.
 The same without Ray: tests/test_room.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.helpers import most_at_once
 from tests.test_autoscaling import CLUSTER_FACTS, MAX_NODES, start_cluster_from_zero
-from tests.test_reliability import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {  # a trial of a few seconds' training: the waits are the point
@@ -155,92 +150,6 @@ def test_trials_beyond_the_nodes_wait_and_the_autoscaler_still_adds_the_nodes(tm
     windows = training_windows(uri).values()
     assert len(windows) == 6
     assert most_at_once(windows) == MAX_NODES, sorted(windows)  # side by side, never more than nodes
-
-
-# --- --resume keeps the limit ----------------------------------------------------------------------------
-
-
-def train_workers() -> list[psutil.Process]:
-    """Ray Train's worker processes of the test session's Ray instance (its processes descend from this
-    one, which started it)."""
-    found = []
-    for process in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if process.cmdline()[:1] and process.cmdline()[0].startswith("ray::RayTrainWorker"):
-                found.append(process)
-    return found
-
-
-def trial_statuses(path: Path) -> dict[str, str]:
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        return {t.trial_id: t.status for t in ExperimentAnalysis(str(path)).trials}
-    except Exception:  # no state written yet
-        return {}
-
-
-@pytest.mark.ray
-def test_a_resumed_sweep_keeps_its_concurrency_limit(ray_session, tmp_path):
-    """Room for 2 trials (2 CPUs, one 1-CPU worker each), 1 at a time asked for: trial A's worker is
-    killed (no retries: A errors), then the sweep driver while B trains. Resumed, Tune would start A and
-    B together."""
-    from ray import tune
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = {
-        "name": "resume-limit",
-        "tracking.uri": uri,
-        "storage.path": tmp_path / "runs",
-        "space.truncation": "{grid: [full]}",
-        "tune.max_concurrent_trials": 1,
-        "failure.max_failures": 0,
-        "train.steps": 8,  # long enough that B is still training when the driver is killed
-        "train.checkpoint_every": 2,
-    }
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    state = tmp_path / "runs" / "resume-limit"
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(sweep_command(sets), cwd=tmp_path, env=env, stdout=log, stderr=log)
-    try:
-        # MLflow's store is the sweep's to create: reading it before then races its schema set-up
-        wait_for(lambda: tune.Tuner.can_restore(str(state)), TIMEOUT_S, "Tune's first state save")
-        wait_for(lambda: len(training_windows_or_none(uri)) == 1, TIMEOUT_S, "trial A to train")
-        (worker,) = train_workers()
-        worker.send_signal(signal.SIGKILL)
-        wait_for(lambda: "ERROR" in trial_statuses(state).values(), TIMEOUT_S, "trial A to error")
-        wait_for(lambda: len(training_windows_or_none(uri)) == 2, TIMEOUT_S, "trial B to train")
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        first.send_signal(signal.SIGKILL)
-    finally:
-        first.kill()
-        first.wait()
-    # Ray ends the killed driver's trials (their owner died) a few seconds later; until then B's old worker
-    # may log another step, which is the killed sweep's, not the resumed one's
-    wait_for(lambda: not train_workers(), TIMEOUT_S, "the killed sweep's Train workers to end")
-    resumed_at = int(time.time() * 1000)
-    resumed = subprocess.run(
-        sweep_command(sets, "--resume"),
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, out[-4000:]
-    rows = table(out)
-    assert sum(row.rstrip().endswith("completed") for row in rows) == 2, "\n".join(rows)
-    windows = training_windows(uri, since_ms=resumed_at)
-    assert len(windows) == 2 and most_at_once(windows.values()) == 1, windows
-
-
-def training_windows_or_none(uri: str) -> dict:
-    """training_windows, or nothing while the store is busy with the sweep's writes."""
-    try:
-        return training_windows(uri)
-    except Exception:
-        return {}
 
 
 def test_most_at_once_counts_overlaps():

@@ -7,12 +7,15 @@ reopened, then marked stopped early). At the end there must be one child run per
 step logged once, and a run that had finished before a kill must be exactly as it was then.
 
 Two forms: 5 kills of the smoke sweep's 4 trials, 2 at a time (`make test-soak`, the RELIABILITY.md row),
-and one kill (`make test`), in that state-save window, of 2 of them, one at a time (the second has not
-finished when the first's window comes: the sweep is still there to kill).
+and one kill (`make test`), in that state-save window, of a sweep of 3 trials one at a time. In the short
+form trial A errors first (its Train worker killed, no retries), then the driver is killed just after B
+finished: resumed, Ray Tune 2.60 starts every restored trial at once (ray-project/ray#40652), and the
+sweep's slots must keep it to `tune.max_concurrent_trials` (1, on room for 2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -20,9 +23,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 
+from tests.helpers import most_at_once
+from tests.test_oversubscribed import training_windows
 from tests.test_reliability import wait_for
 
 pytestmark = pytest.mark.ray
@@ -38,10 +45,21 @@ SMALL = [
     "train.batch_size=1",
 ]
 CYCLE_TIMEOUT_S = 300  # bound on each wait below (a resumed sweep starts training in ~20 s here)
-# kills -> the form's trials, its settings beyond SMALL, and the swept fields its table shows
+ONE_AT_A_TIME = ["tune.max_concurrent_trials=1", "failure.max_failures=0"]
+# kills -> the form's trials, its settings beyond SMALL, the swept fields its table shows, and how many
+# trials may train at once (smoke.yaml's 1-CPU trials on the session's 2 CPUs: 2)
 FORMS = {
-    1: (2, ["space.train.lr={grid: [3.0e-2]}", "tune.max_concurrent_trials=1"], ["truncation"]),
-    5: (4, [], ["truncation", "train.lr"]),
+    1: (
+        3,
+        [
+            "space.truncation={grid: [full]}",
+            "space.train.lr={grid: [3.0e-3, 1.0e-2, 3.0e-2]}",
+            *ONE_AT_A_TIME,
+        ],
+        ["train.lr"],
+        1,
+    ),
+    5: (4, [], ["truncation", "train.lr"], 2),
 }
 
 
@@ -80,6 +98,26 @@ def finished(uri: str) -> dict[str, tuple[str, int | None, str]]:
     return {trial: run for trial, run in children(uri).items() if run[0] == "FINISHED"}
 
 
+def train_workers() -> list[psutil.Process]:
+    """Ray Train's worker processes of the test session's Ray instance (its processes descend from this
+    one, which started it)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if process.cmdline()[:1] and process.cmdline()[0].startswith("ray::RayTrainWorker"):
+                found.append(process)
+    return found
+
+
+def trial_statuses(path: str) -> dict[str, str]:
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(path).trials}
+    except Exception:  # no state written yet
+        return {}
+
+
 @pytest.fixture(
     scope="module", params=[1, pytest.param(5, marks=pytest.mark.soak)], ids=["1-kill", "5-kills"]
 )
@@ -100,6 +138,10 @@ def killed_again_and_again(request, ray_session, tmp_path_factory):
         try:
             # Before Tune's first state save a killed sweep cannot be resumed (RELIABILITY.md): kill after it.
             wait_for(lambda: tune.Tuner.can_restore(state), CYCLE_TIMEOUT_S, "Tune's first state save")
+            if count == 1:  # trial A errors: its only worker killed, no retries (failure.max_failures=0)
+                (worker,) = wait_for(train_workers, CYCLE_TIMEOUT_S, "trial A's Train worker")
+                worker.send_signal(signal.SIGKILL)
+                wait_for(lambda: "ERROR" in trial_statuses(state).values(), CYCLE_TIMEOUT_S, "A to error")
             if cycle % 2 or count == 1:  # right after a trial's run finishes: inside Tune's state-save window
                 before = set(finished(uri))
                 wait_for(lambda done=before: set(finished(uri)) - done, CYCLE_TIMEOUT_S, "a trial to finish")
@@ -115,6 +157,10 @@ def killed_again_and_again(request, ray_session, tmp_path_factory):
         kills.append(f"{delay:.1f} s {where}")
         for trial, run in finished(uri).items():
             seen.setdefault(trial, run)
+    # Ray ends the killed driver's trials (their owner died) a few seconds later; until then a worker may log
+    # another step, which is the killed sweep's, not the resumed one's
+    wait_for(lambda: not train_workers(), CYCLE_TIMEOUT_S, "the killed sweep's Train workers to end")
+    resumed_at = int(time.time() * 1000)
     resumed = subprocess.run(
         sweep_command(tmp, resume=True, kills=count),
         cwd=tmp,
@@ -124,7 +170,7 @@ def killed_again_and_again(request, ray_session, tmp_path_factory):
         timeout=CYCLE_TIMEOUT_S,
     )
     print(f"{count} kills ({'; '.join(kills)}) and the last resume: {time.monotonic() - started:.0f} s")
-    return uri, kills, seen, resumed, tmp
+    return SimpleNamespace(uri=uri, kills=kills, seen=seen, resumed=resumed, resumed_at=resumed_at, tmp=tmp)
 
 
 def kills_and_trials(request) -> tuple[int, int]:
@@ -134,7 +180,7 @@ def kills_and_trials(request) -> tuple[int, int]:
 
 
 def test_the_sweep_survives_its_kills(request, killed_again_and_again):
-    _, kills, _, resumed, _ = killed_again_and_again
+    kills, resumed = killed_again_and_again.kills, killed_again_and_again.resumed
     count, trials = kills_and_trials(request)
     assert len(kills) == count
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -145,7 +191,7 @@ def test_the_sweep_survives_its_kills(request, killed_again_and_again):
 def test_one_child_per_trial_each_with_every_step_once(request, killed_again_and_again):
     from mlflow import MlflowClient
 
-    uri, *_ = killed_again_and_again
+    uri = killed_again_and_again.uri
     client, runs = MlflowClient(uri), children(uri)
     assert len(runs) == kills_and_trials(request)[1]
     for trial, (status, _, run_id) in runs.items():
@@ -158,8 +204,19 @@ def test_one_child_per_trial_each_with_every_step_once(request, killed_again_and
             assert steps == [0, 2, 4], (trial, key, steps)
 
 
+def test_the_resumed_sweep_keeps_its_concurrency_limit(request, killed_again_and_again):
+    """Never more trials training at once after the resume than the form allows: in the short form the
+    errored A and the unstarted C, one after the other."""
+    run = killed_again_and_again
+    windows = training_windows(run.uri, since_ms=run.resumed_at)
+    limit = FORMS[kills_and_trials(request)[0]][3]
+    assert windows and most_at_once(windows.values()) <= limit, windows
+    if limit == 1:
+        assert len(windows) == 2, windows
+
+
 def test_a_finished_trial_stays_finished_and_its_run_untouched(killed_again_and_again):
-    uri, _, seen, *_ = killed_again_and_again
+    uri, seen = killed_again_and_again.uri, killed_again_and_again.seen
     assert seen, "no trial had finished before a kill: the test did not reach Tune's state-save window"
     runs = children(uri)
     for trial, run in seen.items():
@@ -172,7 +229,7 @@ def test_a_finished_trial_stays_finished_and_its_run_untouched(killed_again_and_
 def test_one_parent_run_holds_the_children_and_the_sweeps_summary(request, killed_again_and_again):
     from mlflow import MlflowClient
 
-    uri, *_ = killed_again_and_again
+    uri = killed_again_and_again.uri
     trials = kills_and_trials(request)[1]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], max_results=1000)
@@ -194,8 +251,7 @@ def test_the_resumed_sweep_prints_the_table_and_the_best_adapter(request, killed
     from tests.helpers import adapter_change
     from tests.test_sweep import _alive, _server_pids
 
-    uri, *_, resumed, _ = killed_again_and_again
-    out = resumed.stdout
+    uri, out = killed_again_and_again.uri, killed_again_and_again.resumed.stdout
     assert "View run" not in out  # MLflow's links would point at the sweep's server, gone after the sweep
     table = out[out.index("\ntrial ") :].splitlines()
     swept = FORMS[kills_and_trials(request)[0]][2]  # a field with one value is no column
@@ -221,7 +277,7 @@ def test_resume_refuses_a_changed_base_setting(
     from alignprop_ray import cli
     from tests.test_bad_input import store_state
 
-    uri, *_, tmp = killed_again_and_again
+    uri, tmp = killed_again_and_again.uri, killed_again_and_again.tmp
     before = store_state(uri)
     monkeypatch.chdir(tmp)
     command = sweep_command(tmp, resume=True, kills=kills_and_trials(request)[0])
