@@ -29,9 +29,19 @@ from pathlib import Path
 import pytest
 
 from tests.test_reliability import MlflowServer, wait_for
-from tests.test_reliability_train import RUN_WITH_FAULTS, TINY
+from tests.test_reliability_train import TINY
 
 pytestmark = pytest.mark.ray
+
+# Runs run_training in a subprocess, for the fault hook that kills the worker at given steps.
+RUN_WITH_FAULTS = """
+import json, sys
+from alignprop_ray.config import load_experiment
+from alignprop_ray.train.launch import run_training
+spec = json.loads(sys.argv[1])
+cfg = load_experiment(spec["config"], spec["overrides"])
+run_training(cfg, spec["name"], fail_at_step=spec["fail_at"], fail_marker=spec["marker"])
+"""
 
 
 @dataclass(frozen=True)

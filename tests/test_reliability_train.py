@@ -1,12 +1,11 @@
-"""Faults during a training run, injected for real: a checkpoint truncated in storage, the storage disk
-filling up, the MLflow artifact folder filling up. Each run is `alignprop-ray train` (or, where the fault
-hook kills a worker, `run_training`) in a subprocess joined to the session's Ray instance, so its exit
-status and its last line are what a user sees. RELIABILITY.md lists each fault with its test.
+"""Faults during a training run, injected for real: the storage disk filling up and then the checkpoint
+it leaves truncated, the MLflow artifact folder filling up. Each run is `alignprop-ray train` in a
+subprocess joined to the session's Ray instance, so its exit status and its last line are what a user sees.
+RELIABILITY.md lists each fault with its test.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -35,15 +34,6 @@ SMALL = [
     "train.checkpoint_every=3",
     "failure.max_failures=0",
 ]
-# Runs run_training in a subprocess, for the fault hook that kills the worker at given steps.
-RUN_WITH_FAULTS = """
-import json, sys
-from alignprop_ray.config import load_experiment
-from alignprop_ray.train.launch import run_training
-spec = json.loads(sys.argv[1])
-cfg = load_experiment(spec["config"], spec["overrides"])
-run_training(cfg, spec["name"], fail_at_step=spec["fail_at"], fail_marker=spec["marker"])
-"""
 
 
 def overrides(tmp: Path, *extra: str) -> list[str]:
@@ -113,62 +103,23 @@ def last_line(proc) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
 
-def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(ray_session, tmp_path):
-    from alignprop_ray.train.checkpoint import read_checkpoint
-
-    env = ray_env(ray_session)
-    spec = {
-        "config": str(TINY),
-        "overrides": overrides(tmp_path),
-        "name": "damaged",
-        "fail_at": 7,  # after the checkpoint of step 6: the worker dies, the run fails (max_failures 0)
-        "marker": str(tmp_path / "killed"),
-    }
-    crashed = subprocess.run(
-        [sys.executable, "-c", RUN_WITH_FAULTS, json.dumps(spec)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-    assert crashed.returncode != 0 and (tmp_path / "killed").exists(), crashed.stderr[-3000:]
-    kept = checkpoints(tmp_path / "runs" / "damaged")
-    assert [step for step, _ in kept] == [3, 6]
-    newest = Path(kept[-1][1])  # a node died uploading it: two files cut short
-    for name in ("training_state.pt", "adapter/pytorch_lora_weights.safetensors"):
-        (newest / name).write_bytes((newest / name).read_bytes()[:100])
-
-    resumed = train(tmp_path, env, "damaged")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    said = [
-        line.split("[alignprop] ", 1)[1] for line in resumed.stdout.splitlines() if "[alignprop] " in line
-    ]
-    damaged = [line for line in said if line.startswith("damaged checkpoint")]
-    assert len(damaged) == 1, said  # one line, naming the checkpoint and its first bad file
-    assert damaged[0].startswith(
-        f"damaged checkpoint skipped: {newest} (adapter/pytorch_lora_weights.safetensors: 100 bytes of "
-    ), damaged
-    assert any("resuming after step 3" in line for line in said), said
-    client, run = mlflow_run(tmp_path, "damaged")
-    assert run.info.status == "FINISHED"
-    assert_complete(client, run.info.run_id)
-    assert read_checkpoint(checkpoints(tmp_path / "runs" / "damaged")[-1][1]).progress.step == 9
-
-
 def test_storage_that_fills_up_ends_the_run_with_one_line_and_the_last_checkpoint_intact(
     ray_session, tmp_path
 ):
+    """The disk fills up after the checkpoints of steps 3 and 6: the run ends with one line and step 6's
+    checkpoint intact. Then step 6's checkpoint is cut short (as by a node that died uploading it), and the
+    command the line printed resumes all the same: it skips the damaged checkpoint and resumes after step 3."""
     from alignprop_ray.train.checkpoint import read_checkpoint
 
     env = ray_env(ray_session)
     with tmpfs(tmp_path / "runs", "4m") as storage:
         running = train(tmp_path, env, "full", wait=False)
-        wait_for(lambda: checkpoints(storage / "full"), RUN_TIMEOUT_S, "the first checkpoint")
+        wait_for(lambda: len(checkpoints(storage / "full")) == 2, RUN_TIMEOUT_S, "two checkpoints")
         fill(storage)  # the disk fills up between two checkpoints
         failed = finish(running, tmp_path, "full")
         assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
         kept = checkpoints(storage / "full")
+        assert [step for step, _ in kept] == [3, 6]
         step, path = kept[-1]
         assert last_line(failed) == (
             f"alignprop-ray train: training failed: could not save the checkpoint of step {step + 3} to "
@@ -183,12 +134,25 @@ def test_storage_that_fills_up_ends_the_run_with_one_line_and_the_last_checkpoin
         }
         assert not leftovers, f"a partial checkpoint was left in storage: {leftovers}"
         (storage / "filler").unlink()
+        newest = Path(path)  # now a node died uploading it: two files cut short
+        for name in ("training_state.pt", "adapter/pytorch_lora_weights.safetensors"):
+            (newest / name).write_bytes((newest / name).read_bytes()[:100])
         resumed = train(tmp_path, env, "full")  # what the line says to run
+        final = read_checkpoint(checkpoints(storage / "full")[-1][1]).progress.step
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resuming after step {step}" in resumed.stdout
+    said = [
+        line.split("[alignprop] ", 1)[1] for line in resumed.stdout.splitlines() if "[alignprop] " in line
+    ]
+    damaged = [line for line in said if line.startswith("damaged checkpoint")]
+    assert len(damaged) == 1, said  # one line, naming the checkpoint and its first bad file
+    assert damaged[0].startswith(
+        f"damaged checkpoint skipped: {newest} (adapter/pytorch_lora_weights.safetensors: 100 bytes of "
+    ), damaged
+    assert any("resuming after step 3" in line for line in said), said
     client, run = mlflow_run(tmp_path, "full")
     assert run.info.status == "FINISHED"
     assert_complete(client, run.info.run_id)
+    assert final == 9
 
 
 def test_an_artifact_folder_that_fills_up_ends_the_run_with_one_line(ray_session, tmp_path):
