@@ -205,12 +205,13 @@ def test_one_child_per_trial_each_with_every_step_once(request, killed_again_and
 
 
 def test_the_resumed_sweep_keeps_its_concurrency_limit(request, killed_again_and_again):
-    """Never more trials training at once after the resume than the form allows: in the short form the
-    errored A and the unstarted C, one after the other."""
+    """Never more trials training at once after the last resume than the form allows. In the short form the
+    errored A and the unstarted C train then, one after the other; after the 5th kill every trial may have
+    finished already."""
     run = killed_again_and_again
     windows = training_windows(run.uri, since_ms=run.resumed_at)
     limit = FORMS[kills_and_trials(request)[0]][3]
-    assert windows and most_at_once(windows.values()) <= limit, windows
+    assert most_at_once(windows.values()) <= limit, windows
     if limit == 1:
         assert len(windows) == 2, windows
 
