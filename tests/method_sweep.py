@@ -49,8 +49,9 @@ def sweep_data(tmp: Path, rows) -> dict:
 def run_method_sweep(ray_session, tmp: Path, rows) -> SimpleNamespace:
     from mlflow import MlflowClient
 
+    data = sweep_data(tmp, rows)
     path = tmp / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep_data(tmp, rows)))
+    path.write_text(yaml.safe_dump(data))
     port = free_port()
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     command = [sys.executable, "-m", "alignprop_ray.cli", "sweep", str(path)]
@@ -64,7 +65,7 @@ def run_method_sweep(ray_session, tmp: Path, rows) -> SimpleNamespace:
 
     first = run("--ui-url", f"http://127.0.0.1:{port}", "--register", MODEL, timeout=900)
     again = run("--resume", "--verbose", timeout=600)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = data["base"]["tracking"]["uri"]
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])

@@ -344,13 +344,13 @@ def _session(sid: int) -> list[int]:
     return pids
 
 
-def child_runs(uri: str) -> list:
-    """The MLflow runs of the smoke sweep's trials."""
+def child_runs(uri: str, experiment: str = "smoke") -> list:
+    """The MLflow runs of a sweep's trials (smoke.yaml's experiment unless told)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-    return [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], "tags.`mlflow.parentRunId` != ''", max_results=100)
 
 
 def training_windows(uri: str) -> list[tuple[int, int]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import most_at_once
-from tests.test_autoscaling import CLUSTER_FACTS, MAX_NODES, start_cluster_from_zero
+from tests.test_autoscaling import CLUSTER_FACTS, MAX_NODES, child_runs, start_cluster_from_zero
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {  # a trial of a few seconds' training: the waits are the point
@@ -51,14 +51,6 @@ def sweep_command(sets: dict, *extra: str) -> list[str]:
 def table(output: str) -> list[str]:
     assert "\ntrial " in output, output[-4000:]
     return output[output.index("\ntrial ") :].splitlines()
-
-
-def child_runs(uri: str, experiment: str = "smoke") -> list:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    return client.search_runs([found.experiment_id], "tags.`mlflow.parentRunId` != ''", max_results=100)
 
 
 def training_windows(uri: str, since_ms: int = 0) -> dict[str, tuple[int, int]]:

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import psutil
 import pytest
@@ -45,26 +46,33 @@ SMALL = [
     "train.batch_size=1",
 ]
 CYCLE_TIMEOUT_S = 300  # bound on each wait below (a resumed sweep starts training in ~20 s here)
-ONE_AT_A_TIME = ["tune.max_concurrent_trials=1", "failure.max_failures=0"]
-# kills -> the form's trials, its settings beyond SMALL, the swept fields its table shows, and how many
-# trials may train at once (smoke.yaml's 1-CPU trials on the session's 2 CPUs: 2)
-FORMS = {
-    1: (
-        3,
-        [
+
+
+class Form(NamedTuple):
+    trials: int
+    sets: list[str]  # beyond SMALL
+    columns: list[str]  # the swept fields the table shows (a field with one value is no column)
+    at_once: int  # trials that may train at once (smoke.yaml's 1-CPU trials on the session's 2 CPUs: 2)
+
+
+FORMS = {  # by the number of kills
+    1: Form(
+        trials=3,
+        sets=[
             "space.truncation={grid: [full]}",
             "space.train.lr={grid: [3.0e-3, 1.0e-2, 3.0e-2]}",
-            *ONE_AT_A_TIME,
+            "tune.max_concurrent_trials=1",
+            "failure.max_failures=0",
         ],
-        ["train.lr"],
-        1,
+        columns=["train.lr"],
+        at_once=1,
     ),
-    5: (4, [], ["truncation", "train.lr"], 2),
+    5: Form(trials=4, sets=[], columns=["truncation", "train.lr"], at_once=2),
 }
 
 
 def sweep_command(tmp: Path, resume: bool, kills: int) -> list[str]:
-    sets = [arg for item in [*SMALL, *FORMS[kills][1]] for arg in ("--set", item)]
+    sets = [arg for item in [*SMALL, *FORMS[kills].sets] for arg in ("--set", item)]
     smoke = ROOT / "sweeps" / "smoke.yaml"
     return [
         sys.executable,
@@ -173,19 +181,19 @@ def killed_again_and_again(request, ray_session, tmp_path_factory):
     return SimpleNamespace(uri=uri, kills=kills, seen=seen, resumed=resumed, resumed_at=resumed_at, tmp=tmp)
 
 
-def kills_and_trials(request) -> tuple[int, int]:
-    """The form of the test: how many kills, how many trials."""
+def kills_and_form(request) -> tuple[int, Form]:
+    """The form of the test: how many kills, and what they are done to."""
     kills = request.node.callspec.params["killed_again_and_again"]
-    return kills, FORMS[kills][0]
+    return kills, FORMS[kills]
 
 
 def test_the_sweep_survives_its_kills(request, killed_again_and_again):
     kills, resumed = killed_again_and_again.kills, killed_again_and_again.resumed
-    count, trials = kills_and_trials(request)
+    count, form = kills_and_form(request)
     assert len(kills) == count
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     table = resumed.stdout[resumed.stdout.index("\ntrial ") :].splitlines()
-    assert sum(line.rstrip().endswith("completed") for line in table) == trials, table
+    assert sum(line.rstrip().endswith("completed") for line in table) == form.trials, table
 
 
 def test_one_child_per_trial_each_with_every_step_once(request, killed_again_and_again):
@@ -193,7 +201,7 @@ def test_one_child_per_trial_each_with_every_step_once(request, killed_again_and
 
     uri = killed_again_and_again.uri
     client, runs = MlflowClient(uri), children(uri)
-    assert len(runs) == kills_and_trials(request)[1]
+    assert len(runs) == kills_and_form(request)[1].trials
     for trial, (status, _, run_id) in runs.items():
         assert status == "FINISHED", trial
         for key in ("train/loss", "train/reward", "perf/rss_mb"):
@@ -210,7 +218,7 @@ def test_the_resumed_sweep_keeps_its_concurrency_limit(request, killed_again_and
     finished already."""
     run = killed_again_and_again
     windows = training_windows(run.uri, since_ms=run.resumed_at)
-    limit = FORMS[kills_and_trials(request)[0]][3]
+    limit = kills_and_form(request)[1].at_once
     assert most_at_once(windows.values()) <= limit, windows
     if limit == 1:
         assert len(windows) == 2, windows
@@ -231,7 +239,7 @@ def test_one_parent_run_holds_the_children_and_the_sweeps_summary(request, kille
     from mlflow import MlflowClient
 
     uri = killed_again_and_again.uri
-    trials = kills_and_trials(request)[1]
+    trials = kills_and_form(request)[1].trials
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("alignprop.kind") == "sweep"]
@@ -255,7 +263,7 @@ def test_the_resumed_sweep_prints_the_table_and_the_best_adapter(request, killed
     uri, out = killed_again_and_again.uri, killed_again_and_again.resumed.stdout
     assert "View run" not in out  # MLflow's links would point at the sweep's server, gone after the sweep
     table = out[out.index("\ntrial ") :].splitlines()
-    swept = FORMS[kills_and_trials(request)[0]][2]  # a field with one value is no column
+    swept = kills_and_form(request)[1].columns
     assert table[1].split()[: 1 + len(swept)] == ["trial", *swept]
     line = next(line for line in out.splitlines() if line.startswith("best adapter: "))
     adapter = line.removeprefix("best adapter: ").removesuffix(" (what --register registers)")
@@ -281,7 +289,7 @@ def test_resume_refuses_a_changed_base_setting(
     uri, tmp = killed_again_and_again.uri, killed_again_and_again.tmp
     before = store_state(uri)
     monkeypatch.chdir(tmp)
-    command = sweep_command(tmp, resume=True, kills=kills_and_trials(request)[0])
+    command = sweep_command(tmp, resume=True, kills=kills_and_form(request)[0])
     assert cli.main([*command[3:], "--set", override]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(expected + "; resume it with the same settings, or start another with --set name=...")
