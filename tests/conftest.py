@@ -11,6 +11,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.stores import postgres, postgres_mlflow  # noqa: E402, F401 (fixtures, for every test module)
+
 # Two threads, unless OMP_NUM_THREADS says otherwise (tests/run_tiers.py and `make test-fast` set it to 1:
 # for the tests' own process and their subprocesses alike).
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -54,10 +56,21 @@ def tiny_parts():
     return load_parts("tiny")
 
 
+# Files whose place in the order matters to the tier without Ray (tests/run_tiers.py): the longest first, so
+# that it does not end the tier alone; the one that compiles what it compiled last, from Inductor's cache.
+RUN_FIRST, RUN_LAST = "test_gpu_check.py", "test_speed_levers.py"
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that start their own Ray instances run first, while no shared instance is up: a command
-    looking for a cluster to join must not find the session's (and 2 cores cannot host both)."""
-    items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)
+    looking for a cluster to join must not find the session's (and 2 cores cannot host both). Then
+    RUN_FIRST, the rest in collection order, RUN_LAST (a stable sort: the same order in every xdist worker)."""
+
+    def rank(item) -> tuple[bool, int]:
+        place = {RUN_FIRST: 0, RUN_LAST: 2}.get(item.path.name, 1)
+        return item.get_closest_marker("own_ray") is None, place
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +86,8 @@ def ray_session():
 
     from alignprop_ray.compat import ray_init_private
 
-    # Ray's runtime-env agent tries a failing runtime_env 3 times (about 20 s each: a virtualenv and pip);
-    # the one test of a runtime_env that cannot build (test_reward_service.py) needs one failure, not three.
+    # Ray's runtime-env agent tries a failing runtime_env 3 times; the one test of a runtime_env that cannot
+    # build (test_reward_service.py) needs one failure, not three.
     os.environ.setdefault("RUNTIME_ENV_RETRY_TIMES", "1")
     if not ray.is_initialized():
         ray_init_private(

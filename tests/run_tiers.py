@@ -1,16 +1,19 @@
 """`make test`: the suite as two pytest processes at once, so that the Ray tests' idle time runs the others.
 
     ray tier   markers ray or own_ray: in the foreground, its output on the terminal as it comes
-    rest       every other test but the soak tier: beside it at idle priority, one torch thread and one
-               Inductor compile thread; its report is printed when both have ended
+    rest       every other test but the soak tier: beside it at idle priority, in 2 pytest-xdist workers
+               (a test file each at a time) of one torch thread and one Inductor compile thread each; its
+               report is printed when both have ended
 
 A tiny Ray run spends its wall time starting processes and waiting on them: on the 2-core box the Ray tests
 keep 1.6 cores busy on average (2026-12-07, the busy cores sampled every 5 s), and the other tests' ~680 s
 of mostly single-threaded work fits in the rest. The rest tier runs under SCHED_IDLE (nice 19 where that is
 refused): it gets a core only when no other process wants it, so the Ray tests' timing, which some of them
-assert on, is as if it were not there (1,835 s beside it, 1,828 s alone). One torch thread, in its
+assert on, is as if it were not there (1,835 s beside it, 1,828 s alone). Two workers, so that it takes both
+cores when the Ray tests leave both idle, and both once they have ended; one torch thread each, in their
 subprocesses too: two OpenMP threads of a starved process stall at their barriers (tests/conftest.py,
-`one_thread`).
+`one_thread`). The longest file, test_gpu_check.py, goes first, and test_speed_levers.py, which compiles
+the same denoiser, last: it finds the kernels in Inductor's cache (tests/conftest.py orders them).
 
     python tests/run_tiers.py [PYTEST ARGS...]     # both tiers, each given the same extra arguments
 
@@ -29,6 +32,7 @@ RAY = "(ray or own_ray) and not soak"
 REST = "not ray and not own_ray and not soak"
 NO_TESTS = 5  # pytest's exit status when the selection is empty
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15"]
+REST_WORKERS = ["-n", "2", "--dist", "loadfile", "--no-loadscope-reorder"]  # files in collection order
 
 
 def pytest(marker: str, args: list[str]) -> list[str]:
@@ -47,7 +51,7 @@ def main(args: list[str]) -> int:
     start = time.monotonic()
     with tempfile.TemporaryFile("w+") as log:
         rest = subprocess.Popen(
-            pytest(REST, args),
+            pytest(REST, [*REST_WORKERS, *args]),
             stdout=log,
             stderr=subprocess.STDOUT,
             # its subprocesses too: a served model's images match the test's own bit for bit only at

@@ -586,15 +586,31 @@ def steps_of(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+@pytest.fixture
+def collapse_store(request, tmp_path) -> str:
+    """Where the collapse sweep logs: the clusters' store, PostgreSQL behind an MLflow server of 2 workers
+    (tests/stores.py), where PostgreSQL is installed (.ci/run requires it); else SQLite, which the sweep
+    serves itself (as most other sweeps here)."""
+    from tests.stores import find_postgres_bin, postgres_required
+
+    if find_postgres_bin() is None and not postgres_required():
+        return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return request.getfixturevalue("postgres_mlflow")[0]
+
+
 @pytest.mark.ray
-def test_collapse_stopper_stops_the_collapsing_trial_only(ray_session, tmp_path):
+def test_collapse_stopper_stops_the_collapsing_trial_only(ray_session, collapse_store, tmp_path):
+    """Two trials at once; the one whose held-out diversity halves is stopped and never picked. Also the
+    store's claim (tests/test_tracking_stores.py): both trials, logging at the same time, log every step
+    once."""
     from alignprop_ray.sweep.launch import run_sweep
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = collapse_store
     sweep = parse_sweep(
         COLLAPSE, tmp_path, [f"tracking.uri={uri}", f"storage.path={tmp_path / 'runs'}"], env={}
     )
     outcome = run_sweep(sweep)
+    assert outcome.exit_code == 0, outcome.rows
     by_lr = {row["train.lr"]: row for row in outcome.rows}
     assert by_lr[0.3]["status"].startswith("collapse: eval/diversity"), by_lr
     assert by_lr[0.3]["step"] < 5
@@ -625,6 +641,21 @@ def test_collapse_stopper_stops_the_collapsing_trial_only(ray_session, tmp_path)
         assert first_value(client, child, "eval/base_fidelity") == pytest.approx(1.0, abs=1e-6)
     assert client.get_run(collapsed.info.run_id).data.metrics["eval/base_fidelity"] < 0.95
     assert list((tmp_path / "runs" / "collapse").rglob("base_fidelity_reference.pt"))
+    # the two trials logged at the same time, each step once: the healthy one steps 1-5 and evaluations 0-5,
+    # the stopped one from the start up to where it stopped
+    first, second = sorted(children.values(), key=lambda r: r.info.start_time)
+    assert second.info.start_time < first.info.end_time, "the two trials did not run at the same time"
+    for child, last, past in ((healthy, 5, 0), (collapsed, by_lr[0.3]["step"], 1)):
+        histories = {key: steps_of(client, child.info.run_id, key) for key in child.data.metrics}
+        train = {k: v for k, v in histories.items() if k.startswith("train/")}
+        evals = {k: v for k, v in histories.items() if k.startswith("eval/")}
+        assert "train/loss" in train and "eval/reward" in evals, sorted(histories)
+        # a stopped trial may have taken `past` steps beyond the report that stopped it
+        for steps in train.values():
+            assert steps == list(range(1, len(steps) + 1)) and last <= len(steps) <= last + past, train
+        for steps in evals.values():
+            assert steps == list(range(len(steps))) and last + 1 <= len(steps) <= last + 1 + past, evals
+    assert parent.info.status == "FINISHED"
 
 
 def first_value(client, run, key: str) -> float:
