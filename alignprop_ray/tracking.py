@@ -54,6 +54,7 @@ MODEL_DEVELOPMENT = "custom_model_development"
 
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told --host/--port
+NO_JOB_RUNNER = "env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false"  # `env`: any shell, and argv as it is
 
 
 def ui_command(uri: str, base: str = DEFAULT_UI_URL) -> str | None:
@@ -61,7 +62,10 @@ def ui_command(uri: str, base: str = DEFAULT_UI_URL) -> str | None:
 
     One worker for a SQLite store: the file takes one writer, and MLflow 3.17's default of 4 uvicorn
     workers on a busy machine failed their start-up health checks and were restarted in a loop for minutes
-    (the port refused connections), where one worker answered within 10 s (issue 30).
+    (the port refused connections), where one worker answered within 10 s (issue 30). Without MLflow 3's
+    job runner (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false, which has no flag): for GenAI scorers, which
+    comparing runs never uses, it starts 8 more processes with the UI (a runner and 7 huey consumers, each
+    importing MLflow), as the sweep's own server does not (sweep/mlflow_server.py).
     """
     import shlex
     from urllib.parse import urlsplit
@@ -70,7 +74,7 @@ def ui_command(uri: str, base: str = DEFAULT_UI_URL) -> str | None:
         return None
     address, default = urlsplit(base), urlsplit(DEFAULT_UI_URL)
     port = address.port or {"http": 80, "https": 443}[address.scheme]
-    command = f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+    command = f"{NO_JOB_RUNNER} mlflow ui --backend-store-uri {shlex.quote(uri)}"
     if uri.startswith("sqlite:"):
         command += " --workers 1"
     if address.hostname not in (default.hostname, "localhost"):

@@ -9,6 +9,7 @@ Chromium is Debian's `chromium` (.ci/run installs it where missing); elsewhere t
 
 from __future__ import annotations
 
+import concurrent.futures
 import html.parser
 import json
 import os
@@ -27,7 +28,7 @@ import yaml
 from alignprop_ray import cli
 from alignprop_ray.console import HIDDEN_LINES, LineFilter
 from alignprop_ray.sweep.tracking import BEST_RUN_TAG, compare_url, ui_base
-from alignprop_ray.tracking import ui_command
+from alignprop_ray.tracking import NO_JOB_RUNNER, ui_command
 from tests.helpers import serving, tiny_sweep
 from tests.method_sweep import MODEL
 from tests.method_sweep import STEPS as SWEEP_STEPS
@@ -77,16 +78,19 @@ def test_ui_address_and_the_command_that_serves_it():
     assert ui_base("http://tracking:5000/", None) == "http://tracking:5000"  # the server is the UI
     assert (
         ui_command(store, ui_base(store, None))
-        == "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --workers 1"
+        == f"{NO_JOB_RUNNER} mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --workers 1"
     )
     assert ui_command(store, "http://gpu-box:8080/mlflow") == (
-        "mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --workers 1 --host gpu-box "
+        f"{NO_JOB_RUNNER} mlflow ui --backend-store-uri 'sqlite:////data/my runs/mlflow.db' --workers 1 --host gpu-box "
         "--allowed-hosts gpu-box:8080 --cors-allowed-origins http://gpu-box:8080 --port 8080 "
         "--static-prefix /mlflow"
     )
     assert ui_command("http://tracking:5000", "http://tracking:5000") is None
     # a database server takes many writers: MLflow's default workers
-    assert ui_command("postgresql://db/mlflow") == "mlflow ui --backend-store-uri postgresql://db/mlflow"
+    assert (
+        ui_command("postgresql://db/mlflow")
+        == f"{NO_JOB_RUNNER} mlflow ui --backend-store-uri postgresql://db/mlflow"
+    )
     link = compare_url("http://h:1", ["a1", "b2"], ["7"])
     assert link == "http://h:1/#/compare-runs?runs=%5B%22a1%22%2C%22b2%22%5D&experiments=%5B%227%22%5D"
 
@@ -168,7 +172,7 @@ def test_printed_links_open_the_runs_table_and_the_compare_page_of_every_trial(s
     assert sorted(json.loads(query["runs"][0])) == sorted(r.info.run_id for r in sweep_run.children)
     assert json.loads(query["experiments"][0]) == [experiment_id]
     uri = sweep_run.uri
-    command = f"mlflow ui --backend-store-uri {uri} --workers 1 --port {sweep_run.port}"
+    command = f"{NO_JOB_RUNNER} mlflow ui --backend-store-uri {uri} --workers 1 --port {sweep_run.port}"
     assert printed(out, "open the UI") == command
     assert sweep_run.experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
@@ -269,9 +273,24 @@ def row(texts: list[str], label: str, columns: int, after: str | None = None) ->
     return texts[i + 1 : i + 1 + columns]
 
 
+@pytest.fixture(scope="module")
+def pages(sweep_run, ui_server, tmp_path_factory) -> dict[str, list[str]]:
+    """The texts of the two pages the sweep linked, rendered at the same time (each mostly waits on the
+    app's requests to the server)."""
+    links = {"compare trials": "Run Name:", "runs table": "matching runs"}
+    with concurrent.futures.ThreadPoolExecutor(len(links)) as pool:
+        futures = {
+            label: pool.submit(
+                page_texts, printed(sweep_run.first.stdout, label), tmp_path_factory.mktemp("chromium"), ready
+            )
+            for label, ready in links.items()
+        }
+    return {label: future.result() for label, future in futures.items()}
+
+
 @pytest.mark.ray
-def test_compare_page_shows_every_trial_and_its_swept_params(sweep_run, ui_server, tmp_path):
-    texts = page_texts(printed(sweep_run.first.stdout, "compare trials"), tmp_path, "Run Name:")
+def test_compare_page_shows_every_trial_and_its_swept_params(sweep_run, pages):
+    texts = pages["compare trials"]
     names = row(texts, "Run Name:", len(sweep_run.children))
     by_name = {run.info.run_name: run for run in sweep_run.children}
     assert sorted(names) == sorted(by_name)  # every trial, and only the trials
@@ -281,8 +300,8 @@ def test_compare_page_shows_every_trial_and_its_swept_params(sweep_run, ui_serve
 
 
 @pytest.mark.ray
-def test_runs_table_link_opens_the_runs_best_first(sweep_run, ui_server, tmp_path):
-    texts = page_texts(printed(sweep_run.first.stdout, "runs table"), tmp_path, "matching runs")
+def test_runs_table_link_opens_the_runs_best_first(sweep_run, pages):
+    texts = pages["runs table"]
     assert texts[texts.index("matching runs") - 1] == str(1 + len(sweep_run.children))  # parent, trials
     assert "Overview" not in texts  # not the GenAI view MLflow 3 opens by default
     by_reward = sorted(sweep_run.children, key=lambda run: run.data.metrics["eval/reward"])
