@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from alignprop_ray.config import parse_experiment
 from alignprop_ray.engine import sampler
@@ -211,7 +212,11 @@ def test_the_compiled_denoiser_gives_eager_images_and_gradients():
         return images.detach(), torch.cat([p.grad.flatten() for p in params])
 
     eager_images, eager_grads = run(settings)
+    counters.clear()
     compiled_images, compiled_grads = run(dataclasses.replace(settings, compile=True))
     assert getattr(parts.denoiser, "_alignprop_compiled", False)
+    # one graph without gradient and one with, though the first gradient call's latents carry no graph yet
+    # (sampler.gradient_input): both gradient calls and the checkpointed recompute share it
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     torch.testing.assert_close(compiled_images, eager_images, atol=1e-4, rtol=1e-4)
     assert ((compiled_grads - eager_grads).norm() / eager_grads.norm()) < 1e-3

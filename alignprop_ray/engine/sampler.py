@@ -266,9 +266,21 @@ def probe(
             return tensor
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            _guided_call(parts, latents.detach(), t, cond, guidance_scale)
+            _guided_call(
+                parts, latents.detach().requires_grad_(latents.requires_grad), t, cond, guidance_scale
+            )
         cache[key] = Probe(sum(saved.values()), free_memory_bytes(latents.device))
     return cache[key]
+
+
+def gradient_input(latents: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """The input of a denoiser call that carries gradient. Compiled, it requires grad: the calls after the
+    first gradient step's see latents that carry the graph, and the first one's would otherwise get a compiled
+    graph of its own (Dynamo guards on an input's requires_grad): one compilation fewer per worker, about a
+    third of the compile time (bench/gpu_check.py --smoke). The extra gradient, the input's, is dropped."""
+    if compiled and not latents.requires_grad:
+        return latents.detach().requires_grad_()
+    return latents
 
 
 # (latents x_t, t, conditioning, the guided prediction with its graph, whether that call was checkpointed)
@@ -315,15 +327,18 @@ def generate(
         and settings.activation_budget_mb is not None
         and any(mask)
     ):
-        measured = probe(parts, latents, timesteps[0], cond, settings.guidance_scale)
+        measured = probe(
+            parts, gradient_input(latents, settings.compile), timesteps[0], cond, settings.guidance_scale
+        )
     plan = iter(checkpoint_plan(sum(mask), settings, checkpointed, kept_calls(sum(mask), settings, measured)))
     tracked = False  # whether the latents carry a graph yet (from the first gradient step on)
     for i, t in enumerate(timesteps):
         tracked |= mask[i]
         with nullcontext() if mask[i] else torch.no_grad():
             checkpointed_call = mask[i] and next(plan)
+            inputs = gradient_input(latents, settings.compile) if mask[i] else latents
             prediction = guided_prediction(
-                parts, latents, t, cond, settings.guidance_scale, checkpointed=checkpointed_call
+                parts, inputs, t, cond, settings.guidance_scale, checkpointed=checkpointed_call
             )
             if mask[i] and on_gradient_step is not None:
                 on_gradient_step(latents, t, cond, prediction, checkpointed_call)
