@@ -370,7 +370,8 @@ class BufferedLogger:
     def __init__(self, uri: str, run_id: str, outage_limit_s: float, say: Callable[[str], None] = print):
         self.uri, self.limit, self._say = uri, outage_limit_s, say
         self._sender = RunLogger(uri, run_id)
-        self._spool = Path(tempfile.mkdtemp(prefix="alignprop-logs-"))
+        remove_dead_spools()
+        self._spool, self._spool_lock = new_spool()
         self._folders = itertools.count()
         self._queue: deque[_Call] = deque()
         self._changed = threading.Condition()
@@ -433,13 +434,18 @@ class BufferedLogger:
             self._raise_if_failed()
 
     def close(self, timeout: float | None = None) -> None:
-        """Send everything still queued, then stop the thread and remove the spool folder."""
+        """Send everything still queued, then stop the thread and remove the spool folder: also when the
+        logger gave up (the calls it could not send are in the last checkpoint), not while it still tries."""
         with self._changed:
             self._closing = True
             self._changed.notify_all()
-        self.flush(timeout)
-        self._thread.join()
-        shutil.rmtree(self._spool, ignore_errors=True)
+        try:
+            self.flush(timeout)
+        finally:
+            if self._error is not None or not self._queue:  # the thread has ended, or ends now
+                self._thread.join()
+                shutil.rmtree(self._spool, ignore_errors=True)
+                os.close(self._spool_lock)
 
     def save_unsent(self, directory: str | os.PathLike) -> None:
         """Write the calls not yet sent, with their files, into `directory` (inside a checkpoint)."""
@@ -560,6 +566,47 @@ class BufferedLogger:
         with self._changed:
             self._error = why
             self._changed.notify_all()
+
+
+SPOOL_PREFIX = "alignprop-logs-"  # a BufferedLogger's spool: a folder of the temporary directory
+SPOOL_LOCK = ".owner"  # in a spool, locked (flock) by the process that owns it for as long as it lives
+
+
+def new_spool() -> tuple[Path, int]:
+    """A new spool folder, and the descriptor that holds its lock. The lock file is locked before it gets its
+    name, so `remove_dead_spools` never sees a spool of a live process unlocked."""
+    import fcntl
+
+    spool = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX))
+    unnamed = spool / f"{SPOOL_LOCK}.new"
+    lock = os.open(unnamed, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(unnamed, spool / SPOOL_LOCK)
+    return spool, lock
+
+
+def remove_dead_spools() -> int:
+    """Remove the spools whose process has ended without removing its own (a killed training worker): the
+    kernel released their lock. A spool being made, or made by an older version, has no lock file: kept.
+    How many were removed."""
+    import fcntl
+
+    removed = 0
+    for spool in Path(tempfile.gettempdir()).glob(f"{SPOOL_PREFIX}*"):
+        try:
+            lock = os.open(spool / SPOOL_LOCK, os.O_RDWR)
+        except OSError:  # no lock file, or another user's
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its process lives
+            continue
+        else:
+            shutil.rmtree(spool, ignore_errors=True)
+            removed += 1
+        finally:
+            os.close(lock)
+    return removed
 
 
 def read_unsent(directory: str | os.PathLike) -> list[_Call]:

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -367,7 +368,7 @@ def fill(folder: Path) -> None:
                     pass
 
 
-def test_a_full_artifact_folder_stops_logging_at_once_with_one_clear_error(tmp_path):
+def test_a_full_artifact_folder_stops_logging_at_once_with_one_clear_error(tmp_path, own_tmp):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tmpfs(tmp_path / "mlartifacts", "256k") as artifacts:  # the experiment's folder (ensure_experiment)
         run_id = new_run(uri, "full-disk")
@@ -377,10 +378,54 @@ def test_a_full_artifact_folder_stops_logging_at_once_with_one_clear_error(tmp_p
         logger.log_image(grid(1), key="eval/images", step=1)
         with pytest.raises(TrackingError) as info:
             logger.flush(timeout=30)  # no waiting out the limit: a full disk does not heal by itself
+        assert spools(own_tmp)  # the unsent image is still in it
+        with pytest.raises(TrackingError):
+            logger.close()
     message = str(info.value)
     assert message.startswith("MLflow could not take the run's logs (log_image): OSError: [Errno 28]")
     assert "No space left on device" in message and "\n" not in message
     assert history(uri, run_id, "m") == [(1, 1.0)]  # what came before the failure is there
+    assert spools(own_tmp) == []  # a logger that gave up leaves no spool behind
+
+
+@pytest.fixture
+def own_tmp(tmp_path, monkeypatch):
+    """A temporary directory of the test's own, for this process (tempfile) and the ones it starts (TMPDIR)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
+
+
+def spools(folder: Path) -> list[Path]:
+    return sorted(folder.glob(f"{tracking.SPOOL_PREFIX}*"))
+
+
+OWN_A_SPOOL = "from alignprop_ray import tracking; print(tracking.new_spool()[0], flush=True); input()"
+
+
+def test_the_spool_of_a_killed_worker_is_removed_when_the_next_logger_starts(own_tmp):
+    """A training worker killed mid-run cannot remove its spool folder (its unsent calls are in its last
+    checkpoint): the next logger on the machine does, and leaves those of live processes alone."""
+    owners = [
+        subprocess.Popen(
+            [sys.executable, "-c", OWN_A_SPOOL], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    killed, alive = (Path(owner.stdout.readline().strip()) for owner in owners)
+    older = own_tmp / f"{tracking.SPOOL_PREFIX}older"  # an older version's: no lock file, not known dead
+    older.mkdir()
+    owners[0].kill()
+    owners[0].wait()
+    try:
+        assert spools(own_tmp) == sorted([killed, alive, older])
+        assert tracking.remove_dead_spools() == 1
+        assert spools(own_tmp) == sorted([alive, older])
+    finally:
+        owners[1].communicate("", timeout=60)
+    assert tracking.remove_dead_spools() == 1 and spools(own_tmp) == [older]
 
 
 @pytest.mark.slow
