@@ -54,7 +54,9 @@ MODEL_DEVELOPMENT = "custom_model_development"
 
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told --host/--port
-NO_JOB_RUNNER = "env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false"  # `env`: any shell, and argv as it is
+# MLflow 3's job runner off (it has no flag): the printed `mlflow ui` command and the sweep's own server
+JOB_RUNNER_OFF = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+NO_JOB_RUNNER = "env " + " ".join(f"{key}={value}" for key, value in JOB_RUNNER_OFF.items())  # any shell
 
 
 def ui_command(uri: str, base: str = DEFAULT_UI_URL) -> str | None:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from alignprop_ray.errors import UserError
+from alignprop_ray.tracking import JOB_RUNNER_OFF
 
 STARTUP_TIMEOUT_S = 120.0
 
@@ -55,7 +56,7 @@ def local_server(sqlite_uri: str, log_dir: str | os.PathLike) -> Iterator[str]:
     watcher = [sys.executable, "-m", __name__, str(os.getpid()), *server]
     # MLflow 3's job runner (huey consumers for GenAI scorers, which sweeps never use) is 7 more processes,
     # about 1.2 GiB on the node that runs the sweep (bench/head_memory.py); a value set by the user wins
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    env = {**JOB_RUNNER_OFF, **os.environ}
     with open(log_path, "ab") as log:  # a new session: Ctrl-C on the sweep does not kill it mid-cleanup
         process = subprocess.Popen(
             watcher,
