@@ -29,6 +29,13 @@ state_dir=$2
 shift 2
 pid_file=$state_dir/server.pid
 log_file=$state_dir/server.log
+# How long `start` waits for /health, in seconds of wall time (not tries: on a loaded head a probe itself can
+# take seconds, and 120 tries ran out while a PostgreSQL server's 2 workers were still coming up, 2026-12-08).
+start_timeout_s=${MLFLOW_SERVER_START_TIMEOUT_S:-120}
+if ! [[ $start_timeout_s =~ ^[0-9]+$ ]] || ((start_timeout_s == 0)); then
+    echo "mlflow_server.sh: MLFLOW_SERVER_START_TIMEOUT_S=$start_timeout_s: expected a whole number of seconds > 0" >&2
+    exit 2
+fi
 
 # host:port the server answers on, from the flags (mlflow's defaults: 127.0.0.1:5000).
 probe_address() {
@@ -119,7 +126,8 @@ start() {
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
         setsid nohup mlflow server "$@" >"$log_file" 2>&1 </dev/null &
     echo $! >"$pid_file"
-    for _ in $(seq 120); do
+    local deadline=$((SECONDS + start_timeout_s))
+    while ((SECONDS < deadline)); do
         if healthy "$address"; then
             echo "mlflow server answering on http://$address (log: $log_file)"
             return 0
@@ -127,7 +135,8 @@ start() {
         kill -0 -- "-$(cat "$pid_file")" 2>/dev/null || break
         sleep 0.5
     done
-    echo "mlflow server is not answering on http://$address; last lines of $log_file:" >&2
+    echo "mlflow server is not answering on http://$address after ${start_timeout_s} s (MLFLOW_SERVER_START_TIMEOUT_S);" \
+        "last lines of $log_file:" >&2
     tail -n 30 "$log_file" >&2 || true
     stop
     return 1

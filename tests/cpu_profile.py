@@ -86,20 +86,26 @@ def pytest_configure(config):
 
     tier = "ray" if config.getoption("-m") == RAY else "rest"  # tests/run_tiers.py's two selections
     directory = Path(os.environ.get(DIR_ENV, DEFAULT_DIR))
-    recorder = Recorder(directory / f"{tier}.jsonl", sample=tier == "rest")
+    # The rest tier runs in pytest-xdist workers: each writes its tests to a file of its own, and their
+    # controller, whose subprocesses they are, samples the tier's CPU (rest.jsonl). Without xdist one
+    # process does both.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    name = f"{tier}.{worker}" if worker else tier
+    recorder = Recorder(directory / f"{name}.jsonl", sample=tier == "rest" and not worker)
     config.pluginmanager.register(recorder, "cpu_profile_recorder")
 
 
 # --- the summary ------------------------------------------------------------------------------------------
 
 
-def read(path: Path) -> tuple[list[dict], list[dict]]:
+def read(directory: Path, tier: str) -> tuple[list[dict], list[dict]]:
+    """A tier's test records and CPU samples, from its file and its xdist workers' (`<tier>.gw0.jsonl`)."""
     tests, samples = [], []
-    if path.is_file():
+    for path in sorted(directory.glob(f"{tier}*.jsonl")):
         for line in path.read_text().splitlines():
             record = json.loads(line)
             (tests if "test" in record else samples).append(record)
-    return tests, samples
+    return tests, sorted(samples, key=lambda sample: sample["t"])
 
 
 def cpu_at(samples: list[dict], when: float) -> float:
@@ -113,8 +119,8 @@ def cpu_at(samples: list[dict], when: float) -> float:
 
 
 def summary(directory: Path, top: int = 20) -> str:
-    ray_tests, _ = read(directory / "ray.jsonl")
-    rest_tests, rest_samples = read(directory / "rest.jsonl")
+    ray_tests, _ = read(directory, "ray")
+    rest_tests, rest_samples = read(directory, "rest")
     rows = {"ray": [], "rest": [(t["own"], t["t1"] - t["t0"], t["test"]) for t in rest_tests]}
     for t in ray_tests:
         other = cpu_at(rest_samples, t["t1"]) - cpu_at(rest_samples, t["t0"]) if rest_samples else 0.0

@@ -38,6 +38,8 @@ def server_env(**extra: str) -> dict[str, str]:
     and `python`), no job runner (MLflow's background job consumers: seven more processes on two cores)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    # the script's own wait for /health ends first, so that its failure shows the server's log
+    env["MLFLOW_SERVER_START_TIMEOUT_S"] = str(SERVER_TIMEOUT_S - 30)
     return {**env, **extra}
 
 

@@ -27,10 +27,9 @@ import pytest
 from alignprop_ray import tracking
 from alignprop_ray.tracking import BufferedLogger, RunLogger, TrackingError
 from tests.helpers import free_port
+from tests.stores import SERVER_SCRIPT, SERVER_TIMEOUT_S, server_env
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER_SCRIPT = ROOT / "clusters" / "mlflow_server.sh"
-SERVER_TIMEOUT_S = 180  # bound on a server start (it answers /health in ~5 s on 2 cores)
 EXPERIMENT = "reliability"
 
 
@@ -47,11 +46,7 @@ class MlflowServer:
             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
             "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
         ]  # fmt: skip
-        self.env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner processes on a 2-core box
-        }
+        self.env = server_env()
 
     def start(self) -> None:
         command = ["bash", str(SERVER_SCRIPT), "start", str(self.root / "server"), *self.flags]

@@ -40,15 +40,17 @@ def test_every_test_but_the_soak_tier_is_in_exactly_one_tier(markers):
 
 def test_the_cpu_profile_charges_a_ray_test_the_machines_cpu_less_the_other_tiers(tmp_path):
     """tests/cpu_profile.py's summary: a Ray test is the machine's busy CPU over it less what the rest tier used
-    meanwhile (its samples interpolated); a rest test is its own."""
+    meanwhile (its samples interpolated); a rest test is its own. The rest tier's samples come from its xdist
+    controller, its tests from each worker's file."""
     from tests.cpu_profile import summary
 
     ray = [{"test": "tests/test_a.py::test_run", "t0": 10.0, "t1": 20.0, "busy": 18.0, "own": 0.5}]
     rest = [{"t": t, "own": t} for t in (0.0, 15.0, 30.0)]  # one core busy: 10 CPU-s within the window
-    rest.append({"test": "tests/test_b.py::test_unit", "t0": 0.0, "t1": 30.0, "busy": 50.0, "own": 30.0})
-    for name, records in (("ray", ray), ("rest", rest)):
+    gw0 = [{"test": "tests/test_b.py::test_unit", "t0": 0.0, "t1": 30.0, "busy": 50.0, "own": 20.0}]
+    gw1 = [{"test": "tests/test_c.py::test_unit", "t0": 0.0, "t1": 5.0, "busy": 9.0, "own": 4.0}]
+    for name, records in (("ray", ray), ("rest", rest), ("rest.gw0", gw0), ("rest.gw1", gw1)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     lines = summary(tmp_path).splitlines()
     assert lines[0] == "ray tier: 1 tests, 8 CPU-s"  # 18 busy - 10 of the rest's
     assert "       8       10  tests/test_a.py::test_run" in lines
-    assert "rest tier: 1 tests, 30 CPU-s" in lines
+    assert "rest tier: 2 tests, 24 CPU-s" in lines

@@ -142,3 +142,15 @@ def test_sqlite_server_with_more_workers_is_refused(tmp_path, flags, env):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--workers" in lines[0] and "SQLite" in lines[0], done.stderr
     assert not list(tmp_path.glob("*.db")), "nothing may be started"
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5"])
+def test_a_start_timeout_that_is_not_seconds_is_refused(tmp_path, value):
+    state, port = tmp_path / "server", str(free_port())
+    command = ["bash", str(SERVER_SCRIPT), "start", str(state), "--host", "127.0.0.1", "--port", port]
+    env = server_env(MLFLOW_SERVER_START_TIMEOUT_S=value)
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mlflow_server.sh: MLFLOW_SERVER_START_TIMEOUT_S={value}")
+    assert not state.exists() and not list(tmp_path.glob("*.db")), "nothing may be started"
