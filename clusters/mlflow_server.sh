@@ -29,13 +29,6 @@ state_dir=$2
 shift 2
 pid_file=$state_dir/server.pid
 log_file=$state_dir/server.log
-# How long `start` waits for /health, in seconds of wall time (not tries: on a loaded head a probe itself can
-# take seconds, and 120 tries ran out while a PostgreSQL server's 2 workers were still coming up, 2026-12-08).
-start_timeout_s=${MLFLOW_SERVER_START_TIMEOUT_S:-120}
-if ! [[ $start_timeout_s =~ ^[0-9]+$ ]] || ((start_timeout_s == 0)); then
-    echo "mlflow_server.sh: MLFLOW_SERVER_START_TIMEOUT_S=$start_timeout_s: expected a whole number of seconds > 0" >&2
-    exit 2
-fi
 
 # host:port the server answers on, from the flags (mlflow's defaults: 127.0.0.1:5000).
 probe_address() {
@@ -116,6 +109,13 @@ stop() {
 
 start() {
     local address
+    # How long to wait for /health, in seconds of wall time (not tries: on a loaded head a probe itself can take
+    # seconds, and 120 tries ran out while a PostgreSQL server's 2 workers were still coming up, 2026-12-08).
+    local start_timeout_s=${MLFLOW_SERVER_START_TIMEOUT_S:-120}
+    if ! [[ $start_timeout_s =~ ^[0-9]+$ ]] || ((start_timeout_s == 0)); then
+        echo "mlflow_server.sh: MLFLOW_SERVER_START_TIMEOUT_S=$start_timeout_s: expected a whole number of seconds > 0" >&2
+        exit 2
+    fi
     with_sqlite_workers "$@"
     set -- "${server_flags[@]}"
     address=$(probe_address "$@")

@@ -154,3 +154,7 @@ def test_a_start_timeout_that_is_not_seconds_is_refused(tmp_path, value):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"mlflow_server.sh: MLFLOW_SERVER_START_TIMEOUT_S={value}")
     assert not state.exists() and not list(tmp_path.glob("*.db")), "nothing may be started"
+    stop = subprocess.run(
+        ["bash", str(SERVER_SCRIPT), "stop", str(state)], env=env, capture_output=True, timeout=60
+    )
+    assert stop.returncode == 0, stop.stderr  # the setting is start's alone
